@@ -1,0 +1,155 @@
+"""The ``quantune-edge`` command line: a thin layer over the Python API (typer + rich)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from . import __version__
+from .console import Reporter
+from .errors import QuantuneError
+from .reports import _jsonable
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Mixed-precision post-training quantization (QuantuneV2) from ONNX to ARM edge devices.",
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / "demo"
+DEMO_MODEL = DEMO_DIR / "models" / "efficientnet-lite0.onnx"
+DEMO_IMAGES = DEMO_DIR / "images"
+# The shipped EfficientNet-Lite0 was trained on (pixel - 127) / 128, RGB.
+DEMO_PREPROCESSING = {"mean": "127,127,127", "std": "128,128,128"}
+
+# Preprocessing options shared by every command that reads images.
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Center-crop size S (default: the model's input size).")]
+Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shorter side to R before the crop (default round(S/0.875)).")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean a,b,c in 0-255 pixel units, model channel order.")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std a,b,c in 0-255 pixel units: x = (pixel - mean) / std.")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="torch | tf | raw | caffe (BGR, mean 104,117,123). Default torch.")]
+ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rgb | bgr: channel order the model expects.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/onnx2tf logs.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _fail(exc: QuantuneError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
+    con = reporter.console
+    table = Table(title=f"compiled -> {out}", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("ONNX (orig / prepared)", justify="right")
+    table.add_column("TFLite float32", justify="right")
+    table.add_column("TFLite int8", justify="right")
+    table.add_row(
+        "ops",
+        f"{report.onnx_ops['original_count']} / {report.onnx_ops['prepared_count']}",
+        str(report.tflite_ops["float32_count"]),
+        str(report.tflite_ops["int8_count"]),
+    )
+    sizes = report.sizes_bytes
+    table.add_row("size (MB)", f"{sizes['onnx'] / 1e6:.2f}", f"{sizes['float32'] / 1e6:.2f}", f"{sizes['int8'] / 1e6:.2f}")
+    acc = report.accuracy
+    if "tflite_float32" in acc:
+        fmt = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        table.add_row(f"top-1 ({acc['labelled']} calib. samples)", fmt(acc["onnxruntime_float32"]), fmt(acc["tflite_float32"]), fmt(acc["tflite_int8"]))
+    check = report.verification["float32_vs_onnxruntime"]
+    q = report.verification["int8_vs_onnxruntime"]
+    table.add_row("vs ONNX Runtime: cos min", "", f"{check['cosine_min']:.6f}", f"{q['cosine_min']:.4f}")
+    table.add_row("vs ONNX Runtime: top-1 agree", "", f"{100 * check['top1_agreement']:.1f} %", f"{100 * q['top1_agreement']:.1f} %")
+    con.print(table)
+    fus = report.fusions
+    patterns = ", ".join(f"{p['pattern']} {p['fused']}/{p['in_onnx']}" for p in fus["int8"]["patterns"] if p["in_onnx"])
+    con.print(f"fusions (fused/found in ONNX): {patterns or 'none to do'}; "
+              f"left unfused: float32 {len(fus['float32']['unfused'])}, int8 {len(fus['int8']['unfused'])}")
+    con.print(f"int8 graph: {report.quantize_ops['int8_quantize']} QUANTIZE, {report.quantize_ops['int8_dequantize']} DEQUANTIZE; "
+              f"weights {report.quantization['weights']}")
+    con.print("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()))
+
+
+def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor, int8_io, label_offset, force,
+             preset, mean, std, input_size, resize, channel_order, quiet, verbose, json_out) -> None:
+    from .compiler import CompileOptions, compile_model
+    from .preprocessing import make_preprocessing
+
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    try:
+        prep = make_preprocessing(preset, mean, std, input_size, resize, channel_order)
+        options = CompileOptions(
+            preprocessing=prep, num_calib=num_calib, seed=seed, per_channel=not per_tensor, int8_io=int8_io,
+            label_offset=label_offset, force=force, verbose=verbose,
+        )
+        report = compile_model(model, calib, out, options, reporter)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+    elif not quiet:
+        _print_compile_summary(reporter, report, out)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[Path, typer.Argument(help="ONNX image model (NCHW or NHWC).")],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must not exist unless --force).")],
+    num_calib: Annotated[int, typer.Option("--num-calib", help="Number of calibration samples (deterministic subset).")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor int8 weights (for kernels without per-channel support).")] = False,
+    int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 model input/output instead of float32.")] = False,
+    label_offset: Annotated[int, typer.Option("--label-offset", help="Output index = class_index + offset (1 for 1001-class models).")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    preset: Preset = None,
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    channel_order: ChannelOrder = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Compile an ONNX model to float32 and calibrated full-int8 TFLite, fused and verified."""
+    _compile(model, calib, out, num_calib=num_calib, seed=seed, per_tensor=per_tensor, int8_io=int8_io,
+             label_offset=label_offset, force=force, preset=preset, mean=mean, std=std, input_size=input_size,
+             resize=resize, channel_order=channel_order, quiet=quiet, verbose=verbose, json_out=json_out)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (replaced on every demo run).")] = Path("runs/demo"),
+    num_calib: Annotated[int, typer.Option("--num-calib")] = 32,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Run the main job end-to-end on the built-in EfficientNet-Lite0 and demo images."""
+    if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
+        _fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
+    _compile(DEMO_MODEL, DEMO_IMAGES, out, num_calib=num_calib, seed=0, per_tensor=False, int8_io=False,
+             label_offset=0, force=True, preset=None, input_size=None, resize=None, channel_order=None,
+             quiet=quiet, verbose=verbose, json_out=json_out, **DEMO_PREPROCESSING)
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Running .tflite models on the host with the LiteRT interpreter (XNNPACK, fixed threads)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import InputError
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return (q.astype(np.float32) - zero_point) * np.float32(scale)
+
+
+class TfliteRunner:
+    """One interpreter on one model; quantizes inputs and dequantizes outputs of int8-I/O models,
+    so callers always pass and get float32."""
+
+    def __init__(self, path: str | Path, num_threads: int = 2, preserve_all_tensors: bool = False) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        try:
+            self.interpreter = Interpreter(
+                model_path=str(self.path),
+                num_threads=num_threads,
+                experimental_preserve_all_tensors=preserve_all_tensors,
+            )
+            self.interpreter.allocate_tensors()
+        except ValueError as exc:
+            raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({str(exc).splitlines()[0]})") from None
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.invocations = 0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.input["shape"])
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one sample (batch of 1, float32, the model's input layout); returns float32 output."""
+        scale, zp = self.input["quantization"]
+        if self.input["dtype"] != np.float32:
+            x = quantize(x, scale, zp, self.input["dtype"])
+        self.interpreter.set_tensor(self.input["index"], x.astype(self.input["dtype"], copy=False))
+        self.interpreter.invoke()
+        self.invocations += 1
+        out = self.interpreter.get_tensor(self.output["index"])
+        if self.output["dtype"] != np.float32:
+            scale, zp = self.output["quantization"]
+            return dequantize(out, scale, zp)
+        return out.copy()
+
+    def run(self, samples: np.ndarray, on_item: Callable[[], None] | None = None) -> np.ndarray:
+        """Run every sample of (N, ...) one at a time (the models have batch 1); stacks outputs."""
+        outputs = []
+        for x in samples:
+            outputs.append(self.invoke(x[None]))
+            if on_item:
+                on_item()
+        return np.concatenate(outputs, axis=0)
