@@ -57,7 +57,14 @@ class Reporter:
             transient=False,
         )
         with progress:
-            yield progress
+            try:
+                yield progress
+            except BaseException:
+                # A failed run ends with its one-line error, not a half-finished bar above it.
+                for task in list(progress.task_ids):
+                    progress.remove_task(task)
+                progress.live.transient = True
+                raise
 
 
 class NativeLog:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .tflite_graph import OpInfo, TfliteGraph
 
 ONNX_CONV_LIKE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -73,6 +75,37 @@ def _producer_type(graph: TfliteGraph, op: OpInfo, input_pos: int = 0) -> OpInfo
     return graph.producer(op.inputs[input_pos])
 
 
+MISSED_PAD = "standalone PAD before conv"
+EXPLICIT_PAD = "PAD not expressible as conv SAME padding"
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_matches_same(graph: TfliteGraph, pad: OpInfo, conv: OpInfo) -> bool:
+    """True if this PAD equals the conv's own SAME padding, i.e. the converter missed a fusion.
+
+    Asymmetric "PyTorch style" pads (e.g. 1 before, 1 after at stride 2) have no TFLite conv
+    padding equivalent and legitimately stay a PAD op.
+    """
+    pads = graph.tensors[pad.inputs[1]].data if len(pad.inputs) > 1 else None
+    x_shape = graph.tensors[pad.inputs[0]].shape
+    weights = graph.tensors[conv.inputs[1]].shape if len(conv.inputs) > 1 else ()
+    if pads is None or len(x_shape) != 4 or len(weights) != 4 or conv.type not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        return False
+    pads = np.asarray(pads).reshape(-1, 2)
+    if np.any(pads[0] != 0) or np.any(pads[3] != 0):
+        return False
+    for axis, (stride_key, dil_key) in ((1, ("strideH", "dilationHFactor")), (2, ("strideW", "dilationWFactor"))):
+        same = _same_padding(x_shape[axis], weights[axis], conv.options.get(stride_key, 1), conv.options.get(dil_key, 1))
+        if tuple(int(v) for v in pads[axis]) != same:
+            return False
+    return True
+
+
 def unfused_ops(graph: TfliteGraph) -> list[Unfused]:
     """Standalone activations/affine ops after a conv or Add, and Pads feeding a conv."""
     found: list[Unfused] = []
@@ -91,7 +124,8 @@ def unfused_ops(graph: TfliteGraph) -> list[Unfused]:
         elif op.type in TFLITE_PADS:
             for user in graph.consumers(op.outputs[0]):
                 if user.type in TFLITE_CONV_LIKE:
-                    found.append(Unfused(op.index, op.type, user.index, user.type, "standalone PAD before conv"))
+                    kind = MISSED_PAD if _pad_matches_same(graph, op, user) else EXPLICIT_PAD
+                    found.append(Unfused(op.index, op.type, user.index, user.type, kind))
     return found
 
 
@@ -102,18 +136,23 @@ def fused_activation_counts(graph: TfliteGraph) -> dict[str, int]:
 
 
 def summarize(onnx_counts: dict[str, int], graph: TfliteGraph) -> dict:
-    """Fusions found: per ONNX pattern, how many the TFLite graph folded (pattern count minus leftovers)."""
-    leftovers = unfused_ops(graph)
+    """Fusions found: per ONNX pattern, how many the TFLite graph folded (pattern count minus leftovers).
+
+    ``unfused`` lists missed fusions only; PADs that no conv padding mode can express are listed
+    apart under ``explicit_pads``."""
+    found = unfused_ops(graph)
+    leftovers = [u for u in found if u.kind != EXPLICIT_PAD]
     kinds = Counter(u.kind for u in leftovers)
     acts = fused_activation_counts(graph)
     left_by_pattern = {
         "Conv+BatchNormalization": kinds["unfolded BatchNorm/affine"],
         "Conv+Relu/Clip": sum(1 for u in leftovers if u.kind == "standalone activation" and u.neighbour_type != "ADD"),
         "Add+Relu/Clip": sum(1 for u in leftovers if u.kind == "standalone activation" and u.neighbour_type == "ADD"),
-        "Pad+Conv": kinds["standalone PAD before conv"],
+        "Pad+Conv": kinds[MISSED_PAD],
     }
     patterns = [
         {"pattern": p, "in_onnx": onnx_counts.get(p, 0), "fused": max(onnx_counts.get(p, 0) - left_by_pattern[p], 0), "left_unfused": left_by_pattern[p]}
         for p in PATTERNS
     ]
-    return {"patterns": patterns, **acts, "unfused": [asdict(u) for u in leftovers]}
+    explicit = [asdict(u) for u in found if u.kind == EXPLICIT_PAD]
+    return {"patterns": patterns, **acts, "unfused": [asdict(u) for u in leftovers], "explicit_pads": explicit}

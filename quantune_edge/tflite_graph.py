@@ -47,6 +47,7 @@ class OpInfo:
     inputs: list[int]
     outputs: list[int]
     fused_activation: str | None = None
+    options: dict = field(default_factory=dict)  # scalar builtin options (strides, padding, ...)
 
 
 @dataclass
@@ -125,7 +126,9 @@ def read(path: str | Path) -> TfliteGraph:
         name = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
         if name == "CUSTOM" and code.customCode:
             name = f"CUSTOM:{code.customCode.decode()}"
-        act = getattr(op.builtinOptions, "fusedActivationFunction", None)
+        opts = op.builtinOptions
+        act = getattr(opts, "fusedActivationFunction", None)
+        scalar_options = {k: v for k, v in vars(opts).items() if isinstance(v, (int, float))} if opts is not None else {}
         ops.append(
             OpInfo(
                 index=i,
@@ -133,6 +136,7 @@ def read(path: str | Path) -> TfliteGraph:
                 inputs=[int(x) for x in op.inputs] if op.inputs is not None else [],
                 outputs=[int(x) for x in op.outputs] if op.outputs is not None else [],
                 fused_activation=act_names.get(act) if act is not None else None,
+                options=scalar_options,
             )
         )
     return TfliteGraph(ops, tensors, [int(x) for x in graph.inputs], [int(x) for x in graph.outputs], len(raw))

@@ -1,0 +1,155 @@
+"""Shared fixtures: real assets (shipped demo + ../shared), small ONNX graphs built in code, and
+compiled models cached per session so the slow conversion of a real model runs once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "assets"
+DEMO_MODEL = REPO / "demo" / "models" / "efficientnet-lite0.onnx"
+DEMO_IMAGES = REPO / "demo" / "images"
+
+
+def shared(path: str) -> Path:
+    full = SHARED / path
+    if not full.exists():
+        pytest.fail(f"test asset missing: {full} (../shared/ must sit beside the repository)")
+    return full
+
+
+# ---------------------------------------------------------------- small ONNX graphs built in code
+
+def _init(name: str, array: np.ndarray, dtype=np.float32):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(array, dtype), name)
+
+
+class GraphBuilder:
+    """Tiny helper over onnx.helper so tests can write conv nets in a few lines."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.nodes, self.inits, self.rng, self.n = [], [], np.random.default_rng(seed), 0
+
+    def _name(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}_{self.n}"
+
+    def node(self, op: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        out = self._name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out.replace("_", "/", 1), domain=domain, **attrs))
+        return out
+
+    def const(self, array, prefix: str = "c", dtype=np.float32) -> str:
+        name = self._name(prefix)
+        self.inits.append(_init(name, array, dtype))
+        return name
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, pad: int | None = None, group: int = 1) -> str:
+        w = self.rng.normal(0, np.sqrt(2.0 / (k * k * cin / group)), (cout, cin // group, k, k))
+        b = self.rng.normal(0, 0.1, cout)
+        p = k // 2 if pad is None else pad
+        return self.node("Conv", [x, self.const(w, "w"), self.const(b, "b")], kernel_shape=[k, k], strides=[stride, stride], pads=[p] * 4, group=group)
+
+    def bn(self, x: str, c: int) -> str:
+        r = self.rng
+        return self.node("BatchNormalization", [x, self.const(r.uniform(0.5, 1.5, c)), self.const(r.normal(0, 0.1, c)),
+                                                 self.const(r.normal(0, 0.1, c)), self.const(r.uniform(0.5, 1.5, c))], epsilon=1e-5)
+
+    def relu6(self, x: str) -> str:
+        return self.node("Clip", [x, self.const(np.array(0.0)), self.const(np.array(6.0))])
+
+    def head(self, x: str, c: int, classes: int = 10) -> str:
+        g = self.node("GlobalAveragePool", [x])
+        f = self.node("Flatten", [g], axis=1)
+        w = self.rng.normal(0, 0.3, (c, classes))
+        return self.node("Gemm", [f, self.const(w, "fc_w"), self.const(self.rng.normal(0, 0.1, classes), "fc_b")])
+
+    def model(self, x_shape: list, out: str, opset: int = 13, extra_opsets: dict | None = None, x_name: str = "input"):
+        import onnx
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            self.nodes, "test", [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [x_shape[0], None])], self.inits,
+        )
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
+def residual_net(batch="N", size: int = 32):
+    """Conv+BN+ReLU6 stem, depthwise+BN+ReLU6, residual Add+ReLU, classifier head; NCHW input."""
+    g = GraphBuilder(1)
+    x = g.relu6(g.bn(g.conv("input", 3, 8, 3, 2), 8))
+    y = g.relu6(g.bn(g.conv(x, 8, 8, 3, 1, group=8), 8))
+    y = g.bn(g.conv(y, 8, 8, 1, 1, 0), 8)
+    z = g.node("Relu", [g.node("Add", [x, y])])
+    return g.model([batch, 3, size, size], g.head(z, 8))
+
+
+def nhwc_net(size: int = 32):
+    """An NHWC input (tf2onnx-style): Transpose to NCHW, then conv layers."""
+    g = GraphBuilder(2)
+    t = g.node("Transpose", ["input"], perm=[0, 3, 1, 2])
+    x = g.node("Relu", [g.conv(t, 3, 8, 3, 2)])
+    x = g.node("Relu", [g.conv(x, 8, 16, 3, 1)])
+    return g.model([1, size, size, 3], g.head(x, 16))
+
+
+def pad_conv_net(size: int = 32):
+    """Explicit zero Pad feeding a stride-2 conv (PyTorch 'same' export style) and a symmetric one."""
+    g = GraphBuilder(3)
+    p = g.node("Pad", ["input", g.const([0, 0, 0, 0, 0, 0, 1, 1], "pads", np.int64)], mode="constant")
+    x = g.relu6(g.conv(p, 3, 8, 3, 2, pad=0))
+    p2 = g.node("Pad", [x, g.const([0, 0, 1, 1, 0, 0, 1, 1], "pads", np.int64)], mode="constant")
+    x = g.relu6(g.conv(p2, 8, 8, 3, 1, pad=0))
+    return g.model([1, 3, size, size], g.head(x, 8))
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> Path:
+    """16 real photos (the shipped demo images) resized to 40 px for the tiny test nets."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("tiny_images")
+    files = sorted(DEMO_IMAGES.glob("*.jpg"))[:16]
+    for f in files:
+        with Image.open(f) as im:
+            im.convert("RGB").resize((40, 40)).save(folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def save_model(tmp_path_factory):
+    import onnx
+
+    folder = tmp_path_factory.mktemp("onnx")
+
+    def _save(model, name: str) -> Path:
+        path = folder / f"{name}.onnx"
+        onnx.save(model, path)
+        return path
+
+    return _save
+
+
+@pytest.fixture(scope="session")
+def effnet_compiled(tmp_path_factory) -> Path:
+    """The shipped EfficientNet-Lite0 compiled once (per-channel, 16 real calibration images)."""
+    from quantune_edge import CompileOptions, compile_model, make_preprocessing
+
+    out = tmp_path_factory.mktemp("effnet") / "out"
+    prep = make_preprocessing(mean="127,127,127", std="128,128,128")
+    compile_model(DEMO_MODEL, DEMO_IMAGES, out, CompileOptions(preprocessing=prep, num_calib=16))
+    return out

@@ -1,0 +1,107 @@
+"""The CLI as a user runs it: a subprocess, exit codes, one-line errors, nothing half-written."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_MODEL, GraphBuilder, REPO, pad_conv_net
+
+CLI = [sys.executable, "-m", "quantune_edge.cli"]
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture()
+def existing_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_int8.tflite").write_bytes(b"deployed earlier")
+    return out
+
+
+def _bad_models(tmp_path: Path, tiny_images: Path) -> dict:
+    import onnx
+
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.onnx", tiny_images, "model file not found")
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 10)
+    cases["not_onnx"] = (tmp_path / "text.onnx", tiny_images, "not an ONNX model")
+    raw = DEMO_MODEL.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(raw[: len(raw) // 3])
+    cases["truncated"] = (tmp_path / "cut.onnx", tiny_images, "truncated or corrupt ONNX")
+    g = GraphBuilder()
+    y = g.node("FancyOp", [g.conv("input", 3, 4)], domain="com.example")
+    onnx.save(g.model([1, 3, 32, 32], g.head(y, 4), extra_opsets={"com.example": 1}), tmp_path / "custom.onnx")
+    cases["unsupported_op"] = (tmp_path / "custom.onnx", tiny_images, "unsupported op 'FancyOp'")
+    g = GraphBuilder()
+    onnx.save(g.model([1, 10], g.node("MatMul", ["input", g.const(np.ones((10, 4)))])), tmp_path / "mlp.onnx")
+    cases["no_image_input"] = (tmp_path / "mlp.onnx", tiny_images, "expected a 4-D image tensor")
+    onnx.save(pad_conv_net(), tmp_path / "good.onnx")
+    (tmp_path / "empty").mkdir()
+    cases["empty_calib"] = (tmp_path / "good.onnx", tmp_path / "empty", "no images")
+    (tmp_path / "junk").mkdir()
+    for i in range(3):
+        (tmp_path / "junk" / f"{i}.jpg").write_bytes(os.urandom(200))
+    cases["unreadable_images"] = (tmp_path / "good.onnx", tmp_path / "junk", "could be read")
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 32, 32, 3), np.float32))
+    cases["npy_shape"] = (tmp_path / "good.onnx", tmp_path / "wrong.npy", r"needs (N, 3, 32, 32)")
+    cases["missing_calib"] = (tmp_path / "good.onnx", tmp_path / "none", "calibration data not found")
+    return cases
+
+
+CASES = ["missing", "not_onnx", "truncated", "unsupported_op", "no_image_input", "empty_calib", "unreadable_images", "npy_shape", "missing_calib"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_error_nothing_lost(case, tmp_path, tiny_images, existing_out):
+    model, calib, message = _bad_models(tmp_path, tiny_images)[case]
+    result = run_cli("compile", model, "--calib", calib, "--out", existing_out, "--force", "--num-calib", "4")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert [p.name for p in existing_out.iterdir()] == ["model_int8.tflite"]
+    assert (existing_out / "model_int8.tflite").read_bytes() == b"deployed earlier"
+    assert not [p for p in existing_out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_existing_output_needs_force(tmp_path, tiny_images, save_model, existing_out):
+    model = save_model(pad_conv_net(), "pad_cli")
+    result = run_cli("compile", model, "--calib", tiny_images, "--out", existing_out, "--num-calib", "4")
+    assert result.returncode != 0 and "already exists; pass --force" in result.stderr
+    assert (existing_out / "model_int8.tflite").read_bytes() == b"deployed earlier"
+    result = run_cli("compile", model, "--calib", tiny_images, "--out", existing_out, "--num-calib", "4", "--force", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["verification"]["passed"] and report["calibration"]["num_samples"] == 4
+    assert sorted(p.name for p in existing_out.iterdir()) == ["compile.json", "model_float32.tflite", "model_int8.tflite", "model_prepared.onnx", "saved_model"]
+    assert (existing_out / "model_int8.tflite").read_bytes()[4:8] == b"TFL3"
+
+
+def test_quiet_and_summary(tmp_path, tiny_images, save_model):
+    model = save_model(pad_conv_net(), "pad_quiet")
+    quiet = run_cli("compile", model, "--calib", tiny_images, "--out", tmp_path / "q", "--num-calib", "4", "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    loud = run_cli("compile", model, "--calib", tiny_images, "--out", tmp_path / "l", "--num-calib", "4", "--preset", "tf")
+    assert loud.returncode == 0
+    assert "converting ONNX -> SavedModel" in loud.stderr and "1 QUANTIZE, 1 DEQUANTIZE" in loud.stderr
+    assert "cuda" not in loud.stderr.lower() and "W0000" not in loud.stderr
+    assert json.loads((tmp_path / "l" / "compile.json").read_text())["preprocessing"]["mean"] == [127.5] * 3
+
+
+def test_installed_entry_points():
+    venv_bin = REPO / ".venv" / "bin"
+    result = subprocess.run([str(venv_bin / "quantune-edge"), "version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "0.1.0"
+    info = subprocess.run([str(venv_bin / "python"), "-m", "device_agent", "info"], capture_output=True, text=True)
+    facts = json.loads(info.stdout)
+    assert facts["schema_version"] == 1 and facts["runtime"]["package"] in ("tflite-runtime", "ai-edge-litert")
+    bad = subprocess.run([str(venv_bin / "python"), "-m", "device_agent", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error" in json.loads(bad.stdout)

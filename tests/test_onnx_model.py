@@ -1,0 +1,94 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from quantune_edge import onnx_model
+from quantune_edge.errors import ConversionError, InputError
+
+from conftest import DEMO_MODEL, GraphBuilder, nhwc_net, pad_conv_net, residual_net
+
+
+def _run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_input_spec_layouts_and_dynamic_batch():
+    spec, notes = onnx_model.input_spec(residual_net(batch="N"))
+    assert spec.layout == "NCHW" and spec.shape == (1, 3, 32, 32) and spec.hwc == (32, 32, 3)
+    assert any("dynamic batch" in n for n in notes)
+    spec, notes = onnx_model.input_spec(nhwc_net())
+    assert spec.layout == "NHWC" and spec.hwc == (32, 32, 3) and not notes
+
+
+def test_dynamic_spatial_needs_input_size():
+    g = GraphBuilder()
+    model = g.model(["N", 3, "H", "W"], g.head(g.conv("input", 3, 4), 4))
+    with pytest.raises(InputError, match="pass --input-size"):
+        onnx_model.input_spec(model)
+    spec, _ = onnx_model.input_spec(model, input_size=48)
+    assert spec.shape == (1, 3, 48, 48)
+
+
+def test_non_image_input_is_rejected():
+    g = GraphBuilder()
+    w = g.const(np.ones((10, 4)))
+    model = g.model([1, 10], g.node("MatMul", ["input", w]))
+    with pytest.raises(InputError, match=r"expected a 4-D image tensor"):
+        onnx_model.input_spec(model)
+
+
+def test_fold_pads_keeps_the_function(tmp_path):
+    model = pad_conv_net()
+    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    before = _run(model, x)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    assert onnx_model.fold_pads(work) == 2
+    assert "Pad" not in onnx_model.op_histogram(work)
+    pads = [list(a.ints) for n in work.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
+    assert pads == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    np.testing.assert_allclose(_run(work, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_simplifies_the_raw_pytorch_export():
+    raw = onnx_model.load(DEMO_MODEL)
+    assert onnx_model.op_histogram(raw)["Pad"] == 17
+    prepared = onnx_model.prepare(raw)
+    hist = onnx_model.op_histogram(prepared.model)
+    assert prepared.simplified and "Pad" not in hist and "Slice" not in hist and hist["Conv"] == 49
+    assert onnx_model.op_histogram(raw)["Pad"] == 17  # original untouched
+
+
+def test_unsupported_ops_are_named():
+    g = GraphBuilder()
+    y = g.node("FancyOp", [g.conv("input", 3, 4)], domain="com.example")
+    model = g.model([1, 3, 16, 16], g.head(y, 4), extra_opsets={"com.example": 1})
+    with pytest.raises(ConversionError, match=r"unsupported op 'FancyOp' \(domain 'com.example'\) at node 'fancyop/"):
+        onnx_model.check_supported(model)
+    g = GraphBuilder()
+    y = g.node("CastLike", [g.conv("input", 3, 4), g.const(np.zeros(1))])
+    with pytest.raises(ConversionError, match="unsupported op 'CastLike'"):
+        onnx_model.check_supported(g.model([1, 3, 16, 16], g.head(y, 4), opset=15))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "model file not found"),
+    (b"", "model file is empty"),
+    (b"hello, this is plain text and not a protobuf at all\n" * 3, "not an ONNX model"),
+])
+def test_load_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        onnx_model.load(path)
+
+
+def test_load_rejects_truncated_model(tmp_path):
+    raw = DEMO_MODEL.read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match="truncated or corrupt ONNX"):
+        onnx_model.load(path)
