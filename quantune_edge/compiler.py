@@ -2,7 +2,8 @@
 
 Stages: validate and clean the ONNX graph, convert it with onnx2tf to a SavedModel (kept: later
 stages re-quantize from it), convert that with the TF converter to float32 and to full-integer int8
-calibrated on the user's samples, then check the float32 TFLite against ONNX Runtime. Everything is
+calibrated on the user's samples (the calibrated model is kept too, so mixed-precision variants need no
+recalibration), then check the float32 TFLite against ONNX Runtime. Everything is
 built in a staging folder next to the output and moved into place only when every stage passed.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .runtime import TfliteRunner
 
 FLOAT_MODEL = "model_float32.tflite"
 INT8_MODEL = "model_int8.tflite"
+CALIBRATED_MODEL = "model_calibrated.tflite"
 SAVED_MODEL = "saved_model"
 PREPARED_ONNX = "model_prepared.onnx"
 REPORT = "compile.json"
@@ -170,15 +172,13 @@ def convert_float(saved_model: Path, out: Path) -> None:
         raise _converter_failure(exc, "float32") from None
 
 
-def convert_int8(
-    saved_model: Path,
-    out: Path,
-    calibration: np.ndarray,
-    per_channel: bool = True,
-    int8_io: bool = False,
-    on_sample=None,
-) -> None:
-    """Full-integer quantization calibrated on ``calibration`` (N, ...) in the TFLite input layout."""
+def calibrate(saved_model: Path, calibration: np.ndarray, on_sample=None) -> bytes:
+    """Run the representative dataset through the model once and return the *calibrated* float
+    model (activation ranges recorded, nothing quantized yet).
+
+    Keeping it lets every later int8 or mixed model be produced by :func:`quantize` alone, with
+    the same activation ranges, instead of recalibrating for each choice of float layers.
+    """
     import tensorflow as tf
 
     def representative():
@@ -191,15 +191,33 @@ def convert_int8(
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if int8_io:
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    if not per_channel:
-        converter._experimental_disable_per_channel = True  # TF's only switch for per-tensor weights
+    converter._experimental_calibrate_only = True  # TF's own split of convert(): calibrate, then quantize
     try:
-        out.write_bytes(converter.convert())
+        return converter.convert()
     except Exception as exc:
-        raise _converter_failure(exc, "int8") from None
+        raise _converter_failure(exc, "int8 calibration") from None
+
+
+def quantize(calibrated: bytes, per_channel: bool = True, int8_io: bool = False, float_nodes: list[str] | None = None) -> bytes:
+    """Quantize a calibrated model to int8, keeping the ops named in ``float_nodes`` (their output
+    tensor names) in float with QUANTIZE/DEQUANTIZE around them (TF selective quantization).
+
+    This is the second half of ``TFLiteConverter.convert()`` for full-integer quantization.
+    """
+    import tensorflow as tf
+    from tensorflow.lite.python import convert
+
+    io_type = tf.int8 if int8_io else tf.float32
+    try:
+        return convert.mlir_quantize(
+            calibrated,
+            disable_per_channel=not per_channel,
+            input_data_type=io_type,
+            output_data_type=io_type,
+            denylisted_nodes=list(float_nodes) if float_nodes else None,
+        )
+    except Exception as exc:
+        raise _converter_failure(exc, "int8 quantization") from None
 
 
 def _onnxruntime_outputs(model_path: Path, spec: onnx_model.InputSpec, data: np.ndarray, on_item=None) -> np.ndarray:
@@ -273,12 +291,15 @@ def compile_model(
 
             with captured_native_output(quiet_native):
                 float_runner = TfliteRunner(stage / FLOAT_MODEL, options.threads)
-            tfl_layout = "NHWC" if float_runner.input_shape[1:] == spec.hwc else spec.layout
-            calib_data = samples.for_layout(tfl_layout)
+            if float_runner.input_shape[1:] != spec.hwc:
+                raise ConversionError(f"converted model takes input {float_runner.input_shape}, expected channels-last {(1, *spec.hwc)}")
+            calib_data = samples.data
 
             task = progress.add_task("calibrating + converting int8 TFLite", total=len(samples))
             with _stage("tflite_int8_calibrated", timings, quiet_native):
-                convert_int8(stage / SAVED_MODEL, stage / INT8_MODEL, calib_data, options.per_channel, options.int8_io, on_sample=lambda: progress.advance(task))
+                calibrated = calibrate(stage / SAVED_MODEL, calib_data, on_sample=lambda: progress.advance(task))
+                (stage / CALIBRATED_MODEL).write_bytes(calibrated)
+                (stage / INT8_MODEL).write_bytes(quantize(calibrated, options.per_channel, options.int8_io))
 
             task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
             with _stage("verify", timings, quiet_native):
@@ -354,6 +375,6 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
             "passed": passed,
         },
         accuracy=accuracy,
-        files={"float32": FLOAT_MODEL, "int8": INT8_MODEL, "saved_model": SAVED_MODEL, "prepared_onnx": PREPARED_ONNX},
+        files={"float32": FLOAT_MODEL, "int8": INT8_MODEL, "calibrated": CALIBRATED_MODEL, "saved_model": SAVED_MODEL, "prepared_onnx": PREPARED_ONNX},
         notes=list(prepared.notes),
     )

@@ -81,7 +81,7 @@ def test_existing_output_needs_force(tmp_path, tiny_images, save_model, existing
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["verification"]["passed"] and report["calibration"]["num_samples"] == 4
-    assert sorted(p.name for p in existing_out.iterdir()) == ["compile.json", "model_float32.tflite", "model_int8.tflite", "model_prepared.onnx", "saved_model"]
+    assert sorted(p.name for p in existing_out.iterdir()) == ["compile.json", "model_calibrated.tflite", "model_float32.tflite", "model_int8.tflite", "model_prepared.onnx", "saved_model"]
     assert (existing_out / "model_int8.tflite").read_bytes()[4:8] == b"TFL3"
 
 

@@ -47,7 +47,7 @@ def _assert_int8_weights(graph, per_channel=True):
 
 def test_efficientnet_compiles_fused_and_verified(effnet_compiled):
     out = effnet_compiled
-    for name in ("model_float32.tflite", "model_int8.tflite", "compile.json", "model_prepared.onnx", "saved_model/saved_model.pb"):
+    for name in ("model_float32.tflite", "model_int8.tflite", "model_calibrated.tflite", "compile.json", "model_prepared.onnx", "saved_model/saved_model.pb"):
         assert (out / name).exists(), name
     report, q = _assert_fused(out)
     assert report["schema_version"] == 1 and report["kind"] == "quantune-edge/compile"
