@@ -6,7 +6,6 @@ sizes, and top-1 of ONNX Runtime float vs TFLite float32 vs TFLite int8 on held-
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,21 +13,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+from _models import ASSETS, MODELS  # noqa: E402
 from quantune_edge import CompileOptions, compile_model, make_preprocessing, metrics  # noqa: E402
 from quantune_edge.compiler import _onnxruntime_outputs  # noqa: E402
 from quantune_edge.onnx_model import input_spec, load  # noqa: E402
 from quantune_edge.preprocessing import load_samples  # noqa: E402
 from quantune_edge.runtime import TfliteRunner  # noqa: E402
-
-ASSETS = REPO.parent / "shared" / "assets"
-MODELS = {
-    "efficientnet-lite0": ("efficientnet-lite0.onnx", dict(mean="127,127,127", std="128,128,128"), 0),
-    "squeezenet1.1": ("squeezenet1.1.onnx", dict(preset="caffe"), 0),
-    "mobilenetv2": ("mobilenetv2-tf2-ptq-dequant.onnx", dict(preset="tf"), 1),
-}
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from . import __version__
@@ -125,6 +126,123 @@ def compile_cmd(
              resize=resize, channel_order=channel_order, quiet=quiet, verbose=verbose, json_out=json_out)
 
 
+def _preprocessing_override(preset, mean, std, input_size, resize, channel_order):
+    """None (= reuse compile.json's preprocessing) unless a flag was given."""
+    from .preprocessing import make_preprocessing
+
+    if all(v is None for v in (preset, mean, std, input_size, resize, channel_order)):
+        return None
+    return make_preprocessing(preset, mean, std, input_size, resize, channel_order)
+
+
+def _db(v) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return "inf" if v == float("inf") else f"{v:.1f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+_OP_ABBREV = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "fc", "TRANSPOSE_CONV": "deconv"}
+
+
+def _print_analysis(reporter: Reporter, report, top: int) -> None:
+    con = reporter.console
+    oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
+    table = Table(title=f"{min(top, len(report.layers))} most sensitive of {len(report.layers)} layers (score: {report.metric})",
+                  header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), caption="W/A dB: SQNR of weights/activation vs float; "
+                  "Δ: SQNR the layer itself loses" + ("; oracle: output SQNR gain with only this layer float" if oracle else ""))
+    show_score = report.metric != "sqnr_delta"
+    columns = ["rank", "#", "layer", "op", "params", "MMAC", "W dB", "A dB", "Δ dB"] + (["score"] if show_score else []) + (["oracle"] if oracle else [])
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right", no_wrap=col != "layer",
+                         min_width=16 if col == "layer" else None)
+    scores = report.scores[report.metric]
+    position = {layer["index"]: i for i, layer in enumerate(report.layers)}
+    for rank, layer in enumerate(report.most_sensitive(top), 1):
+        op = _OP_ABBREV.get(layer["op_type"], layer["op_type"].lower())
+        op += f"+{layer['fused_activation'].lower()}" if layer["fused_activation"] not in (None, "NONE") else ""
+        row = [str(rank), str(layer["index"]), layer["short_name"], op, _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
+               _db(layer["weight_sqnr_db"]), _db(layer["act_sqnr_db"]), _db(layer["sqnr_delta_db"])]
+        if show_score:
+            row.append(f"{scores[position[layer['index']]]:.3g}")
+        if oracle:
+            row.append(f"{oracle[layer['index']]['output_sqnr_gain_db']:+.2f}" if layer["index"] in oracle else "-")
+        table.add_row(*row)
+    con.print(table)
+    out = report.model_output
+    inv = report.invocations
+    con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB, top-1 agreement {100 * out['top1_agreement']:.1f} %"
+              + (f", top-1 float {100 * out['float32_top1']:.1f} % / int8 {100 * out['int8_top1']:.1f} %" if "int8_top1" in out else ""))
+    con.print(f"cost: {inv['float32']} float32 + {inv['int8']} int8 invocations, {report.timings_s['analysis']:.2f} s "
+              f"(+{report.preserve_all_tensors_check['invocations']} to check that keeping all tensors changes nothing)")
+    unmatched = report.unmatched
+    if unmatched["int8"] or unmatched["float32"]:
+        con.print(f"[yellow]unmatched ops: int8 {len(unmatched['int8'])}, float32 {len(unmatched['float32'])} (listed in analysis.json)[/]")
+    if report.oracle:
+        o = report.oracle
+        rho = Table(title=f"vs the one-layer-float oracle ({o['builds']} builds, {o['wall_time_s']:.1f} s = "
+                          f"{o['time_ratio_oracle_over_analysis']:.0f}x the analysis)", header_style="bold")
+        rho.add_column("metric")
+        rho.add_column("Spearman ρ", justify="right")
+        for k in next(iter(o["top_k_capture"].values()), {}):
+            rho.add_column(f"gain captured by {k}", justify="right")
+        for name, value in sorted(o["spearman"].items(), key=lambda kv: -(kv[1] if kv[1] == kv[1] else -9)):
+            cap = o["top_k_capture"][name]
+            rho.add_row(name + (" (selected)" if name == report.metric else ""), f"{value:+.2f}", *[f"{v:.2f}" for v in cap.values()])
+        con.print(rho)
+
+
+def _analyze(folder: Path, calib: Path, options, *, top: int, quiet: bool, verbose: bool, json_out: bool):
+    from .analysis import analyze
+
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    try:
+        report = analyze(folder, calib, options, reporter)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+    elif not quiet:
+        _print_analysis(reporter, report, top)
+        reporter.console.print(f"wrote {folder / 'analysis.json'}, analysis.csv, analysis.png")
+    return report
+
+
+@app.command("analyze")
+def analyze_cmd(
+    folder: Annotated[Path, typer.Argument(help="Output folder of 'quantune-edge compile'.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the one float + one int8 pass.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
+    metric: Annotated[str, typer.Option("--metric", help="Sensitivity score: sqnr_delta (default), act_sqnr, weight_sqnr, act_nmse, act_mse, weight_mse, quantune.")] = "sqnr_delta",
+    oracle: Annotated[bool, typer.Option("--oracle", help="Also build and run one model per layer kept float (n+1 builds) and correlate.")] = False,
+    top: Annotated[int, typer.Option("--top", help="Rows of the most-sensitive table.")] = 10,
+    threads: Annotated[int, typer.Option("--threads", help="Interpreter threads.")] = 2,
+    preset: Preset = None,
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    channel_order: ChannelOrder = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Per-layer local metrics from one float32 and one int8 pass, and the sensitivity ranking."""
+    from .analysis import AnalysisOptions
+
+    try:
+        options = AnalysisOptions(num_samples=num_samples, seed=seed, threads=threads, metric=metric, oracle=oracle, verbose=verbose,
+                                  preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
+    except QuantuneError as exc:
+        _fail(exc)
+    _analyze(folder, calib, options, top=top, quiet=quiet, verbose=verbose, json_out=json_out)
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (replaced on every demo run).")] = Path("runs/demo"),
@@ -133,12 +251,19 @@ def demo_cmd(
     verbose: Verbose = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Run the main job end-to-end on the built-in EfficientNet-Lite0 and demo images."""
+    """Run the main job end-to-end on the built-in EfficientNet-Lite0 and demo images: compile, analyze."""
     if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
         _fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
     _compile(DEMO_MODEL, DEMO_IMAGES, out, num_calib=num_calib, seed=0, per_tensor=False, int8_io=False,
              label_offset=0, force=True, preset=None, input_size=None, resize=None, channel_order=None,
-             quiet=quiet, verbose=verbose, json_out=json_out, **DEMO_PREPROCESSING)
+             quiet=quiet or json_out, verbose=verbose, json_out=False, **DEMO_PREPROCESSING)
+    from .analysis import AnalysisOptions
+
+    analysis = _analyze(out, DEMO_IMAGES, AnalysisOptions(num_samples=num_calib, verbose=verbose), top=10,
+                        quiet=quiet or json_out, verbose=verbose, json_out=False)
+    if json_out:
+        compiled = json.loads((out / "compile.json").read_text())
+        sys.stdout.write(json.dumps({"compile": compiled, "analysis": _jsonable(analysis.to_dict())}, indent=2) + "\n")
 
 
 @app.command("version")

@@ -4,6 +4,8 @@ Everything here takes numpy arrays and returns numbers or dicts of numbers: no f
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -65,3 +67,77 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, f
         "sqnr_db": sqnr_db(reference, cand),
         "samples": int(len(reference)),
     }
+
+
+class ErrorStats:
+    """Streaming float-vs-approximation statistics of one tensor over many samples.
+
+    Only sums are kept, so a whole model's intermediate tensors can be compared sample by sample
+    without holding them in memory.
+    """
+
+    __slots__ = ("count", "signal", "noise", "total", "max_abs")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.signal = 0.0  # sum of ref^2
+        self.noise = 0.0  # sum of (ref - approx)^2
+        self.total = 0.0  # sum of ref
+        self.max_abs = 0.0
+
+    def add(self, reference: np.ndarray, approx: np.ndarray) -> bool:
+        """Accumulate one sample; returns False (and adds nothing) if either holds NaN or Inf.
+
+        float32 BLAS dot products keep this cheap enough to run on every tensor of every sample;
+        a non-finite sum is re-checked in float64 so only real NaN/Inf values are refused.
+        """
+        ref = np.asarray(reference, np.float32).ravel()
+        err = ref - np.asarray(approx, np.float32).ravel()
+        signal, noise = float(np.dot(ref, ref)), float(np.dot(err, err))
+        if not (math.isfinite(signal) and math.isfinite(noise)):
+            ref64 = np.asarray(reference, np.float64).ravel()
+            err64 = ref64 - np.asarray(approx, np.float64).ravel()
+            if not (np.all(np.isfinite(ref64)) and np.all(np.isfinite(err64))):
+                return False
+            signal, noise = float(ref64 @ ref64), float(err64 @ err64)
+        self.count += ref.size
+        self.signal += signal
+        self.noise += noise
+        self.total += float(ref.sum(dtype=np.float64))
+        if err.size:
+            self.max_abs = max(self.max_abs, float(err.max()), -float(err.min()))
+        return True
+
+    @property
+    def mse(self) -> float:
+        return self.noise / self.count if self.count else float("nan")
+
+    @property
+    def variance(self) -> float:
+        if not self.count:
+            return float("nan")
+        mean = self.total / self.count
+        return max(self.signal / self.count - mean * mean, 0.0)
+
+    @property
+    def nmse(self) -> float:
+        """MSE relative to the tensor's variance: scale-free, comparable across layers."""
+        var = self.variance
+        if var == 0.0:
+            return 0.0 if self.noise == 0.0 else float("inf")
+        return self.mse / var
+
+    @property
+    def sqnr_db(self) -> float:
+        return pooled_sqnr_db([self])
+
+
+def pooled_sqnr_db(stats: list[ErrorStats]) -> float:
+    """SQNR of several tensors taken together (e.g. the inputs of an Add or Concat)."""
+    signal = sum(s.signal for s in stats)
+    noise = sum(s.noise for s in stats)
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))

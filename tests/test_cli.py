@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a subprocess, exit codes, one-line errors, nothing half-written."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -105,3 +106,42 @@ def test_installed_entry_points():
     assert facts["schema_version"] == 1 and facts["runtime"]["package"] in ("tflite-runtime", "ai-edge-litert")
     bad = subprocess.run([str(venv_bin / "python"), "-m", "device_agent", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "error" in json.loads(bad.stdout)
+
+
+def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
+    from conftest import DEMO_IMAGES
+
+    result = run_cli("analyze", effnet_compiled, "--calib", DEMO_IMAGES, "--num-samples", "4", "--top", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # human output goes to stderr; stdout is kept for --json
+    assert "3 most sensitive of" in result.stderr and "4 float32 + 4 int8 invocations" in result.stderr
+    rows = [line for line in result.stderr.splitlines() if re.match(r"\s+[123]\s+\d+\s+\S+\s+(conv|dwconv|fc|add)", line)]
+    assert len(rows) == 3
+    data = json.loads((effnet_compiled / "analysis.json").read_text())
+    assert data["samples"]["count"] == 4 and data["metric"] == "sqnr_delta"
+    as_json = run_cli("analyze", effnet_compiled, "--calib", DEMO_IMAGES, "--num-samples", "2", "--metric", "weight_sqnr", "--json")
+    assert as_json.returncode == 0
+    parsed = json.loads(as_json.stdout)
+    assert parsed["metric"] == "weight_sqnr" and parsed["invocations"] == {"float32": 2, "int8": 2}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--metric", "bogus"], "unknown metric 'bogus'"),
+    (["--num-samples", "0"], "--num-samples must be positive"),
+    (["--mean", "1,2"], "mean"),
+])
+def test_analyze_bad_options_one_line(effnet_compiled, args, message):
+    from conftest import DEMO_IMAGES
+
+    before = (effnet_compiled / "compile.json").read_bytes()
+    result = run_cli("analyze", effnet_compiled, "--calib", DEMO_IMAGES, *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert (effnet_compiled / "compile.json").read_bytes() == before
+
+
+def test_analyze_missing_compile_dir(tmp_path, tiny_images):
+    result = run_cli("analyze", tmp_path / "nothing-here", "--calib", tiny_images)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr

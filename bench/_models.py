@@ -1,0 +1,14 @@
+"""The shared real models the benchmarks run on: file, preprocessing, label offset."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+ASSETS = REPO.parent / "shared" / "assets"
+MODELS = {
+    "efficientnet-lite0": ("efficientnet-lite0.onnx", dict(mean="127,127,127", std="128,128,128"), 0),
+    "squeezenet1.1": ("squeezenet1.1.onnx", dict(preset="caffe"), 0),
+    "mobilenetv2": ("mobilenetv2-tf2-ptq-dequant.onnx", dict(preset="tf"), 1),
+}

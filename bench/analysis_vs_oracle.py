@@ -1,0 +1,68 @@
+"""Two-run local metrics vs the one-layer-float oracle (the paper's Fig. 3 experiment), per model and
+weight scheme: layers, analysis time, oracle time, their ratio, and each metric's Spearman ρ against
+the oracle's output-SQNR gain, plus how much of the oracle's best top-3 gain each metric's top 3 holds.
+
+    .venv/bin/python bench/analysis_vs_oracle.py [--samples 32] [--models a,b] [--modes per-channel,per-tensor]
+
+Goal (issue 4): oracle ≥ 20× the analysis' wall time, ρ ≥ 0.8 for the default score.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from _models import ASSETS, MODELS  # noqa: E402
+from quantune_edge import CompileOptions, compile_model, make_preprocessing  # noqa: E402
+from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.sensitivity import DEFAULT_METRIC, SCORES  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
+    parser.add_argument("--calib-num", type=int, default=100)
+    parser.add_argument("--data", default=str(ASSETS / "imagenet-val"), help="images the analysis and the oracle run on")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--modes", default="per-channel,per-tensor")
+    args = parser.parse_args()
+
+    console = Console(width=max(Console().width, 260))
+    metrics = list(SCORES)
+    table = Table(title=f"local metrics vs one-layer-float oracle ({args.samples} samples of {Path(args.data).name}; "
+                        f"default score: {DEFAULT_METRIC})")
+    for col in ("model", "weights", "layers", "int8 out SQNR dB", "analysis s", "invocations", "oracle s", "builds", "ratio"):
+        table.add_column(col, justify="right")
+    for m in metrics:
+        table.add_column(f"ρ {m}", justify="right")
+    table.add_column(f"top-3 gain held ({DEFAULT_METRIC})", justify="right")
+    table.add_column("oracle best gain dB", justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            file, prep_kwargs, offset = MODELS[name]
+            prep = make_preprocessing(**prep_kwargs)
+            for mode in args.modes.split(","):
+                out = Path(tmp) / f"{name}-{mode}"
+                console.print(f"{name} {mode}: compiling ...")
+                compile_model(ASSETS / "models" / file, args.calib, out,
+                              CompileOptions(preprocessing=prep, num_calib=args.calib_num, per_channel=mode == "per-channel", label_offset=offset))
+                console.print(f"{name} {mode}: analysis + oracle ...")
+                r = analyze(out, args.data, AnalysisOptions(num_samples=args.samples, oracle=True))
+                o = r.oracle
+                best = max(row["output_sqnr_gain_db"] for row in o["layers"])
+                table.add_row(
+                    name, mode, str(len(r.layers)), f"{r.model_output['sqnr_db']:.1f}", f"{r.timings_s['analysis']:.2f}",
+                    f"{r.invocations['float32']}+{r.invocations['int8']}", f"{o['wall_time_s']:.1f}", str(o["builds"]),
+                    f"{o['time_ratio_oracle_over_analysis']:.0f}x",
+                    *[f"{o['spearman'][m]:+.2f}" for m in metrics],
+                    f"{o['top_k_capture'][DEFAULT_METRIC]['top3']:.2f}", f"{best:+.2f}",
+                )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

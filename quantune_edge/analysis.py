@@ -1,0 +1,283 @@
+"""Local metrics from exactly one float run and one int8 run (QuantuneV2's O(n) analysis).
+
+Both interpreters keep every intermediate tensor; each sample goes through the float model once
+and the int8 model once, and every matched layer's output (and its inputs) is compared on the fly,
+so the cost is 2·K invocations whatever the number of layers. A small separate check confirms
+that keeping all tensors did not change the models' outputs (google-ai-edge/LiteRT#413); its
+invocations are counted apart.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import sensitivity, tflite_graph
+from .artifacts import CompiledModel
+from .console import Reporter, captured_native_output
+from .errors import InputError, QuantuneError
+from .layers import Layer, LayerMatch, dequantized_weights, match_layers
+from .metrics import ErrorStats, pooled_sqnr_db, sqnr_db
+from .preprocessing import Preprocessing
+from .reports import SCHEMA_VERSION, now_iso, write_json
+from .runtime import TfliteRunner, dequantize
+
+ANALYSIS_JSON = "analysis.json"
+ANALYSIS_CSV = "analysis.csv"
+ANALYSIS_PNG = "analysis.png"
+CONSISTENCY_SAMPLES = 2
+
+
+class AnalysisError(QuantuneError):
+    """The analysis met values it cannot compare (NaN/Inf) or models that do not belong together."""
+
+
+@dataclass
+class AnalysisOptions:
+    num_samples: int = 32
+    seed: int = 0
+    threads: int = 2
+    metric: str = sensitivity.DEFAULT_METRIC
+    preprocessing: Preprocessing | None = None  # default: the compile's
+    oracle: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class AnalysisReport:
+    model: dict
+    samples: dict
+    metric: str
+    layers: list[dict]
+    sensitivity_order: list[int]
+    scores: dict[str, list[float]]
+    invocations: dict
+    preserve_all_tensors_check: dict
+    timings_s: dict
+    unmatched: dict
+    model_output: dict
+    oracle: dict | None = None
+    kind: str = "quantune-edge/analysis"
+    schema_version: int = SCHEMA_VERSION
+    created: str = field(default_factory=now_iso)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def layer_metrics(self) -> list[sensitivity.LayerMetrics]:
+        return [sensitivity.LayerMetrics(**d) for d in self.layers]
+
+    def most_sensitive(self, n: int) -> list[dict]:
+        by_index = {d["index"]: d for d in self.layers}
+        return [by_index[i] for i in self.sensitivity_order[:n]]
+
+
+def _tensor_value(runner: TfliteRunner, graph: tflite_graph.TfliteGraph, index: int) -> np.ndarray:
+    raw = runner.interpreter.get_tensor(index)
+    t = graph.tensors[index]
+    if raw.dtype in (np.int8, np.uint8, np.int16) and t.scales:
+        return dequantize(raw, t.scales[0], t.zero_points[0] if t.zero_points else 0)
+    return raw.astype(np.float32, copy=False)
+
+
+def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph) -> tuple[float | None, float | None]:
+    if layer.float_weight is None or layer.int8_weight is None:
+        return None, None
+    w_float = fg.tensors[layer.float_weight].data
+    w_int8 = qg.tensors[layer.int8_weight]
+    if w_float is None or w_int8.data is None:
+        return None, None
+    if w_float.shape != w_int8.data.shape:
+        raise AnalysisError(f"layer {layer.name!r}: float weights {w_float.shape} and int8 weights {w_int8.data.shape} differ")
+    approx = dequantized_weights(w_int8)
+    return sqnr_db(w_float, approx), float(np.mean((w_float.astype(np.float64) - approx) ** 2))
+
+
+def collect_tensor_stats(
+    match: LayerMatch,
+    float_runner: TfliteRunner,
+    int8_runner: TfliteRunner,
+    fg: tflite_graph.TfliteGraph,
+    qg: tflite_graph.TfliteGraph,
+    inputs: np.ndarray,
+    on_item: Callable[[], None] | None = None,
+) -> tuple[dict[int, ErrorStats], np.ndarray, np.ndarray]:
+    """One float and one int8 invocation per sample; returns per-int8-tensor error stats and both
+    models' final outputs."""
+    needed = {layer.int8_output for layer in match.layers}
+    needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
+    stats = {t: ErrorStats() for t in needed}
+    names = {layer.int8_output: layer.name for layer in match.layers}
+    float_outs, int8_outs = [], []
+    for x in inputs:
+        float_outs.append(float_runner.invoke(x[None]))
+        int8_outs.append(int8_runner.invoke(x[None]))
+        for t in needed:
+            ref = _tensor_value(float_runner, fg, match.tensor_map[t])
+            approx = _tensor_value(int8_runner, qg, t)
+            if not stats[t].add(ref, approx):
+                raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
+        if on_item:
+            on_item()
+    return stats, np.concatenate(float_outs), np.concatenate(int8_outs)
+
+
+def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg) -> list[sensitivity.LayerMetrics]:
+    out = []
+    for layer in match.layers:
+        s = stats[layer.int8_output]
+        in_stats = [stats[t] for t in layer.int8_inputs if t in stats]
+        in_sqnr = pooled_sqnr_db(in_stats) if in_stats else math.inf
+        w_sqnr, w_mse = _weight_metrics(layer, fg, qg)
+        q = qg.tensors[layer.int8_output]
+        out.append(
+            sensitivity.LayerMetrics(
+                index=layer.index, name=layer.name, short_name=layer.short_name, op_type=layer.op_type,
+                params=layer.params, macs=layer.macs, fused_activation=layer.fused_activation,
+                act_sqnr_db=s.sqnr_db, act_mse=s.mse, act_nmse=s.nmse, act_max_abs_err=s.max_abs,
+                act_scale=q.scales[0] if q.scales else None, act_zero_point=q.zero_points[0] if q.zero_points else None,
+                input_sqnr_db=in_sqnr, sqnr_delta_db=sensitivity.sqnr_delta(in_sqnr, s.sqnr_db),
+                weight_sqnr_db=w_sqnr, weight_mse=w_mse,
+            )
+        )
+    return out
+
+
+def _consistency_check(compiled: CompiledModel, inputs: np.ndarray, float_out: np.ndarray, int8_out: np.ndarray, threads: int) -> dict:
+    """Outputs with experimental_preserve_all_tensors vs without, on the first few samples."""
+    n = min(CONSISTENCY_SAMPLES, len(inputs))
+    plain_f = TfliteRunner(compiled.float_model, threads)
+    plain_q = TfliteRunner(compiled.int8_model, threads)
+    diff_f = float(np.max(np.abs(plain_f.run(inputs[:n]) - float_out[:n])))
+    diff_q = float(np.max(np.abs(plain_q.run(inputs[:n]) - int8_out[:n])))
+    return {"samples": n, "invocations": plain_f.invocations + plain_q.invocations,
+            "float32_max_abs_diff": diff_f, "int8_max_abs_diff": diff_q, "identical": diff_f == 0.0 and diff_q == 0.0}
+
+
+def analyze(
+    compile_dir: str | Path,
+    calib: str | Path,
+    options: AnalysisOptions | None = None,
+    reporter: Reporter | None = None,
+) -> AnalysisReport:
+    """Per-layer local metrics and the sensitivity ranking; writes analysis.json/.csv/.png."""
+    options = options or AnalysisOptions()
+    reporter = reporter or Reporter(quiet=True)
+    if options.metric not in sensitivity.SCORES:
+        raise InputError(f"unknown metric {options.metric!r}; choose one of {', '.join(sensitivity.SCORES)}")
+    if options.num_samples <= 0:
+        raise InputError(f"--num-samples must be positive, got {options.num_samples}")
+    compiled = CompiledModel.open(compile_dir)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    fg = tflite_graph.read(compiled.float_model)
+    qg = tflite_graph.read(compiled.int8_model)
+    match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+    quantized_ops = sum(op.type not in ("QUANTIZE", "DEQUANTIZE") for op in qg.ops)
+    if not match.layers or len(match.layers) < 0.5 * quantized_ops:
+        raise InputError(
+            f"{compiled.float_model.name} and {compiled.int8_model.name} in {compiled.folder} are not a pair from one compile "
+            f"({len(match.layers)} of {quantized_ops} int8 ops matched); re-run 'quantune-edge compile'"
+        )
+    if fg.tensors[fg.inputs[0]].shape != qg.tensors[qg.inputs[0]].shape:
+        raise InputError(f"float and int8 models in {compiled.folder} take different input shapes: not a pair from one compile")
+    timings["match_layers"] = round(time.perf_counter() - start, 3)
+
+    with reporter.progress() as progress:
+        task = progress.add_task("reading samples", total=options.num_samples)
+        samples = compiled.load_samples(calib, options.num_samples, options.seed, options.preprocessing, lambda: progress.advance(task))
+        progress.update(task, completed=len(samples) + len(samples.skipped), total=len(samples) + len(samples.skipped))
+        inputs = compiled.tflite_inputs(samples)
+        task = progress.add_task("one float + one int8 pass", total=len(samples))
+        start = time.perf_counter()
+        with captured_native_output(not options.verbose):
+            float_runner = TfliteRunner(compiled.float_model, options.threads, preserve_all_tensors=True)
+            int8_runner = TfliteRunner(compiled.int8_model, options.threads, preserve_all_tensors=True)
+        stats, float_out, int8_out = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs, lambda: progress.advance(task))
+        metrics = layer_metrics(match, stats, fg, qg)
+        timings["analysis"] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        with captured_native_output(not options.verbose):
+            check = _consistency_check(compiled, inputs, float_out, int8_out, options.threads)
+        timings["preserve_all_tensors_check"] = round(time.perf_counter() - start, 3)
+        oracle_section = None
+        if options.oracle:
+            from .oracle import correlations, run_oracle, top_k_capture
+
+            task = progress.add_task(f"oracle: {len(metrics) + 1} builds, one layer float each", total=len(metrics))
+            oracle_section = run_oracle(compiled, [m.to_dict() for m in metrics], inputs, float_out, samples.labels,
+                                        options.threads, lambda: progress.advance(task), quiet=not options.verbose)
+            oracle_section["spearman"] = correlations(metrics, oracle_section["layers"])
+            oracle_section["top_k_capture"] = top_k_capture(metrics, oracle_section["layers"])
+            analysis_cost = timings["analysis"]
+            oracle_section["time_ratio_oracle_over_analysis"] = round(oracle_section["wall_time_s"] / max(analysis_cost, 1e-9), 1)
+            timings["oracle"] = oracle_section["wall_time_s"]
+    if not check["identical"]:
+        reporter.warn(f"keeping all tensors changed the model outputs (max diff float {check['float32_max_abs_diff']:.3g}, "
+                      f"int8 {check['int8_max_abs_diff']:.3g}); metrics describe the preserved-tensor run")
+
+    from .metrics import compare_outputs, top1_accuracy
+
+    output = compare_outputs(float_out, int8_out)
+    if samples.has_labels:
+        output["float32_top1"] = top1_accuracy(float_out, samples.labels, compiled.label_offset)
+        output["int8_top1"] = top1_accuracy(int8_out, samples.labels, compiled.label_offset)
+    scores = {name: [float(v) for v in sensitivity.score(metrics, name)] for name in sensitivity.SCORES}
+    report = AnalysisReport(
+        model={"compile_dir": str(compiled.folder.resolve()), "sha256": compiled.report.model["sha256"],
+               "weights": compiled.report.quantization["weights"], "layers": len(metrics)},
+        samples={"source": samples.source, "count": len(samples), "seed": options.seed, "files": samples.names,
+                 "skipped": samples.skipped, "labelled": int(np.sum(samples.labels >= 0))},
+        metric=options.metric,
+        layers=[m.to_dict() for m in metrics],
+        sensitivity_order=sensitivity.ranking(metrics, options.metric),
+        scores=scores,
+        invocations={"float32": float_runner.invocations, "int8": int8_runner.invocations},
+        preserve_all_tensors_check=check,
+        timings_s=timings,
+        unmatched={"float32": match.unmatched_float, "int8": match.unmatched_int8},
+        model_output=output,
+        oracle=oracle_section,
+    )
+    save(report, compiled.folder)
+    return report
+
+
+def save(report: AnalysisReport, folder: Path) -> None:
+    """analysis.json, analysis.csv and analysis.png, each written whole or not at all."""
+    from .plots import plot_analysis
+
+    tmp = folder / f".{ANALYSIS_JSON}.tmp"
+    write_json(tmp, report.to_dict())
+    tmp.replace(folder / ANALYSIS_JSON)
+    tmp = folder / f".{ANALYSIS_CSV}.tmp"
+    write_csv(report, tmp)
+    tmp.replace(folder / ANALYSIS_CSV)
+    tmp = folder / f".analysis.tmp.png"
+    plot_analysis(report, tmp)
+    tmp.replace(folder / ANALYSIS_PNG)
+
+
+def write_csv(report: AnalysisReport, path: Path) -> None:
+    rank_of = {idx: r + 1 for r, idx in enumerate(report.sensitivity_order)}
+    oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
+    columns = ["index", "rank", "name", "short_name", "op_type", "fused_activation", "params", "macs",
+               "weight_sqnr_db", "weight_mse", "act_sqnr_db", "act_mse", "act_nmse", "act_max_abs_err",
+               "act_scale", "act_zero_point", "input_sqnr_db", "sqnr_delta_db", f"score_{report.metric}"]
+    if oracle:
+        columns += ["oracle_output_sqnr_gain_db", "oracle_top1_agreement"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for i, layer in enumerate(report.layers):
+            row = [layer["index"], rank_of[layer["index"]]] + [layer[c] for c in columns[2:-1 if not oracle else -3]]
+            row.append(report.scores[report.metric][i])
+            if oracle:
+                o = oracle.get(layer["index"], {})
+                row += [o.get("output_sqnr_gain_db"), o.get("top1_agreement")]
+            writer.writerow(row)

@@ -1,0 +1,82 @@
+"""A compile output folder as an object: its report, model paths and how to feed it samples.
+
+Later stages (analyze, tune, deploy) start from a compile folder; this is the one place that knows
+its layout and turns user data into inputs with the preprocessing the compile used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import compiler
+from .errors import InputError
+from .onnx_model import InputSpec
+from .preprocessing import Preprocessing, Samples, load_samples
+from .reports import CompileReport
+
+
+@dataclass
+class CompiledModel:
+    folder: Path
+    report: CompileReport
+    spec: InputSpec
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "CompiledModel":
+        folder = Path(folder)
+        path = folder / compiler.REPORT
+        if not path.is_file():
+            raise InputError(f"{folder} is not a compile output folder (no {compiler.REPORT}); run 'quantune-edge compile' first")
+        try:
+            report = CompileReport.load(path)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"{path}: unreadable compile report ({exc})") from None
+        for name in (compiler.FLOAT_MODEL, compiler.INT8_MODEL, compiler.CALIBRATED_MODEL):
+            if not (folder / name).is_file():
+                raise InputError(f"{folder / name} is missing; re-run 'quantune-edge compile'")
+        spec_d = report.model["input"]
+        spec = InputSpec(spec_d["name"], spec_d["layout"], tuple(spec_d["shape"]), spec_d.get("dtype", "float32"))
+        return cls(folder, report, spec)
+
+    @property
+    def float_model(self) -> Path:
+        return self.folder / compiler.FLOAT_MODEL
+
+    @property
+    def int8_model(self) -> Path:
+        return self.folder / compiler.INT8_MODEL
+
+    @property
+    def calibrated_model(self) -> Path:
+        return self.folder / compiler.CALIBRATED_MODEL
+
+    @property
+    def per_channel(self) -> bool:
+        return "per-channel" in self.report.quantization["weights"]
+
+    @property
+    def int8_io(self) -> bool:
+        return self.report.quantization.get("model_io") == "int8"
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.report.preprocessing)
+
+    @property
+    def label_offset(self) -> int:
+        return int(self.report.accuracy.get("label_offset", 0))
+
+    def load_samples(
+        self, source: str | Path, num: int | None, seed: int = 0, preprocessing: Preprocessing | None = None,
+        on_item: Callable[[], None] | None = None, what: str = "calibration",
+    ) -> Samples:
+        prep = (preprocessing or self.preprocessing).with_input_size(self.spec.hwc[0])
+        return load_samples(source, prep, self.spec.hwc, self.spec.layout, num, seed, on_item=on_item, what=what)
+
+    @staticmethod
+    def tflite_inputs(samples: Samples) -> np.ndarray:
+        """The TFLite models take channels-last input (the compiler checks this)."""
+        return samples.data

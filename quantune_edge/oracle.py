@@ -1,0 +1,111 @@
+"""The expensive ground truth the two-run analysis is validated against.
+
+For each layer alone: quantize the calibrated model with only that layer kept float (TF selective
+quantization, same calibration ranges), run it on the samples, and measure how much the model
+output improves over full int8. That is n+1 model builds and n+1 full runs, the cost QuantuneV2's
+local metrics avoid; the Spearman correlation between each local metric and this oracle says how
+well the cheap ranking stands in for it (the paper's Fig. 3 experiment).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import sensitivity
+from .artifacts import CompiledModel
+from .compiler import quantize
+from .console import captured_native_output
+from .metrics import compare_outputs, top1_accuracy
+from .runtime import TfliteRunner
+
+
+@dataclass
+class OracleLayer:
+    index: int
+    name: str
+    output_sqnr_db: float
+    output_sqnr_gain_db: float
+    top1_agreement: float
+    top1_accuracy: float | None
+
+
+def build_and_run(compiled: CompiledModel, float_nodes: list[str], inputs: np.ndarray, threads: int, workdir: Path, quiet: bool = True) -> np.ndarray:
+    """Quantize with ``float_nodes`` kept float and return the model outputs on ``inputs``."""
+    path = workdir / "candidate.tflite"
+    with captured_native_output(quiet):
+        path.write_bytes(quantize(compiled.calibrated_model.read_bytes(), compiled.per_channel, compiled.int8_io, float_nodes))
+        runner = TfliteRunner(path, threads)
+    return runner.run(inputs)
+
+
+def run_oracle(
+    compiled: CompiledModel,
+    layers: list[dict],
+    inputs: np.ndarray,
+    float_out: np.ndarray,
+    labels: np.ndarray,
+    threads: int = 2,
+    on_layer: Callable[[], None] | None = None,
+    quiet: bool = True,
+) -> dict:
+    """One model per layer kept float (plus the all-int8 baseline); returns the oracle section."""
+    start = time.perf_counter()
+    results: list[OracleLayer] = []
+    with tempfile.TemporaryDirectory(prefix="quantune-oracle-") as tmp:
+        work = Path(tmp)
+        base_out = build_and_run(compiled, [], inputs, threads, work, quiet)
+        base = compare_outputs(float_out, base_out)
+        for layer in layers:
+            out = build_and_run(compiled, [layer["name"]], inputs, threads, work, quiet)
+            cmp = compare_outputs(float_out, out)
+            results.append(OracleLayer(
+                index=layer["index"], name=layer["name"], output_sqnr_db=cmp["sqnr_db"],
+                output_sqnr_gain_db=cmp["sqnr_db"] - base["sqnr_db"], top1_agreement=cmp["top1_agreement"],
+                top1_accuracy=top1_accuracy(out, labels, compiled.label_offset),
+            ))
+            if on_layer:
+                on_layer()
+    return {
+        "baseline_int8": {"output_sqnr_db": base["sqnr_db"], "top1_agreement": base["top1_agreement"],
+                          "top1_accuracy": top1_accuracy(base_out, labels, compiled.label_offset)},
+        "layers": [asdict(r) for r in results],
+        "builds": len(results) + 1,
+        "invocations": (len(results) + 1) * len(inputs),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def _aligned(metrics: list[sensitivity.LayerMetrics], oracle_layers: list[dict]) -> tuple[list[sensitivity.LayerMetrics], np.ndarray]:
+    gain_by_index = {row["index"]: row["output_sqnr_gain_db"] for row in oracle_layers}
+    subset = [m for m in metrics if m.index in gain_by_index and math.isfinite(gain_by_index[m.index])]
+    return subset, np.array([gain_by_index[m.index] for m in subset], np.float64)
+
+
+def correlations(metrics: list[sensitivity.LayerMetrics], oracle_layers: list[dict]) -> dict[str, float]:
+    """Spearman ρ between each metric's score and the oracle's output-SQNR gain, over the layers."""
+    subset, gains = _aligned(metrics, oracle_layers)
+    return {name: sensitivity.spearman(sensitivity.score(subset, name), gains) for name in sensitivity.SCORES}
+
+
+def top_k_capture(metrics: list[sensitivity.LayerMetrics], oracle_layers: list[dict], ks: tuple[int, ...] = (1, 3, 5)) -> dict[str, dict[str, float]]:
+    """Per metric: oracle gain of its top-k layers / gain of the oracle's own top k.
+
+    ρ weighs every layer alike, but most layers' single-layer gains are within ±0.1 dB and their
+    order is set by error interactions no local metric sees; tuning only uses the head of the
+    list, so this says how much of the reachable gain the head actually holds (1.0 = as good as
+    the oracle's own choice; negative = the chosen layers make the output worse).
+    """
+    subset, gains = _aligned(metrics, oracle_layers)
+    best = np.sort(gains)[::-1]
+    out: dict[str, dict[str, float]] = {}
+    for name in sensitivity.SCORES:
+        order = np.argsort(-sensitivity.score(subset, name), kind="stable")
+        out[name] = {f"top{k}": float(gains[order[:k]].sum() / best[:k].sum()) if best[:k].sum() > 0 else float("nan")
+                     for k in ks if k <= len(gains)}
+    return out

@@ -1,0 +1,203 @@
+"""Local metrics, sensitivity ranking and the oracle, on the shipped EfficientNet-Lite0 and small built nets."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_IMAGES, nhwc_net, residual_net
+from quantune_edge import CompileOptions, compile_model, tflite_graph
+from quantune_edge.analysis import AnalysisError, AnalysisOptions, analyze
+from quantune_edge.artifacts import CompiledModel
+from quantune_edge.errors import InputError
+from quantune_edge.runtime import TfliteRunner
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def effnet_analysis(effnet_compiled):
+    return analyze(effnet_compiled, DEMO_IMAGES, AnalysisOptions(num_samples=K))
+
+
+@pytest.fixture(scope="module")
+def small_compiled(tiny_images, save_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "out"
+    compile_model(save_model(residual_net(batch=1), "residual_for_analysis"), tiny_images, out, CompileOptions(num_calib=8, per_channel=False))
+    return out
+
+
+def _numpy_sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    return 10 * math.log10(np.sum(ref**2) / np.sum((ref - approx.astype(np.float64)) ** 2))
+
+
+def _preserved(compiled: CompiledModel, inputs: np.ndarray):
+    """Every sample through both models with all tensors kept; yields (float runner, int8 runner)."""
+    fr = TfliteRunner(compiled.float_model, 1, preserve_all_tensors=True)
+    qr = TfliteRunner(compiled.int8_model, 1, preserve_all_tensors=True)
+    for x in inputs:
+        fr.invoke(x[None])
+        qr.invoke(x[None])
+        yield fr, qr
+
+
+def _int8_value(runner, graph, index) -> np.ndarray:
+    t = graph.tensors[index]
+    return (runner.interpreter.get_tensor(index).astype(np.float64) - t.zero_points[0]) * t.scales[0]
+
+
+def test_exactly_one_float_and_one_int8_pass(effnet_analysis):
+    r = effnet_analysis
+    assert r.invocations == {"float32": K, "int8": K}
+    assert r.samples["count"] == K
+    assert r.model["layers"] == len(r.layers) >= 60
+    assert r.unmatched == {"float32": [], "int8": []}
+    assert r.preserve_all_tensors_check["identical"] is True
+    assert sorted(r.sensitivity_order) == [layer["index"] for layer in r.layers]
+    assert set(r.scores) >= {"sqnr_delta", "act_sqnr", "weight_sqnr", "act_mse", "weight_mse", "quantune"}
+
+
+def test_metrics_match_numpy_on_one_layer(effnet_analysis, effnet_compiled):
+    compiled = CompiledModel.open(effnet_compiled)
+    fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
+    samples = compiled.load_samples(DEMO_IMAGES, K, 0)
+    assert samples.names == effnet_analysis.samples["files"]
+    layer = next(l for l in effnet_analysis.layers if l["op_type"] == "DEPTHWISE_CONV_2D" and l["index"] > 5)
+    from quantune_edge.layers import match_layers
+
+    match = match_layers(fg, qg)
+    info = match.layers[layer["index"]]
+    refs, approxs, in_refs, in_approxs = [], [], [], []
+    for fr, qr in _preserved(compiled, compiled.tflite_inputs(samples)):
+        refs.append(fr.interpreter.get_tensor(info.float_output).copy())
+        approxs.append(_int8_value(qr, qg, info.int8_output))
+        in_refs.append(fr.interpreter.get_tensor(match.tensor_map[info.int8_inputs[0]]).copy())
+        in_approxs.append(_int8_value(qr, qg, info.int8_inputs[0]))
+    ref, approx = np.stack(refs), np.stack(approxs)
+    assert layer["act_sqnr_db"] == pytest.approx(_numpy_sqnr(ref, approx), abs=1e-3)
+    assert layer["act_mse"] == pytest.approx(float(np.mean((ref - approx) ** 2)), rel=1e-4)
+    assert layer["act_max_abs_err"] == pytest.approx(float(np.max(np.abs(ref - approx))), rel=1e-5)
+    input_sqnr = _numpy_sqnr(np.stack(in_refs), np.stack(in_approxs))
+    assert layer["input_sqnr_db"] == pytest.approx(input_sqnr, abs=1e-3)
+    assert layer["sqnr_delta_db"] == pytest.approx(input_sqnr - layer["act_sqnr_db"], abs=1e-3)
+
+    # Weights: float kernel vs int8 kernel dequantized with its per-channel scales (depthwise: last axis).
+    w_float = fg.tensors[info.float_weight].data.astype(np.float64)
+    wq = qg.tensors[info.int8_weight]
+    w_deq = wq.data.astype(np.float64) * np.asarray(wq.scales).reshape(1, 1, 1, -1)
+    assert len(wq.scales) == w_float.shape[-1] > 1
+    assert layer["weight_sqnr_db"] == pytest.approx(_numpy_sqnr(w_float, w_deq), abs=1e-3)
+    assert layer["weight_mse"] == pytest.approx(float(np.mean((w_float - w_deq) ** 2)), rel=1e-4)
+    assert layer["params"] == w_float.size + w_float.shape[-1]  # kernel + bias
+    assert layer["macs"] == int(np.prod(ref.shape[2:4])) * w_float.size
+
+
+def test_weighted_layers_have_finite_positive_weight_sqnr(effnet_analysis):
+    convs = [l for l in effnet_analysis.layers if l["op_type"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert len(convs) >= 50
+    for layer in convs:
+        assert math.isfinite(layer["weight_sqnr_db"]) and layer["weight_sqnr_db"] > 20, layer["short_name"]
+        assert layer["act_scale"] > 0 and layer["macs"] > 0
+    others = [l for l in effnet_analysis.layers if l not in convs]
+    assert others and all(l["weight_sqnr_db"] is None for l in others)
+
+
+def test_multi_input_add_pools_its_inputs_and_exact_input_gives_finite_delta(effnet_analysis):
+    adds = [l for l in effnet_analysis.layers if l["op_type"] == "ADD"]
+    assert adds and all(math.isfinite(l["input_sqnr_db"]) for l in adds)
+    first = effnet_analysis.layers[0]
+    # (p - 127) / 128 is exactly representable in int8: the first conv's input has no error at all.
+    assert first["input_sqnr_db"] == math.inf
+    assert math.isfinite(first["sqnr_delta_db"]) and first["sqnr_delta_db"] > 0
+
+
+def test_outputs_written(effnet_analysis, effnet_compiled):
+    data = json.loads((effnet_compiled / "analysis.json").read_text())
+    assert data["kind"] == "quantune-edge/analysis" and data["schema_version"] >= 1
+    assert data["invocations"] == {"float32": K, "int8": K}
+    rows = (effnet_compiled / "analysis.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(effnet_analysis.layers) and rows[0].startswith("index,rank,name")
+    png = (effnet_compiled / "analysis.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def _damage_int8_weights(path, tensor_index: int) -> None:
+    """Overwrite one int8 weight tensor in the .tflite file with noise (the layer is now wrong)."""
+    graph = tflite_graph.read(path)
+    original = graph.tensors[tensor_index].data.astype(np.int8)
+    content = path.read_bytes()
+    raw = original.tobytes()
+    assert content.count(raw) == 1
+    noise = np.random.default_rng(0).integers(-90, 90, original.shape)
+    damaged = np.clip(original.astype(np.int16) + noise, -127, 127).astype(np.int8).tobytes()
+    path.write_bytes(content.replace(raw, damaged))
+
+
+def test_damaged_layer_ranks_first(effnet_compiled, effnet_analysis, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(effnet_compiled, folder)
+    compiled = CompiledModel.open(folder)
+    from quantune_edge.layers import match_layers
+
+    match = match_layers(tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model))
+    victim = next(l for l in match.layers if l.op_type == "CONV_2D" and l.index >= 20 and l.fused_activation == "NONE")
+    assert effnet_analysis.sensitivity_order[0] != victim.index
+    _damage_int8_weights(compiled.int8_model, victim.int8_weight)
+    report = analyze(folder, DEMO_IMAGES, AnalysisOptions(num_samples=4))
+    assert report.sensitivity_order[0] == victim.index
+    assert report.layers[victim.index]["weight_sqnr_db"] < 10
+    for metric in ("weight_sqnr", "weight_mse"):
+        assert analyze(folder, DEMO_IMAGES, AnalysisOptions(num_samples=2, metric=metric)).sensitivity_order[0] == victim.index
+
+
+def test_mismatched_model_pair_is_refused(effnet_compiled, small_compiled, tmp_path):
+    folder = tmp_path / "mixed_up"
+    shutil.copytree(effnet_compiled, folder)
+    shutil.copy(small_compiled / "model_int8.tflite", folder / "model_int8.tflite")
+    before = (folder / "analysis.json").read_bytes()
+    with pytest.raises(InputError, match="not a pair"):
+        analyze(folder, DEMO_IMAGES, AnalysisOptions(num_samples=2))
+    assert (folder / "analysis.json").read_bytes() == before  # nothing overwritten
+
+
+def test_inf_inside_a_layer_names_the_layer(tiny_images, save_model, tmp_path):
+    out = tmp_path / "nhwc"
+    compile_model(save_model(nhwc_net(), "nhwc_for_nan"), tiny_images, out, CompileOptions(num_calib=4))
+    huge = np.full((2, 32, 32, 3), 3e38, np.float32)  # finite input; the float conv overflows
+    np.save(tmp_path / "huge.npy", huge)
+    with pytest.raises(AnalysisError, match=r"NaN or Inf in layer '.+'"):
+        analyze(out, tmp_path / "huge.npy", AnalysisOptions(num_samples=2))
+    assert not (out / "analysis.json").exists()
+
+
+def test_bad_options(small_compiled, tiny_images, tmp_path):
+    with pytest.raises(InputError, match="unknown metric"):
+        analyze(small_compiled, tiny_images, AnalysisOptions(metric="nope"))
+    with pytest.raises(InputError, match="num-samples"):
+        analyze(small_compiled, tiny_images, AnalysisOptions(num_samples=0))
+    with pytest.raises(InputError):
+        analyze(tmp_path / "missing", tiny_images)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no images"):
+        analyze(small_compiled, empty)
+
+
+def test_oracle_builds_one_model_per_layer(small_compiled, tiny_images):
+    report = analyze(small_compiled, tiny_images, AnalysisOptions(num_samples=6, oracle=True))
+    o = report.oracle
+    n = len(report.layers)
+    assert o["builds"] == n + 1 and len(o["layers"]) == n
+    assert o["invocations"] == (n + 1) * 6
+    assert set(o["spearman"]) == set(report.scores)
+    assert o["time_ratio_oracle_over_analysis"] > 1
+    gains = [row["output_sqnr_gain_db"] for row in o["layers"]]
+    assert all(math.isfinite(g) for g in gains)
+    # Per-tensor weights: keeping a conv float must change (and here improve) the model output.
+    conv_gains = [row["output_sqnr_gain_db"] for row, layer in zip(o["layers"], report.layers) if layer["op_type"] == "CONV_2D"]
+    assert max(conv_gains) > 0.1
+    assert report.invocations == {"float32": 6, "int8": 6}  # the oracle's runs are counted apart
