@@ -243,6 +243,70 @@ def analyze_cmd(
     _analyze(folder, calib, options, top=top, quiet=quiet, verbose=verbose, json_out=json_out)
 
 
+@app.command("tune")
+def tune_cmd(
+    folder: Annotated[Path, typer.Argument(help="Compile folder with an analysis.json (run 'analyze' first).")],
+    eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1; else agreement with float32) or .npy.")],
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
+    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8 on this host.")] = None,
+    float_layers: Annotated[Optional[int], typer.Option("--float-layers", help="Keep exactly the K most sensitive layers float.")] = None,
+    keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Layer name, short name or glob always kept float (repeatable).")] = None,
+    num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+    threads: Annotated[int, typer.Option("--threads", help="Interpreter threads for evaluation and latency.")] = 2,
+    naive: Annotated[bool, typer.Option("--naive", help="Plain ranking prefix, no fusion-aware regions (for comparison).")] = False,
+    best_effort: Annotated[bool, typer.Option("--best-effort", help="Exit 0 with the best model found when the budget is unreachable.")] = False,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Also evaluate k = 0…n (sampled for big models) and plot pareto.png.")] = False,
+    preset: Preset = None,
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    channel_order: ChannelOrder = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Choose the float layers to meet an accuracy or latency budget and emit model_mixed.tflite."""
+    from .tuning import TuneOptions, tune
+
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    try:
+        options = TuneOptions(max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
+                              keep_float=list(keep_float or []), num_eval=num_eval, seed=seed, threads=threads,
+                              fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
+                              preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
+        report = tune(folder, eval_data, options, reporter)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+    elif not quiet:
+        _print_tune(reporter, report)
+
+
+def _print_tune(reporter: Reporter, report) -> None:
+    ref, c = report.reference, report.chosen
+    table = Table(title=f"mixed precision ({ref['accuracy_is']}, {ref['eval_samples']} images; host, {ref['threads']} threads)",
+                  box=box.SIMPLE_HEAD, header_style="bold")
+    for col in ("model", "float layers", "accuracy", "drop (pts)", "out SQNR dB", "latency ms", "vs int8", "Q/DQ ops"):
+        table.add_column(col, justify="right")
+    int8 = ref.get("int8")
+    table.add_row("float32", "all", f"{100 * ref['float32_accuracy']:.1f} %", "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
+                  f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0")
+    if int8:
+        table.add_row("full int8", "0", f"{100 * int8['accuracy']:.1f} %", f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
+                      f"{ref['int8_latency_ms']:.2f}", "1.00x", str(int8["quantize_ops"]))
+    table.add_row("[bold]mixed (chosen)[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
+                  f"{100 * c['accuracy']:.1f} %", f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ms']:.2f}",
+                  f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
+    reporter.console.print(table)
+    reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{l['short_name']}" for l in c["layers"]) or "none"))
+    s = report.search
+    reporter.console.print(f"{s['evaluations']} model evaluations (bound {s['bound']} for {s['layers']} layers), {s['wall_time_s']:.1f} s; "
+                           f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (replaced on every demo run).")] = Path("runs/demo"),

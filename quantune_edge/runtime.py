@@ -65,3 +65,20 @@ class TfliteRunner:
             if on_item:
                 on_item()
         return np.concatenate(outputs, axis=0)
+
+
+def measure_latency_ms(path: str | Path, sample: np.ndarray, threads: int = 2, warmup: int = 5, runs: int = 30) -> dict:
+    """Host latency of one model (XNNPACK, fixed threads): median/min/mean over ``runs`` invocations."""
+    import time
+
+    runner = TfliteRunner(path, threads)
+    x = sample[None]
+    for _ in range(warmup):
+        runner.invoke(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner.invoke(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    arr = np.asarray(times)
+    return {"p50": float(np.median(arr)), "min": float(arr.min()), "mean": float(arr.mean()), "runs": runs, "threads": threads}

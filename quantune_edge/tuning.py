@@ -1,0 +1,308 @@
+"""Mixed precision: pick the float layers from the sensitivity list to meet a budget, emit the model.
+
+Candidates for k = 0 … n are the k most sensitive layers grown into fusion-aware float regions
+(:mod:`selection`); each evaluation re-quantizes the calibrated model with that float set (TF
+selective quantization, same calibration ranges) and runs it on the evaluation images. The accuracy
+budget is met by bisection over k (≤ ⌈log2 n⌉ + 2 evaluations); the latency budget by bisection over
+measured host latency.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import selection, tflite_graph
+from .analysis import ANALYSIS_JSON
+from .artifacts import CompiledModel
+from .compiler import quantize
+from .console import Reporter, captured_native_output
+from .errors import InputError, QuantuneError
+from .layers import match_layers, tensor_key
+from .metrics import compare_outputs, top1, top1_accuracy
+from .preprocessing import Preprocessing
+from .reports import SCHEMA_VERSION, now_iso, write_json
+from .runtime import TfliteRunner, measure_latency_ms
+
+MIXED_MODEL = "model_mixed.tflite"
+TUNE_JSON = "tune.json"
+PARETO_PNG = "pareto.png"
+
+
+class BudgetError(QuantuneError):
+    """No choice meets the budget, even with every layer float (the best found is still written)."""
+
+
+@dataclass
+class TuneOptions:
+    max_drop: float | None = None  # top-1 points vs float (default 1.0 when no budget is given)
+    max_latency_ratio: float | None = None  # vs full int8 on the host
+    float_layers: int | None = None  # exactly the k most sensitive (grown into regions)
+    keep_float: list[str] = field(default_factory=list)
+    num_eval: int = 200
+    seed: int = 1
+    threads: int = 2
+    fusion_aware: bool = True
+    best_effort: bool = False
+    pareto: bool = False
+    latency_runs: int = 30
+    preprocessing: Preprocessing | None = None
+    verbose: bool = False
+
+
+@dataclass
+class TuneReport:
+    budget: dict
+    reference: dict
+    chosen: dict
+    evaluations: list[dict]
+    search: dict
+    baselines: dict
+    files: dict
+    pareto: list[dict] | None = None
+    kind: str = "quantune-edge/tune"
+    schema_version: int = SCHEMA_VERSION
+    created: str = field(default_factory=now_iso)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_layer_names(patterns: list[str], layers: list[dict]) -> set[int]:
+    """Exact layer names, short names, or globs on either; unknown names list the closest matches."""
+    chosen: set[int] = set()
+    for pattern in patterns:
+        hits = {l["index"] for l in layers if pattern in (l["name"], l["short_name"])
+                or fnmatch.fnmatchcase(l["name"], pattern) or fnmatch.fnmatchcase(l["short_name"], pattern)}
+        if not hits:
+            names = [l["short_name"] for l in layers] + [l["name"] for l in layers]
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            raise InputError(f"--keep-float {pattern!r} matches no layer" + (f"; closest: {', '.join(close)}" if close else ""))
+        chosen |= hits
+    return chosen
+
+
+def _load_analysis(compiled: CompiledModel) -> dict:
+    path = compiled.folder / ANALYSIS_JSON
+    if not path.is_file():
+        raise InputError(f"no {ANALYSIS_JSON} in {compiled.folder}; run 'quantune-edge analyze {compiled.folder} --calib DATA' first")
+    try:
+        data = json.loads(path.read_text())
+        layers, order = data["layers"], data["sensitivity_order"]
+        sha = data["model"]["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a quantune-edge analysis ({exc})") from None
+    if sha != compiled.report.model["sha256"]:
+        raise InputError(f"{path} was made for another model (sha256 {sha[:12]}…, compile has {compiled.report.model['sha256'][:12]}…); re-run analyze")
+    return {"layers": layers, "order": order, "weights": data["model"].get("weights")}
+
+
+class _Evaluator:
+    """Builds and runs one candidate float set; keeps every evaluation."""
+
+    def __init__(self, compiled: CompiledModel, names: dict[int, str], inputs: np.ndarray, float_out: np.ndarray,
+                 labels: np.ndarray, threads: int, work: Path, quiet: bool) -> None:
+        self.compiled, self.names, self.inputs, self.float_out = compiled, names, inputs, float_out
+        self.labels, self.threads, self.work, self.quiet = labels, threads, work, quiet
+        self.calibrated = compiled.calibrated_model.read_bytes()
+        self.labelled = bool(np.any(labels >= 0))
+        self.builds = 0
+
+    def model_bytes(self, float_set: frozenset[int]) -> bytes:
+        with captured_native_output(self.quiet):
+            return quantize(self.calibrated, self.compiled.per_channel, self.compiled.int8_io,
+                            [self.names[i] for i in sorted(float_set)])
+
+    def evaluate(self, float_set: frozenset[int]) -> tuple[dict, Path]:
+        path = self.work / f"candidate_{self.builds}.tflite"
+        path.write_bytes(self.model_bytes(float_set))
+        self.builds += 1
+        with captured_native_output(self.quiet):
+            out = TfliteRunner(path, self.threads).run(self.inputs)
+        cmp = compare_outputs(self.float_out, out)
+        graph = tflite_graph.read(path)
+        result = {
+            "float_layers": sorted(float_set),
+            "top1": top1_accuracy(out, self.labels, self.compiled.label_offset) if self.labelled else None,
+            "top1_agreement": cmp["top1_agreement"],
+            "output_sqnr_db": cmp["sqnr_db"],
+            "quantize_ops": graph.count("QUANTIZE") + graph.count("DEQUANTIZE"),
+            "size_bytes": path.stat().st_size,
+        }
+        result["accuracy"] = result["top1"] if self.labelled else result["top1_agreement"]
+        return result, path
+
+
+def _float_op_names(path: Path) -> set[str]:
+    """Keys of the ops computing in float (float32 output, not a DEQUANTIZE)."""
+    g = tflite_graph.read(path)
+    return {tensor_key(g.tensors[op.outputs[0]].name) for op in g.ops
+            if op.type not in ("QUANTIZE", "DEQUANTIZE") and g.tensors[op.outputs[0]].dtype == "float32"}
+
+
+def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | None = None,
+         reporter: Reporter | None = None) -> TuneReport:
+    """Choose the float layers, write model_mixed.tflite and tune.json; raises BudgetError when the
+    budget cannot be met (after writing the best model found) unless ``best_effort``."""
+    options = options or TuneOptions()
+    reporter = reporter or Reporter(quiet=True)
+    budgets = [b is not None for b in (options.max_drop, options.max_latency_ratio, options.float_layers)]
+    if sum(budgets) > 1:
+        raise InputError("give one of --max-drop, --max-latency-ratio, --float-layers")
+    if not any(budgets):
+        options.max_drop = 1.0
+    if options.num_eval <= 0:
+        raise InputError(f"--num-eval must be positive, got {options.num_eval}")
+    compiled = CompiledModel.open(compile_dir)
+    analysis = _load_analysis(compiled)
+    fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
+    match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+    if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
+        raise InputError(f"{ANALYSIS_JSON} in {compiled.folder} does not match this compile's layers; re-run analyze")
+    n = len(match.layers)
+    if options.float_layers is not None and not 0 <= options.float_layers <= n:
+        raise InputError(f"--float-layers must be between 0 and {n}, got {options.float_layers}")
+    forced = resolve_layer_names(options.keep_float, analysis["layers"])
+    names = {l.index: l.name for l in match.layers}
+
+    samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
+    inputs = compiled.tflite_inputs(samples)
+    labelled = samples.has_labels
+    if not labelled:
+        reporter.warn(f"{samples.source} has no labels.csv: accuracy = top-1 agreement with the float32 model")
+    with captured_native_output(not options.verbose):
+        float_out = TfliteRunner(compiled.float_model, options.threads).run(inputs)
+        lat_int8 = measure_latency_ms(compiled.int8_model, inputs[0], options.threads, runs=options.latency_runs)
+        lat_float = measure_latency_ms(compiled.float_model, inputs[0], options.threads, runs=options.latency_runs)
+    float_acc = top1_accuracy(float_out, samples.labels, compiled.label_offset) if labelled else 1.0
+
+    lg = selection.LayerGraph.build(qg, match.layers)
+    cost = selection.CostModel.from_measurements(lg, lat_int8["p50"], lat_float["p50"])
+    order = [i for i in analysis["order"] if i not in forced]
+    choices = [c | forced for c in selection.prefix_choices(order, lg, cost if options.fusion_aware else None)]
+    if options.fusion_aware and forced:
+        choices = [selection.grow_regions(lg, c, cost) for c in choices]
+
+    start = time.perf_counter()
+    results: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress:
+        ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
+        task = progress.add_task("evaluating candidates", total=None)
+        paths: dict[int, Path] = {}
+
+        by_set: dict[frozenset[int], int] = {}
+
+        def evaluate(k: int) -> dict:
+            if k in results:
+                return results[k]
+            if choices[k] in by_set:  # grown regions can coincide: evaluate each float set once
+                same = by_set[choices[k]]
+                paths[k] = paths[same]
+                results[k] = {**results[same], "k": k}
+                return results[k]
+            result, paths[k] = ev.evaluate(choices[k])
+            result.update(k=k, drop_points=100 * (float_acc - result["accuracy"]),
+                          boundaries=selection.boundaries(lg, choices[k]),
+                          estimated_latency_ms=cost.latency_ms(lg, choices[k]))
+            results[k], by_set[choices[k]] = result, k
+            progress.advance(task)
+            return result
+
+        def latency(k: int) -> dict:
+            if "latency_ms" not in results[k]:
+                with captured_native_output(not options.verbose):
+                    results[k]["latency_ms"] = measure_latency_ms(paths[k], inputs[0], options.threads, runs=options.latency_runs)["p50"]
+                results[k]["latency_ratio"] = results[k]["latency_ms"] / lat_int8["p50"]
+            return results[k]
+
+        if options.float_layers is not None:
+            chosen_k, met = options.float_layers, True
+            evaluate(chosen_k)
+            mode = {"float_layers": options.float_layers}
+        elif options.max_drop is not None:
+            found = selection.bisect_smallest(n, evaluate, lambda r: r["drop_points"] <= options.max_drop + 1e-9,
+                                              lambda r: r["accuracy"])
+            chosen_k, met = found.best_k, found.k is not None
+            mode = {"max_drop_points": options.max_drop}
+        else:
+            limit = options.max_latency_ratio
+
+            def measured(k: int) -> dict:
+                evaluate(k)
+                return latency(k)
+
+            # The most float layers within the latency budget = the smallest k that breaks it, minus one.
+            over = selection.bisect_smallest(n, measured, lambda r: r["latency_ratio"] > limit, lambda r: -r["latency_ratio"])
+            chosen_k = n if over.k is None else max(over.k - 1, 0)
+            met = over.k != 0
+            if chosen_k not in results:
+                measured(chosen_k)
+            mode = {"max_latency_ratio": limit}
+
+        chosen = latency(chosen_k)
+        progress.update(task, total=len(results), completed=len(results))
+        out_path = compiled.folder / MIXED_MODEL
+        tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
+        tmp_out.write_bytes(paths[chosen_k].read_bytes())
+        float_ops = _float_op_names(tmp_out)
+        wanted = {tensor_key(fg.tensors[match.layers[i].float_output].name) for i in choices[chosen_k]}
+        if float_ops != wanted:
+            tmp_out.unlink()
+            raise QuantuneError(f"the emitted model computes {sorted(float_ops - wanted)[:3]} in float beyond the choice "
+                                f"or misses {sorted(wanted - float_ops)[:3]}; not written")
+        tmp_out.replace(out_path)
+        pareto = _pareto(n, choices, evaluate, latency, results) if options.pareto else None
+
+    layer_by_index = {l["index"]: l for l in analysis["layers"]}
+    report = TuneReport(
+        budget={**mode, "met": met, "keep_float": options.keep_float, "fusion_aware": options.fusion_aware},
+        reference={"float32_accuracy": float_acc, "accuracy_is": "top-1" if labelled else "top-1 agreement with float32",
+                   "eval_samples": len(samples), "eval_source": samples.source,
+                   "float32_latency_ms": lat_float["p50"], "int8_latency_ms": lat_int8["p50"],
+                   "int8": {k: v for k, v in results.get(0, {}).items() if k != "float_layers"} or None,
+                   "threads": options.threads},
+        chosen={**chosen, "layers": [{"index": i, "name": layer_by_index[i]["name"], "short_name": layer_by_index[i]["short_name"],
+                                      "op_type": layer_by_index[i]["op_type"]} for i in sorted(choices[chosen_k])],
+                "share_of_layers_float": len(choices[chosen_k]) / n},
+        evaluations=[results[k] for k in sorted(results)],
+        search={"evaluations": ev.builds, "bound": selection.max_evaluations(n), "layers": n,
+                "wall_time_s": round(time.perf_counter() - start, 2)},
+        baselines={"float32": {"accuracy": float_acc, "latency_ms": lat_float["p50"]},
+                   "int8": {"latency_ms": lat_int8["p50"]}},
+        files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
+        pareto=pareto,
+    )
+    tmp = compiled.folder / f".{TUNE_JSON}.tmp"
+    write_json(tmp, report.to_dict())
+    tmp.replace(compiled.folder / TUNE_JSON)
+    if pareto:
+        from .plots import plot_pareto
+
+        plot_pareto(report, compiled.folder / PARETO_PNG)
+    if not met and not options.best_effort:
+        raise BudgetError(f"budget not met even with all {n} layers float (best: {_describe(chosen)}); "
+                          f"wrote the best found to {out_path}; use --best-effort to accept it")
+    return report
+
+
+def _describe(r: dict) -> str:
+    return f"{len(r['float_layers'])} float layers, accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points"
+
+
+def _pareto(n, choices, evaluate, latency, results) -> list[dict]:
+    ks = list(range(n + 1)) if n <= 24 else sorted({round(x) for x in np.linspace(0, n, 17)})
+    points = []
+    for k in ks:
+        if k not in results:
+            evaluate(k)
+        latency(k)
+        r = results[k]
+        points.append({"k": k, "float_layers": len(choices[k]), "accuracy": r["accuracy"], "latency_ms": r["latency_ms"],
+                       "latency_ratio": r["latency_ratio"], "output_sqnr_db": r["output_sqnr_db"]})
+    return points

@@ -1,0 +1,180 @@
+"""Mixed-precision selection on the shipped EfficientNet-Lite0 (per-tensor, where int8 hurts) and pure region logic."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_IMAGES, DEMO_MODEL
+from quantune_edge import CompileOptions, compile_model, make_preprocessing, selection, tflite_graph
+from quantune_edge.analysis import AnalysisOptions, analyze
+from quantune_edge.errors import InputError
+from quantune_edge.layers import match_layers, tensor_key
+from quantune_edge.runtime import TfliteRunner
+from quantune_edge.tuning import BudgetError, TuneOptions, tune
+
+NUM_EVAL = 24
+
+
+@pytest.fixture(scope="module")
+def per_tensor(tmp_path_factory):
+    """EfficientNet-Lite0 with per-tensor weights (≈ 8 points lost), analysed on 8 demo images."""
+    out = tmp_path_factory.mktemp("tune") / "effnet_pt"
+    prep = make_preprocessing(mean="127,127,127", std="128,128,128")
+    compile_model(DEMO_MODEL, DEMO_IMAGES, out, CompileOptions(preprocessing=prep, num_calib=16, per_channel=False))
+    analyze(out, DEMO_IMAGES, AnalysisOptions(num_samples=8))
+    return out
+
+
+@pytest.fixture()
+def folder(per_tensor, tmp_path):
+    copy = tmp_path / "work"
+    shutil.copytree(per_tensor, copy)
+    return copy
+
+
+def _float_ops(path):
+    g = tflite_graph.read(path)
+    return g, {tensor_key(g.tensors[op.outputs[0]].name) for op in g.ops
+               if op.type not in ("QUANTIZE", "DEQUANTIZE") and g.tensors[op.outputs[0]].dtype == "float32"}
+
+
+def test_accuracy_budget_met_within_the_evaluation_bound(folder):
+    report = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=1.0, num_eval=NUM_EVAL, latency_runs=5))
+    c, ref = report.chosen, report.reference
+    assert report.budget["met"] and c["drop_points"] <= 1.0
+    assert report.search["evaluations"] <= report.search["bound"] == math.ceil(math.log2(60)) + 2
+    int8 = ref["int8"]
+    assert int8["drop_points"] > 1.0  # full int8 misses this budget: the search had work to do
+    assert 0 < len(c["float_layers"]) < report.search["layers"]
+
+    # The emitted model loads, runs, computes exactly the chosen layers in float and has the predicted Q/DQ ops.
+    mixed = folder / "model_mixed.tflite"
+    graph, float_ops = _float_ops(mixed)
+    fg = tflite_graph.read(folder / "model_float32.tflite")
+    match = match_layers(fg, tflite_graph.read(folder / "model_int8.tflite"))
+    wanted = {tensor_key(fg.tensors[match.layers[i].float_output].name) for i in c["float_layers"]}
+    assert float_ops == wanted
+    assert graph.count("QUANTIZE") + graph.count("DEQUANTIZE") == c["quantize_ops"] == c["boundaries"]
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
+    assert TfliteRunner(mixed).invoke(x).shape == (1, 1000)
+    saved = json.loads((folder / "tune.json").read_text())
+    assert saved["kind"] == "quantune-edge/tune" and saved["chosen"]["float_layers"] == c["float_layers"]
+    for e in saved["evaluations"]:
+        assert e["quantize_ops"] == e["boundaries"], e["k"]
+
+
+def test_unreachable_budget_writes_best_and_fails_unless_best_effort(folder):
+    with pytest.raises(BudgetError, match="budget not met even with all 60 layers float"):
+        tune(folder, DEMO_IMAGES, TuneOptions(max_drop=-50.0, num_eval=NUM_EVAL, latency_runs=3))
+    assert (folder / "model_mixed.tflite").is_file()
+    assert json.loads((folder / "tune.json").read_text())["budget"]["met"] is False
+    report = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=-50.0, num_eval=NUM_EVAL, latency_runs=3, best_effort=True))
+    assert report.budget["met"] is False and report.search["evaluations"] == 2  # full int8 and all-float
+
+
+def test_fixed_count_naive_vs_fusion_aware_and_keep_float(folder):
+    naive = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=6, fusion_aware=False, num_eval=8, latency_runs=3))
+    assert len(naive.chosen["float_layers"]) == 6 and naive.search["evaluations"] == 1
+    aware = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=6, num_eval=8, latency_runs=3))
+    assert set(naive.chosen["float_layers"]) <= set(aware.chosen["float_layers"])
+    assert aware.chosen["boundaries"] <= naive.chosen["boundaries"]
+    layers = json.loads((folder / "analysis.json").read_text())["layers"]
+    last = layers[-1]
+    kept = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=0, keep_float=[last["name"]], fusion_aware=False, num_eval=8, latency_runs=3))
+    assert kept.chosen["float_layers"] == [last["index"]]
+    with pytest.raises(InputError, match="matches no layer; closest: tf.nn.convolution"):
+        tune(folder, DEMO_IMAGES, TuneOptions(keep_float=["tf.nn.convolutoin_3"], num_eval=8))
+
+
+def test_latency_budget_and_unlabelled_eval(folder, tmp_path):
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for f in sorted(DEMO_IMAGES.glob("*.jpg"))[:10]:
+        shutil.copy(f, unlabelled / f.name)
+    report = tune(folder, unlabelled, TuneOptions(max_latency_ratio=1.5, num_eval=10, latency_runs=10))
+    assert report.reference["accuracy_is"] == "top-1 agreement with float32"
+    c = report.chosen
+    assert report.budget["met"] and c["latency_ratio"] <= 1.5
+    assert report.search["evaluations"] <= report.search["bound"]
+
+
+def test_bad_inputs(folder, effnet_compiled, tmp_path):
+    with pytest.raises(InputError, match="one of --max-drop"):
+        tune(folder, DEMO_IMAGES, TuneOptions(max_drop=1.0, float_layers=2))
+    with pytest.raises(InputError, match="--float-layers must be between 0 and 60"):
+        tune(folder, DEMO_IMAGES, TuneOptions(float_layers=61))
+    no_analysis = tmp_path / "no_analysis"
+    shutil.copytree(folder, no_analysis)
+    (no_analysis / "analysis.json").unlink()
+    with pytest.raises(InputError, match="run 'quantune-edge analyze"):
+        tune(no_analysis, DEMO_IMAGES)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    data = json.loads((other / "analysis.json").read_text())
+    data["model"]["sha256"] = "0" * 64
+    (other / "analysis.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="made for another model"):
+        tune(other, DEMO_IMAGES)
+    with pytest.raises(InputError, match="evaluation data not found"):
+        tune(folder, tmp_path / "missing")
+
+
+def test_boundaries_count_crossings_once_per_tensor_and_precision():
+    from quantune_edge.layers import Layer
+    from quantune_edge.tflite_graph import OpInfo, TensorInfo, TfliteGraph
+
+    # float t0 -QUANTIZE-> t1 -L0-> t2 -> L1 -> t3 ; t2 -> L2 -> t5 ; (t3, t5) -L3 add-> t4 -DEQUANTIZE-> float t6
+    tensors = [TensorInfo(i, f"t{i}", (1, 4), "float32" if i in (0, 6) else "int8", 0) for i in range(7)]
+    graph = TfliteGraph(ops=[OpInfo(0, "QUANTIZE", [0], [1]), OpInfo(5, "DEQUANTIZE", [4], [6])],
+                        tensors=tensors, inputs=[0], outputs=[6], size_bytes=0)
+
+    def layer(i, inputs, out):
+        return Layer(i, f"l{i}", "CONV_2D", i, i, out, out, inputs, inputs, None, None, 0, 10, None)
+
+    lg = selection.LayerGraph.build(graph, [layer(0, [1], 2), layer(1, [2], 3), layer(2, [2], 5), layer(3, [3, 5], 4)])
+    assert selection.boundaries(lg, []) == 2  # model input QUANTIZE + output DEQUANTIZE
+    assert selection.boundaries(lg, [0, 1, 2, 3]) == 0
+    assert selection.boundaries(lg, [1]) == 2 + 2  # + DEQUANTIZE of t2 into L1, QUANTIZE of t3 into L3
+    assert selection.boundaries(lg, [1, 2]) == 2 + 3  # t2 dequantized once for both; t3 and t5 quantized
+    grown = selection.grow_regions(lg, {1, 2}, selection.CostModel(1.0, 2.0, 1.0))
+    assert 3 in grown  # the Add between two float layers joins them
+    assert selection.boundaries(lg, grown) == 2  # input QUANTIZE, t2 DEQUANTIZE; the output is float already
+
+
+def test_bisection_bound_and_non_monotonic_accuracy():
+    accuracy = [0.5, 0.6, 0.55, 0.9, 0.8, 0.95, 0.95, 0.95, 0.95]
+    calls = []
+
+    def evaluate(k):
+        calls.append(k)
+        return {"accuracy": accuracy[k]}
+
+    found = selection.bisect_smallest(8, evaluate, lambda r: r["accuracy"] >= 0.9, lambda r: r["accuracy"])
+    assert accuracy[found.k] >= 0.9 and accuracy[found.k - 1] < 0.9
+    assert len(calls) <= selection.max_evaluations(8) and len(set(calls)) == len(calls)
+    miss = selection.bisect_smallest(8, evaluate, lambda r: r["accuracy"] > 1.0, lambda r: r["accuracy"])
+    assert miss.k is None and miss.best_k == 8 and sorted(miss.evaluated) == [0, 8]  # stops after all-float fails
+
+
+def test_cli_tune(folder):
+    from test_cli import run_cli
+
+    ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--float-layers", "3", "--num-eval", "8", "--pareto")
+    assert ok.returncode == 0, ok.stderr
+    assert "mixed (chosen)" in ok.stderr and "model evaluations" in ok.stderr
+    assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    points = json.loads((folder / "tune.json").read_text())["pareto"]
+    assert points[0]["k"] == 0 and points[-1]["k"] == 60 and len(points) >= 10
+    before = (folder / "model_mixed.tflite").read_bytes()
+    for args, message in ((["--keep-float", "nonexistent_layer"], "matches no layer"),
+                          (["--max-drop", "1", "--float-layers", "2"], "one of --max-drop")):
+        bad = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "4", *args)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode != 0 and len(lines) == 1 and message in lines[0], bad.stderr
+    assert (folder / "model_mixed.tflite").read_bytes() == before
+    unreachable = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "8", "--max-drop", "-50")
+    assert unreachable.returncode != 0 and "budget not met" in unreachable.stderr.strip().splitlines()[-1]
