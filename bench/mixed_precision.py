@@ -1,0 +1,144 @@
+"""Mixed precision on EfficientNet-Lite0 vs the alternatives a user has, at the same number of float layers.
+
+Per weight scheme (per-channel, per-tensor): float32, full int8, ours (`tune --max-drop`), the TFLite
+QuantizationDebugger heuristic (deny the top-k layers by RMSE/scale), random choice (mean of 5
+seeds) and the naive sensitivity prefix without fusion-aware regions. Columns: top-1, drop vs
+float, share of the int8→float gap recovered, host latency ratio to full int8, Q/DQ ops, evaluations.
+
+    .venv/bin/python bench/mixed_precision.py [--eval-num 650] [--max-drop 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from _models import ASSETS, MODELS  # noqa: E402
+from quantune_edge import CompileOptions, compile_model, make_preprocessing, tflite_graph  # noqa: E402
+from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.artifacts import CompiledModel  # noqa: E402
+from quantune_edge.console import captured_native_output  # noqa: E402
+from quantune_edge.layers import match_layers, tensor_key  # noqa: E402
+from quantune_edge.metrics import top1_accuracy  # noqa: E402
+from quantune_edge.runtime import TfliteRunner, measure_latency_ms  # noqa: E402
+from quantune_edge.tuning import TuneOptions, _Evaluator, tune  # noqa: E402
+
+
+def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int, str]) -> list[int]:
+    """TF's QuantizationDebugger layer statistics, ranked by RMSE/scale (TF's selective-quantization tutorial)."""
+    import tensorflow as tf
+
+    def data():
+        for x in calib:
+            yield [x[None]]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(compiled.folder / "saved_model"))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = data
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if not compiled.per_channel:
+        converter._experimental_disable_per_channel = True
+    with captured_native_output(True):
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=data)
+        debugger.run()
+    with tempfile.NamedTemporaryFile("w+", suffix=".csv") as fh:
+        debugger.layer_statistics_dump(fh)
+        fh.flush()
+        fh.seek(0)
+        rows = list(csv.DictReader(fh))
+    by_key = {tensor_key(n): i for i, n in names.items()}
+    scored = []
+    for row in rows:
+        idx = by_key.get(tensor_key(row["tensor_name"]))
+        scale = float(row["scale"] or 0)
+        if idx is not None and scale > 0:
+            scored.append((np.sqrt(float(row["mean_squared_error"])) / scale, idx))
+    return [i for _, i in sorted(scored, reverse=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
+    parser.add_argument("--calib-num", type=int, default=100)
+    parser.add_argument("--eval", dest="eval_dir", default=str(ASSETS / "imagenet-val"))
+    parser.add_argument("--eval-num", type=int, default=650)
+    parser.add_argument("--max-drop", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="per-channel,per-tensor")
+    args = parser.parse_args()
+
+    console = Console(width=max(Console().width, 200))
+    file, prep_kwargs, offset = MODELS["efficientnet-lite0"]
+    prep = make_preprocessing(**prep_kwargs)
+    table = Table(title=f"EfficientNet-Lite0 mixed precision: top-1 on {args.eval_num} {Path(args.eval_dir).name} images, "
+                        f"host latency p50 ({args.threads} threads), same k float layers as ours")
+    for col in ("weights", "method", "float layers", "top-1 %", "drop pts", "gap recovered", "latency ms", "vs int8", "Q/DQ", "evaluations"):
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            out = Path(tmp) / mode
+            console.print(f"{mode}: compile, analyze, tune ...")
+            compile_model(ASSETS / "models" / file, args.calib, out,
+                          CompileOptions(preprocessing=prep, num_calib=args.calib_num, per_channel=mode == "per-channel", label_offset=offset))
+            analysis = analyze(out, args.calib, AnalysisOptions(num_samples=32))
+            ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads, best_effort=True))
+            compiled = CompiledModel.open(out)
+            fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
+            match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+            names = {l.index: l.name for l in match.layers}
+            n = len(names)
+            samples = compiled.load_samples(args.eval_dir, args.eval_num, 1, what="evaluation")
+            inputs = compiled.tflite_inputs(samples)
+            with captured_native_output(True):
+                float_out = TfliteRunner(compiled.float_model, args.threads).run(inputs)
+            f_acc = top1_accuracy(float_out, samples.labels, offset)
+            ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
+            ref = ours.reference
+            i8_acc = ref["int8"]["accuracy"]
+            gap = f_acc - i8_acc
+
+            def row(method: str, float_set, evaluations: str, result=None, latency=None) -> None:
+                if result is None:
+                    result, path = ev.evaluate(frozenset(float_set))
+                    with captured_native_output(True):
+                        latency = measure_latency_ms(path, inputs[0], args.threads)["p50"]
+                acc = result["accuracy"]
+                table.add_row(mode, method, str(len(result["float_layers"])), f"{100 * acc:.1f}", f"{100 * (f_acc - acc):.2f}",
+                              f"{100 * (acc - i8_acc) / gap:.0f} %" if gap > 0 else "-", f"{latency:.2f}",
+                              f"{latency / ref['int8_latency_ms']:.2f}x", str(result["quantize_ops"]), evaluations)
+
+            table.add_row(mode, "float32", str(n), f"{100 * f_acc:.1f}", "0.00", "100 %", f"{ref['float32_latency_ms']:.2f}",
+                          f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0", "-")
+            table.add_row(mode, "full int8", "0", f"{100 * i8_acc:.1f}", f"{100 * gap:.2f}", "0 %", f"{ref['int8_latency_ms']:.2f}",
+                          "1.00x", str(ref["int8"]["quantize_ops"]), "-")
+            c = ours.chosen
+            row("ours (fusion-aware)", c["float_layers"], f"{ours.search['evaluations']} (≤{ours.search['bound']})", c, c["latency_ms"])
+            k = len(c["float_layers"])
+            if k == 0:
+                continue
+            console.print(f"{mode}: baselines at k = {k} ...")
+            row("naive prefix (no regions)", analysis.sensitivity_order[:k], "1")
+            try:
+                row("TFLite debugger RMSE/scale", debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)[:k], "1 debug pass + 1")
+            except Exception as exc:  # the baseline is TF's own tool; report it rather than abort the table
+                console.print(f"[yellow]debugger baseline failed: {exc}[/]")
+            accs, lats = [], []
+            for seed in range(5):
+                chosen = np.random.default_rng(seed).choice(n, k, replace=False)
+                result, path = ev.evaluate(frozenset(int(i) for i in chosen))
+                accs.append(result["accuracy"])
+                with captured_native_output(True):
+                    lats.append(measure_latency_ms(path, inputs[0], args.threads)["p50"])
+            acc, lat = float(np.mean(accs)), float(np.mean(lats))
+            table.add_row(mode, "random (mean of 5)", str(k), f"{100 * acc:.1f}", f"{100 * (f_acc - acc):.2f}",
+                          f"{100 * (acc - i8_acc) / gap:.0f} %" if gap > 0 else "-", f"{lat:.2f}", f"{lat / ref['int8_latency_ms']:.2f}x", "-", "5")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
