@@ -122,7 +122,7 @@ def main() -> None:
             if k == 0:
                 continue
             console.print(f"{mode}: baselines at k = {k} ...")
-            row("naive prefix (no regions)", analysis.sensitivity_order[:k], "1")
+            row("naive prefix (same k ranked, no regions)", analysis.sensitivity_order[:c["k"]], "1")
             try:
                 row("TFLite debugger RMSE/scale", debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)[:k], "1 debug pass + 1")
             except Exception as exc:  # the baseline is TF's own tool; report it rather than abort the table
