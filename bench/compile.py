@@ -9,7 +9,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 

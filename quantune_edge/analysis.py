@@ -22,7 +22,7 @@ from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
 from .layers import Layer, LayerMatch, dequantized_weights, match_layers
-from .metrics import ErrorStats, pooled_sqnr_db, sqnr_db
+from .metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
 from .runtime import TfliteRunner, dequantize
@@ -221,8 +221,6 @@ def analyze(
         reporter.warn(f"keeping all tensors changed the model outputs (max diff float {check['float32_max_abs_diff']:.3g}, "
                       f"int8 {check['int8_max_abs_diff']:.3g}); metrics describe the preserved-tensor run")
 
-    from .metrics import compare_outputs, top1_accuracy
-
     output = compare_outputs(float_out, int8_out)
     if samples.has_labels:
         output["float32_top1"] = top1_accuracy(float_out, samples.labels, compiled.label_offset)
@@ -258,7 +256,7 @@ def save(report: AnalysisReport, folder: Path) -> None:
     tmp = folder / f".{ANALYSIS_CSV}.tmp"
     write_csv(report, tmp)
     tmp.replace(folder / ANALYSIS_CSV)
-    tmp = folder / f".analysis.tmp.png"
+    tmp = folder / ".analysis.tmp.png"
     plot_analysis(report, tmp)
     tmp.replace(folder / ANALYSIS_PNG)
 

@@ -6,6 +6,7 @@ its layout and turns user data into inputs with the preprocessing the compile us
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +53,15 @@ class CompiledModel:
     @property
     def calibrated_model(self) -> Path:
         return self.folder / compiler.CALIBRATED_MODEL
+
+    @cached_property
+    def _calibrated_bytes(self) -> bytes:
+        return self.calibrated_model.read_bytes()
+
+    def requantize(self, float_nodes: list[str]) -> bytes:
+        """The int8 model again from the same calibration, with ``float_nodes`` (calibrated-model
+        tensor names) kept float: TF selective quantization."""
+        return compiler.quantize(self._calibrated_bytes, self.per_channel, self.int8_io, float_nodes)
 
     @property
     def per_channel(self) -> bool:

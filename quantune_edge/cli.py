@@ -14,6 +14,7 @@ from . import __version__
 from .console import Reporter
 from .errors import QuantuneError
 from .reports import _jsonable
+from .sensitivity import nan_low
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +39,11 @@ ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rg
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/onnx2tf logs.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _print_json(data: dict) -> None:
+    """--json output: the result alone on stdout (human output goes to stderr)."""
+    sys.stdout.write(json.dumps(_jsonable(data), indent=2) + "\n")
 
 
 def _fail(exc: QuantuneError) -> None:
@@ -94,7 +100,7 @@ def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor
     except QuantuneError as exc:
         _fail(exc)
     if json_out:
-        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+        _print_json(report.to_dict())
     elif not quiet:
         _print_compile_summary(reporter, report, out)
 
@@ -190,7 +196,7 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
         rho.add_column("Spearman ρ", justify="right")
         for k in next(iter(o["top_k_capture"].values()), {}):
             rho.add_column(f"gain captured by {k}", justify="right")
-        for name, value in sorted(o["spearman"].items(), key=lambda kv: -(kv[1] if kv[1] == kv[1] else -9)):
+        for name, value in sorted(o["spearman"].items(), key=lambda kv: -nan_low(kv[1])):
             cap = o["top_k_capture"][name]
             rho.add_row(name + (" (selected)" if name == report.metric else ""), f"{value:+.2f}", *[f"{v:.2f}" for v in cap.values()])
         con.print(rho)
@@ -205,7 +211,7 @@ def _analyze(folder: Path, calib: Path, options, *, top: int, quiet: bool, verbo
     except QuantuneError as exc:
         _fail(exc)
     if json_out:
-        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+        _print_json(report.to_dict())
     elif not quiet:
         _print_analysis(reporter, report, top)
         reporter.console.print(f"wrote {folder / 'analysis.json'}, analysis.csv, analysis.png")
@@ -280,7 +286,7 @@ def tune_cmd(
     except QuantuneError as exc:
         _fail(exc)
     if json_out:
-        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+        _print_json(report.to_dict())
     elif not quiet:
         _print_tune(reporter, report)
 
@@ -327,7 +333,7 @@ def demo_cmd(
                         quiet=quiet or json_out, verbose=verbose, json_out=False)
     if json_out:
         compiled = json.loads((out / "compile.json").read_text())
-        sys.stdout.write(json.dumps({"compile": compiled, "analysis": _jsonable(analysis.to_dict())}, indent=2) + "\n")
+        _print_json({"compile": compiled, "analysis": analysis.to_dict()})
 
 
 @app.command("version")

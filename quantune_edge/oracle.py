@@ -19,7 +19,6 @@ import numpy as np
 
 from . import sensitivity
 from .artifacts import CompiledModel
-from .compiler import quantize
 from .console import captured_native_output
 from .metrics import compare_outputs, top1_accuracy
 from .runtime import TfliteRunner
@@ -39,7 +38,7 @@ def build_and_run(compiled: CompiledModel, float_nodes: list[str], inputs: np.nd
     """Quantize with ``float_nodes`` kept float and return the model outputs on ``inputs``."""
     path = workdir / "candidate.tflite"
     with captured_native_output(quiet):
-        path.write_bytes(quantize(compiled.calibrated_model.read_bytes(), compiled.per_channel, compiled.int8_io, float_nodes))
+        path.write_bytes(compiled.requantize(float_nodes))
         runner = TfliteRunner(path, threads)
     return runner.run(inputs)
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sensitivity import nan_low
+
 
 def _finite(values) -> np.ndarray:
     arr = np.array([np.nan if v is None or (isinstance(v, str)) else float(v) for v in values], np.float64)
@@ -56,7 +58,7 @@ def plot_analysis(report, path: str | Path) -> None:
             gain[row["index"]] = row["output_sqnr_gain_db"]
         ax.bar(x, np.nan_to_num(gain, nan=0.0), color="black", width=0.8)
         ax.set_ylabel("oracle: output SQNR gain\nif only this layer float (dB)", fontsize=8)
-        rho = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(oracle["spearman"].items(), key=lambda kv: -_nan_low(kv[1])))
+        rho = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(oracle["spearman"].items(), key=lambda kv: -nan_low(kv[1])))
         fig.suptitle(f"Spearman ρ vs one-layer-float oracle: {rho}", fontsize=9)
     labels = [layer["short_name"] for layer in layers]
     step = max(1, math.ceil(len(layers) / 60))
@@ -66,10 +68,6 @@ def plot_analysis(report, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-
-
-def _nan_low(v) -> float:
-    return -1e9 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def plot_pareto(report, path: str | Path) -> None:

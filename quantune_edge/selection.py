@@ -122,12 +122,15 @@ def grow_regions(lg: LayerGraph, float_set: Iterable[int], cost: CostModel) -> f
     return current
 
 
-def prefix_choices(order: Sequence[int], lg: LayerGraph, cost: CostModel | None) -> list[frozenset[int]]:
-    """Float set for k = 0 … n most sensitive layers, fusion-aware (grown into regions) when ``cost`` is given."""
+def prefix_choices(order: Sequence[int], lg: LayerGraph, cost: CostModel | None,
+                   always: Iterable[int] = ()) -> list[frozenset[int]]:
+    """Float set for k = 0 … n most sensitive layers (plus ``always``), fusion-aware (grown into
+    regions) when ``cost`` is given."""
+    base = frozenset(always)
     choices = []
     for k in range(len(order) + 1):
-        chosen = frozenset(order[:k])
-        choices.append(grow_regions(lg, chosen, cost) if cost is not None and k else chosen)
+        chosen = base | frozenset(order[:k])
+        choices.append(grow_regions(lg, chosen, cost) if cost is not None and chosen else chosen)
     return choices
 
 

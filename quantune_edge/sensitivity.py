@@ -117,6 +117,11 @@ def ranking(metrics: list[LayerMetrics], metric: str = DEFAULT_METRIC) -> list[i
     return [metrics[i].index for i in sorted(range(len(metrics)), key=lambda i: (-s[i], i))]
 
 
+def nan_low(value: float | None) -> float:
+    """Sort key that puts None/NaN (e.g. an undefined ρ) below every number."""
+    return -1e9 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
     from scipy.stats import rankdata

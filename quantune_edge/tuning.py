@@ -21,11 +21,10 @@ import numpy as np
 from . import selection, tflite_graph
 from .analysis import ANALYSIS_JSON
 from .artifacts import CompiledModel
-from .compiler import quantize
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
 from .layers import match_layers, tensor_key
-from .metrics import compare_outputs, top1, top1_accuracy
+from .metrics import compare_outputs, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
 from .runtime import TfliteRunner, measure_latency_ms
@@ -63,7 +62,6 @@ class TuneReport:
     chosen: dict
     evaluations: list[dict]
     search: dict
-    baselines: dict
     files: dict
     pareto: list[dict] | None = None
     kind: str = "quantune-edge/tune"
@@ -110,14 +108,12 @@ class _Evaluator:
                  labels: np.ndarray, threads: int, work: Path, quiet: bool) -> None:
         self.compiled, self.names, self.inputs, self.float_out = compiled, names, inputs, float_out
         self.labels, self.threads, self.work, self.quiet = labels, threads, work, quiet
-        self.calibrated = compiled.calibrated_model.read_bytes()
         self.labelled = bool(np.any(labels >= 0))
         self.builds = 0
 
     def model_bytes(self, float_set: frozenset[int]) -> bytes:
         with captured_native_output(self.quiet):
-            return quantize(self.calibrated, self.compiled.per_channel, self.compiled.int8_io,
-                            [self.names[i] for i in sorted(float_set)])
+            return self.compiled.requantize([self.names[i] for i in sorted(float_set)])
 
     def evaluate(self, float_set: frozenset[int]) -> tuple[dict, Path]:
         path = self.work / f"candidate_{self.builds}.tflite"
@@ -185,9 +181,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     lg = selection.LayerGraph.build(qg, match.layers)
     cost = selection.CostModel.from_measurements(lg, lat_int8["p50"], lat_float["p50"])
     order = [i for i in analysis["order"] if i not in forced]
-    choices = [c | forced for c in selection.prefix_choices(order, lg, cost if options.fusion_aware else None)]
-    if options.fusion_aware and forced:
-        choices = [selection.grow_regions(lg, c, cost) for c in choices]
+    choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced)
 
     start = time.perf_counter()
     results: dict[int, dict] = {}
@@ -273,8 +267,6 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         evaluations=[results[k] for k in sorted(results)],
         search={"evaluations": ev.builds, "bound": selection.max_evaluations(n), "layers": n,
                 "wall_time_s": round(time.perf_counter() - start, 2)},
-        baselines={"float32": {"accuracy": float_acc, "latency_ms": lat_float["p50"]},
-                   "int8": {"latency_ms": lat_int8["p50"]}},
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,
     )
