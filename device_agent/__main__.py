@@ -1,52 +1,101 @@
-"""``python -m device_agent info``: the device and TFLite runtime facts, as JSON on stdout."""
+"""``python -m device_agent info|bench|eval|hash``: one JSON document on stdout, always.
+
+Failures are ``{"error": "...", "kind": "..."}`` with exit status 1 (2 for usage errors), so the
+host can tell a missing runtime from a corrupt model or a wrong input without parsing prose.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
 import sys
+import time
+
+from . import __version__
+from .errors import AgentError
 
 SCHEMA_VERSION = 1
 
 
-def runtime_facts() -> dict:
-    """Which TFLite runtime is importable, preferring tflite_runtime (the small Pi wheel)."""
-    for module, package in (("tflite_runtime.interpreter", "tflite-runtime"), ("ai_edge_litert.interpreter", "ai-edge-litert")):
-        try:
-            __import__(module)
-        except ImportError:
-            continue
-        try:
-            from importlib.metadata import version
-
-            ver = version(package)
-        except Exception:
-            ver = "unknown"
-        return {"package": package, "module": module, "version": ver}
-    return {}
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise AgentError("usage", message)
 
 
-def device_facts() -> dict:
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m device_agent", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="info|bench|eval|hash")
+    sub.add_parser("info", help="device and TFLite runtime facts")
+    bench = sub.add_parser("bench", help="latency of one model")
+    bench.add_argument("model")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--runs", type=int, default=100)
+    bench.add_argument("--threads", type=int, default=4)
+    bench.add_argument("--input", default=None, help=".npy input (default: random data of the right dtype and shape)")
+    bench.add_argument("--no-xnnpack", action="store_true", help="plain builtin kernels instead of the XNNPACK delegate")
+    bench.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("eval", help="top-1 and an outputs digest over samples")
+    ev.add_argument("model")
+    ev.add_argument("--samples", required=True, help=".npz with 'x' (N, ...) and optional 'labels' (N,)")
+    ev.add_argument("--threads", type=int, default=4)
+    ev.add_argument("--no-xnnpack", action="store_true")
+    hs = sub.add_parser("hash", help="sha256 of a file")
+    hs.add_argument("path")
+    return parser
+
+
+def _envelope(kind: str) -> dict:
+    from .facts import device_facts
+    from .runtime import runtime_facts
+
     return {
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "release": platform.release(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "agent_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device_facts(),
+        "runtime": runtime_facts(),
     }
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m device_agent info", file=sys.stderr)
-        return 0 if argv else 2
-    if argv[0] == "info":
-        runtime = runtime_facts()
-        report = {"schema_version": SCHEMA_VERSION, "device": device_facts(), "runtime": runtime or None}
-        print(json.dumps(report))
+def run(argv: list) -> dict:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        raise AgentError("usage", "a command is required: info, bench, eval or hash")
+    if args.command == "hash":
+        from .bench import sha256_file
+
+        if not os.path.isfile(args.path):
+            raise AgentError("model_missing", "%s: no such file" % args.path)
+        return {"schema_version": SCHEMA_VERSION, "kind": "hash", "path": args.path,
+                "sha256": sha256_file(args.path), "size_bytes": os.path.getsize(args.path)}
+    result = _envelope(args.command)
+    if args.command == "bench":
+        from .bench import bench
+
+        result.update(bench(args.model, warmup=args.warmup, runs=args.runs, threads=args.threads,
+                            xnnpack=not args.no_xnnpack, input_path=args.input, seed=args.seed))
+    elif args.command == "eval":
+        from .bench import evaluate
+
+        result.update(evaluate(args.model, args.samples, threads=args.threads, xnnpack=not args.no_xnnpack))
+    return result
+
+
+def main(argv: list) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        _parser().print_help(sys.stderr)
         return 0
-    print(json.dumps({"error": f"unknown command {argv[0]!r}; available: info"}))
-    return 2
+    try:
+        result = run(argv)
+    except AgentError as exc:
+        print(json.dumps({"error": str(exc), "kind": exc.kind, "schema_version": SCHEMA_VERSION}))
+        return 2 if exc.kind == "usage" else 1
+    except Exception as exc:  # a bug or an unforeseen runtime failure: still one JSON line
+        print(json.dumps({"error": "%s: %s" % (type(exc).__name__, exc), "kind": "internal", "schema_version": SCHEMA_VERSION}))
+        return 1
+    print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":

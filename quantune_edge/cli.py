@@ -336,6 +336,245 @@ def demo_cmd(
         _print_json({"compile": compiled, "analysis": analysis.to_dict()})
 
 
+TargetsDir = Annotated[Optional[Path], typer.Option("--targets-dir", help="Folder of target TOML files (default ./targets).")]
+TrustNew = Annotated[bool, typer.Option("--trust-new-host-key", help="Trust an unknown host key on first use and record it in known_hosts.")]
+InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install tflite-runtime on the device if it has no TFLite runtime.")]
+
+targets_app = typer.Typer(no_args_is_help=True, help="Device definitions (targets/*.toml) and the emulated ARM board.")
+emulate_app = typer.Typer(no_args_is_help=True, help="An emulated Raspberry Pi: Debian arm64 under qemu-user with sshd on loopback.")
+app.add_typer(targets_app, name="targets")
+targets_app.add_typer(emulate_app, name="emulate")
+
+
+def _load_targets(names: str, directory: Optional[Path]):
+    from .targets import load_target
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if not wanted:
+        raise QuantuneError("--target needs at least one target name")
+    return [load_target(n, directory) for n in wanted]
+
+
+@targets_app.command("list")
+def targets_list_cmd(targets_dir: TargetsDir = None, json_out: JsonOut = False) -> None:
+    """List the targets and their addresses."""
+    from .targets import list_targets, targets_dir as resolve_dir
+
+    try:
+        targets, problems = list_targets(targets_dir)
+        folder = resolve_dir(targets_dir)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        _print_json({"folder": str(folder), "targets": [t.to_dict() for t in targets], "problems": problems})
+        return
+    reporter = Reporter()
+    table = Table(title=f"targets in {folder}", box=box.SIMPLE_HEAD, header_style="bold")
+    for col in ("name", "address", "threads", "description"):
+        table.add_column(col)
+    for t in targets:
+        table.add_row(t.name, t.address, str(t.threads), t.description + (" [yellow](emulated)[/]" if t.emulated else ""))
+    reporter.console.print(table)
+    for problem in problems:
+        reporter.warn(problem)
+
+
+@targets_app.command("check")
+def targets_check_cmd(
+    name: Annotated[str, typer.Argument(help="Target name (targets/NAME.toml) or path to a .toml.")],
+    targets_dir: TargetsDir = None,
+    trust_new_host_key: TrustNew = False,
+    install_runtime: InstallRuntime = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Connect, install the agent, and report arch, Python, TFLite runtime and free disk."""
+    from .deploy import open_device
+
+    reporter = Reporter(quiet=json_out)
+    try:
+        (target,) = _load_targets(name, targets_dir)
+        device = open_device(target, trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, log=reporter.info)
+        device.conn.close()
+    except QuantuneError as exc:
+        _fail(exc)
+    info = device.info
+    if json_out:
+        _print_json({"target": target.to_dict(), "work_dir": device.work_dir, **info})
+        return
+    dev, rt = info["device"], info["runtime"]
+    if device.conn.trusted_key:
+        reporter.warn(f"trusted new host key {device.conn.trusted_key} (recorded in {device.conn.known_hosts})")
+    reporter.console.print(
+        f"[bold]{target.name}[/] ({target.address}{', emulated' if target.emulated else ''}): {dev['machine']}, {dev['cpu_count']} cores, "
+        f"{dev['os']}, Python {dev['python']}, {rt['package']} {rt['version']}, {dev['free_disk_bytes'] / 2**30:.1f} GiB free in {device.work_dir}")
+
+
+@emulate_app.command("up")
+def emulate_up_cmd(
+    port: Annotated[int, typer.Option("--port", help="Loopback port for the emulated board's sshd.")] = 2222,
+    mirror: Annotated[Optional[str], typer.Option("--mirror", help="Debian mirror (default: the host's apt sources).")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Build (once, cached) and start the emulated ARM board; prints its target file."""
+    from . import emulator
+
+    reporter = Reporter(quiet=json_out)
+    try:
+        state = emulator.up(port, mirror=mirror, log=reporter.info)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        _print_json(state.to_dict())
+    else:
+        reporter.console.print(f"emulated ARM board running: sshd pid {state.pid} on 127.0.0.1:{state.port}; "
+                               f"target file {state.target_file} (use --target {state.target_file} or local-arm)")
+
+
+@emulate_app.command("down")
+def emulate_down_cmd(json_out: JsonOut = False) -> None:
+    """Stop the emulated board's sshd and unmount its userland."""
+    from . import emulator
+
+    try:
+        state = emulator.down()
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        _print_json(state.to_dict())
+    else:
+        Reporter().console.print(f"emulated ARM board stopped ({state.folder})")
+
+
+@emulate_app.command("status")
+def emulate_status_cmd(json_out: JsonOut = False) -> None:
+    """Is the emulated board built and running?"""
+    from . import emulator
+
+    state = emulator.status()
+    if json_out:
+        _print_json(state.to_dict())
+        return
+    size = f", {state.rootfs_bytes / 1e6:.0f} MB" if state.rootfs_bytes else ""
+    Reporter().console.print(f"{state.folder}: {'built' if state.built else 'not built'}{size}; "
+                             + (f"running (sshd pid {state.pid}, port {state.port})" if state.running else "stopped"))
+
+
+@app.command("deploy")
+def deploy_cmd(
+    model: Annotated[Path, typer.Argument(help=".tflite model to put on the device.")],
+    target: Annotated[str, typer.Option("--target", help="Target name or .toml path.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="File name on the device (default: the model's).")] = None,
+    targets_dir: TargetsDir = None,
+    trust_new_host_key: TrustNew = False,
+    install_runtime: InstallRuntime = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Upload a model (temp name, sha256 checked on the device, then an atomic rename)."""
+    from .deploy import open_device
+
+    reporter = Reporter(quiet=json_out)
+    try:
+        if not model.is_file():
+            raise QuantuneError(f"{model}: no such model file")
+        (tgt,) = _load_targets(target, targets_dir)
+        device = open_device(tgt, trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, log=reporter.info)
+        try:
+            deployment = device.deploy(model, name)
+        finally:
+            device.conn.close()
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        _print_json({**deployment.to_dict(), "device": device.info["device"], "runtime": device.info["runtime"]})
+    else:
+        what = "uploaded and verified" if deployment.uploaded else "already there (same sha256)"
+        reporter.console.print(f"{model.name} -> {tgt.name}:{deployment.remote_path}: {what} ({deployment.sha256[:12]}, "
+                               f"{deployment.size_bytes / 1e6:.2f} MB, {deployment.seconds:.1f} s; device {device.info['device']['machine']})")
+
+
+@app.command("bench")
+def bench_cmd(
+    models: Annotated[list[Path], typer.Argument(help=".tflite models to benchmark.")],
+    target: Annotated[str, typer.Option("--target", help="Target name(s), comma-separated; run in parallel.")],
+    warmup: Annotated[int, typer.Option("--warmup")] = 10,
+    runs: Annotated[int, typer.Option("--runs")] = 100,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Interpreter threads (default: the target's).")] = None,
+    no_xnnpack: Annotated[bool, typer.Option("--no-xnnpack", help="Builtin kernels instead of the XNNPACK delegate.")] = False,
+    results: Annotated[Path, typer.Option("--results", help="Where reports are saved.")] = Path("results"),
+    targets_dir: TargetsDir = None,
+    trust_new_host_key: TrustNew = False,
+    install_runtime: InstallRuntime = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Deploy (if needed) and benchmark models on one or more targets; reports go to --results."""
+    from .benchmark import BenchOptions, bench
+    from .results import summarize
+
+    reporter = Reporter(quiet=quiet or json_out)
+    try:
+        tgts = _load_targets(target, targets_dir)
+        options = BenchOptions(warmup=warmup, runs=runs, threads=threads, xnnpack=not no_xnnpack, install_runtime=install_runtime,
+                               trust_new_host_key=trust_new_host_key, results_dir=results)
+        with reporter.progress() as progress:
+            tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in tgts}
+
+            def status(name: str, text: str, done: int) -> None:
+                progress.update(tasks[name], description=f"{name}: {text}", completed=done)
+
+            outcomes = bench(models, tgts, options, status=status, log=reporter.info)
+    except QuantuneError as exc:
+        _fail(exc)
+    failed = [o for o in outcomes if not o.ok]
+    saved = {p for o in outcomes for p in o.reports}
+    if json_out:
+        rows = [r.to_dict() for r in summarize(results) if r.report in saved] if saved else []
+        _print_json({"outcomes": [o.to_dict() for o in outcomes], "results": rows})
+    else:
+        if saved:
+            _print_results(reporter, [r for r in summarize(results) if r.report in saved])
+        for o in failed:
+            typer.echo(f"error: {o.error}", err=True)
+        reporter.info(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; reports in {results}/")
+    if failed:
+        raise typer.Exit(3)
+
+
+def _print_results(reporter: Reporter, rows) -> None:
+    table = Table(title="on-device latency (ms)", box=box.SIMPLE_HEAD, header_style="bold")
+    for col in ("target", "arch", "model", "size MB", "p50", "p90", "vs float"):
+        table.add_column(col, justify="right" if col not in ("target", "model") else "left")
+    for r in rows:
+        table.add_row(r.target + (" [yellow](emu)[/]" if r.emulated else ""), r.machine, r.label, f"{r.size_bytes / 1e6:.2f}",
+                      f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–")
+    reporter.console.print(table)
+    if any(r.emulated for r in rows):
+        reporter.console.print("[yellow](emu)[/]: emulated under qemu-user, for pipeline checks only; not a real board's latency")
+
+
+@app.command("report")
+def report_cmd(
+    results: Annotated[Path, typer.Argument(help="Results folder written by 'bench'.")] = Path("results"),
+    html_path: Annotated[Optional[Path], typer.Option("--html", help="HTML page to write (default RESULTS/report.html).")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Compare float / int8 / mixed per target (latest report of each) and write an HTML page."""
+    from .results import render_html, summarize
+
+    try:
+        rows = summarize(results)
+    except QuantuneError as exc:
+        _fail(exc)
+    page = html_path or results / "report.html"
+    page.write_text(render_html(rows))
+    if json_out:
+        _print_json({"schema_version": 1, "kind": "bench_summary", "rows": [r.to_dict() for r in rows], "html": str(page)})
+        return
+    reporter = Reporter()
+    _print_results(reporter, rows)
+    reporter.info(f"wrote {page}")
+
+
 @app.command("version")
 def version_cmd() -> None:
     """Print the version."""

@@ -25,3 +25,9 @@ class ConversionError(QuantuneError):
 
 class VerificationError(QuantuneError):
     """The converted model does not compute what the source model computes."""
+
+
+class DeviceError(QuantuneError):
+    """A target device could not be reached, trusted, or used (SSH, host key, runtime, disk)."""
+
+    exit_code = 3

@@ -1,0 +1,162 @@
+"""What the agent measures: latency of one model, and its outputs on given samples."""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import time
+
+import numpy as np
+
+from .errors import AgentError
+from .runtime import load_interpreter
+from .stats import latency_summary
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tensor(detail: dict) -> dict:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    return {
+        "name": detail["name"],
+        "shape": [int(s) for s in detail["shape"]],
+        "dtype": np.dtype(detail["dtype"]).name,
+        "scale": float(scale),
+        "zero_point": int(zero_point),
+    }
+
+
+def model_facts(path: str, interpreter) -> dict:
+    if not os.path.isfile(path):
+        raise AgentError("model_missing", "%s: no such model file" % path)
+    return {
+        "path": path,
+        "sha256": sha256_file(path),
+        "size_bytes": os.path.getsize(path),
+        "inputs": [_tensor(d) for d in interpreter.get_input_details()],
+        "outputs": [_tensor(d) for d in interpreter.get_output_details()],
+    }
+
+
+def _open(path: str, threads: int, xnnpack: bool):
+    if not os.path.isfile(path):
+        raise AgentError("model_missing", "%s: no such model file" % path)
+    return load_interpreter(path, threads, xnnpack)
+
+
+def random_input(detail: dict, rng: np.random.Generator) -> np.ndarray:
+    """Random data of the tensor's dtype and shape (float: N(0, 1); integers: their full range)."""
+    dtype = np.dtype(detail["dtype"])
+    shape = tuple(int(s) for s in detail["shape"])
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _fit(x: np.ndarray, detail: dict, what: str) -> np.ndarray:
+    """``x`` in the tensor's shape (a missing batch axis of 1 is added) and dtype (float32 data is
+    quantized with the tensor's own scale when the model takes int8)."""
+    shape = tuple(int(s) for s in detail["shape"])
+    if x.shape != shape and (1,) + tuple(x.shape) == shape:
+        x = x[None]
+    if tuple(x.shape) != shape:
+        raise AgentError("bad_input", "%s has shape %s but the model input %r needs %s" % (what, tuple(x.shape), detail["name"], shape))
+    dtype = np.dtype(detail["dtype"])
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
+        scale, zero_point = detail["quantization"]
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
+    return x.astype(dtype, copy=False)
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise AgentError("bad_input", "%s: not a readable .npy array (%s)" % (path, exc)) from None
+
+
+def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnnpack: bool = True,
+          input_path: str | None = None, seed: int = 0) -> dict:
+    """Latency over ``runs`` timed invocations after ``warmup`` untimed ones: set_tensor + invoke only,
+    the inputs are prepared once beforehand so the agent adds nothing to what is timed."""
+    if warmup < 0 or runs < 1 or threads < 1:
+        raise AgentError("usage", "need warmup >= 0, runs >= 1, threads >= 1")
+    wall_start = time.perf_counter()
+    interpreter = _open(path, threads, xnnpack)
+    inputs = interpreter.get_input_details()
+    if input_path is not None:
+        if len(inputs) != 1:
+            raise AgentError("bad_input", "--input gives one array but the model has %d inputs" % len(inputs))
+        data = [_fit(_load_npy(input_path), inputs[0], input_path)]
+    else:
+        rng = np.random.default_rng(seed)
+        data = [random_input(d, rng) for d in inputs]
+    for detail, x in zip(inputs, data):
+        interpreter.set_tensor(detail["index"], x)
+    for _ in range(warmup):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for detail, x in zip(inputs, data):
+            interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "model": model_facts(path, interpreter),
+        "settings": {"warmup": warmup, "runs": runs, "threads": threads, "xnnpack": xnnpack,
+                     "input": "file:%s" % input_path if input_path else "random(seed=%d)" % seed},
+        "latency_ms": latency_summary(times),
+        "invocations": warmup + runs,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = True) -> dict:
+    """Runs every sample of an .npz (``x``: (N, ...) float32 or the model's dtype; optional ``labels``:
+    (N,) output indices) and returns top-1 predictions, accuracy and a digest of the raw outputs."""
+    try:
+        with np.load(samples_path, allow_pickle=False) as npz:
+            if "x" not in npz.files:
+                raise AgentError("bad_input", "%s: no array named 'x' (found %s)" % (samples_path, ", ".join(npz.files) or "none"))
+            x = npz["x"]
+            labels = npz["labels"] if "labels" in npz.files else None
+    except (OSError, ValueError) as exc:
+        raise AgentError("bad_input", "%s: not a readable .npz archive (%s)" % (samples_path, exc)) from None
+    if x.ndim == 0 or len(x) == 0:
+        raise AgentError("bad_input", "%s: 'x' holds no samples" % samples_path)
+    if labels is not None and labels.shape != (len(x),):
+        raise AgentError("bad_input", "%s: labels shape %s does not match %d samples" % (samples_path, labels.shape, len(x)))
+    start = time.perf_counter()
+    interpreter = _open(path, threads, xnnpack)
+    inputs = interpreter.get_input_details()
+    output = interpreter.get_output_details()[0]
+    if len(inputs) != 1:
+        raise AgentError("bad_input", "eval supports single-input models; this one has %d inputs" % len(inputs))
+    digest = hashlib.sha256()
+    predictions = []
+    for i, sample in enumerate(x):
+        interpreter.set_tensor(inputs[0]["index"], _fit(sample, inputs[0], "sample %d" % i))
+        interpreter.invoke()
+        out = interpreter.get_tensor(output["index"])
+        digest.update(np.ascontiguousarray(out).tobytes())
+        predictions.append(int(np.argmax(out.reshape(-1))))
+    result = {
+        "model": model_facts(path, interpreter),
+        "samples": len(x),
+        "predictions": predictions,
+        "outputs_sha256": digest.hexdigest(),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    if labels is not None:
+        result["top1"] = float(np.mean(np.asarray(predictions) == labels.astype(np.int64)))
+    return result

@@ -1,0 +1,61 @@
+"""Which TFLite runtime is on the device, and interpreters built from it.
+
+tflite-runtime (the small wheel Raspberry Pi users install) is preferred; ai-edge-litert, its
+successor, is used when that is what is installed. TensorFlow is never imported.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import AgentError
+
+_CANDIDATES = (
+    ("tflite_runtime.interpreter", "tflite-runtime"),
+    ("ai_edge_litert.interpreter", "ai-edge-litert"),
+)
+
+
+def _find():
+    for module_name, package in _CANDIDATES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        return module, module_name, package
+    return None
+
+
+def runtime_facts() -> dict:
+    """``{}`` when no runtime is importable, else its package, module and version."""
+    found = _find()
+    if found is None:
+        return {}
+    _, module_name, package = found
+    try:
+        from importlib.metadata import version
+
+        ver = version(package)
+    except Exception:
+        ver = "unknown"
+    return {"package": package, "module": module_name, "version": ver}
+
+
+def load_interpreter(model_path: str, threads: int, xnnpack: bool = True):
+    """A ready (allocated) interpreter; XNNPACK is the runtime's default delegate unless disabled."""
+    found = _find()
+    if found is None:
+        raise AgentError(
+            "runtime_missing",
+            "no TFLite runtime on this device: pip install tflite-runtime (or ai-edge-litert)",
+        )
+    module = found[0]
+    kwargs = {"model_path": model_path, "num_threads": threads}
+    if not xnnpack:
+        kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    try:
+        interpreter = module.Interpreter(**kwargs)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        raise AgentError("model_invalid", "%s: the TFLite runtime cannot load this model (%s)" % (model_path, first)) from None
+    return interpreter

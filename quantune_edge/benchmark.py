@@ -1,0 +1,132 @@
+"""``bench``: deploy models to one or more targets (in parallel) and keep the agent's reports.
+
+Each target works in its own thread with its own connection; one target failing never stops the
+others, and its outcome says why. Every report is saved as
+``RESULTS/<target>/<model sha256[:12]>/<timestamp>.json`` (the agent's JSON plus what the host knows:
+target facts, local path, model label, deploy and round-trip times).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .deploy import open_device
+from .errors import InputError, QuantuneError
+from .reports import _jsonable, sha256_file
+from .targets import Target
+
+Status = Callable[[str, str, int], None]
+
+
+@dataclass
+class BenchOptions:
+    warmup: int = 10
+    runs: int = 100
+    threads: int | None = None
+    xnnpack: bool = True
+    install_runtime: bool = False
+    trust_new_host_key: bool = False
+    results_dir: Path = Path("results")
+
+
+@dataclass
+class TargetOutcome:
+    target: str
+    ok: bool
+    reports: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_label(path: str | Path) -> str:
+    """What a model is, from its file name: ``model_int8.tflite`` -> ``int8``."""
+    stem = Path(path).stem
+    return stem[len("model_"):] if stem.startswith("model_") else stem
+
+
+def save_report(results_dir: Path, report: dict) -> Path:
+    """Atomic write (temp file + rename): a crash never leaves a half-written report."""
+    folder = results_dir / report["target"]["name"] / report["model"]["sha256"][:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
+    path = folder / f"{stamp}.json"
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(_jsonable(report), fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def _bench_target(target: Target, models: list[Path], options: BenchOptions, status: Status,
+                  log: Callable[[str], None]) -> TargetOutcome:
+    start = time.monotonic()
+    outcome = TargetOutcome(target.name, ok=False)
+    status(target.name, "connecting", 0)
+    try:
+        device = open_device(target, trust_new_host_key=options.trust_new_host_key,
+                             install_runtime=options.install_runtime, log=log)
+    except QuantuneError as exc:
+        outcome.error, outcome.seconds = str(exc), time.monotonic() - start
+        status(target.name, "[red]failed[/]", 0)
+        return outcome
+    try:
+        for done, model in enumerate(models):
+            status(target.name, f"deploying {model.name}", done)
+            sha = sha256_file(model)
+            deployment = device.deploy(model, f"{sha[:12]}-{model.name}")
+            status(target.name, f"benchmarking {model.name}", done)
+            args = ["bench", deployment.remote_path, "--warmup", str(options.warmup), "--runs", str(options.runs),
+                    "--threads", str(options.threads or target.threads)]
+            if not options.xnnpack:
+                args.append("--no-xnnpack")
+            t0 = time.monotonic()
+            report = device.agent(args)
+            report["host"] = {"local_path": str(model), "label": model_label(model), "deploy": deployment.to_dict(),
+                              "agent_roundtrip_s": time.monotonic() - t0}
+            report["target"] = {"name": target.name, "address": target.address, "emulated": target.emulated,
+                                "description": target.description}
+            outcome.reports.append(str(save_report(options.results_dir, report)))
+        outcome.ok = True
+        status(target.name, "[green]done[/]", len(models))
+    except QuantuneError as exc:
+        outcome.error = str(exc)
+        status(target.name, "[red]failed[/]", len(outcome.reports))
+    finally:
+        device.conn.close()
+        outcome.seconds = time.monotonic() - start
+    return outcome
+
+
+def bench(models: list[str | Path], targets: list[Target], options: BenchOptions | None = None,
+          status: Status = lambda _t, _s, _n: None, log: Callable[[str], None] = lambda _m: None) -> list[TargetOutcome]:
+    """Benchmark every model on every target; targets run in parallel, models in order per target."""
+    options = options or BenchOptions()
+    paths = [Path(m) for m in models]
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"{path}: no such model file")
+        if path.suffix != ".tflite":
+            raise InputError(f"{path}: not a .tflite model")
+    if not targets:
+        raise InputError("no target given")
+    if options.runs < 1 or options.warmup < 0:
+        raise InputError("--runs must be >= 1 and --warmup >= 0")
+    lock = threading.Lock()
+
+    def locked_status(name: str, text: str, done: int) -> None:
+        with lock:
+            status(name, text, done)
+
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        futures = [pool.submit(_bench_target, t, paths, options, locked_status, log) for t in targets]
+        return [f.result() for f in futures]

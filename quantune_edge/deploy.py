@@ -1,0 +1,233 @@
+"""Putting the agent and models on a device, and running the agent there.
+
+A model is uploaded over SFTP to a temporary name next to its final place, its sha256 is checked on
+the device, and only then is it renamed over the deployed one (an atomic POSIX rename), so the model
+deployed before stays usable until the new one is verified. Interrupted uploads leave only a
+``.part`` file, which the next deploy of that name removes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import secrets
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import paramiko
+
+from .errors import DeviceError, InputError
+from .reports import sha256_file
+from .targets import Target
+from .transport import Connection
+
+AGENT_SOURCE = Path(__file__).resolve().parent.parent / "device_agent"
+RUNTIME_REQUIREMENT = "tflite-runtime==2.14.0"
+# Free space kept on the device beyond the model itself.
+DISK_MARGIN_BYTES = 1 << 20
+
+
+def agent_files() -> dict[str, bytes]:
+    if not (AGENT_SOURCE / "__main__.py").is_file():
+        raise InputError(f"device_agent sources not found at {AGENT_SOURCE}")
+    return {p.name: p.read_bytes() for p in sorted(AGENT_SOURCE.glob("*.py"))}
+
+
+def agent_digest(files: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for name, data in sorted(files.items()):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+@dataclass
+class Deployment:
+    target: str
+    local_path: str
+    remote_path: str
+    sha256: str
+    size_bytes: int
+    uploaded: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Device:
+    """A connected target with the agent on it."""
+
+    conn: Connection
+    log: Callable[[str], None] = field(default=lambda _m: None)
+    work_dir: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> Target:
+        return self.conn.target
+
+    def _resolve_work_dir(self) -> str:
+        work = self.target.work_dir
+        if work == "~" or work.startswith("~/"):
+            home = self.conn.sftp.normalize(".")
+            work = posixpath.join(home, work[2:]) if work != "~" else home
+        return work
+
+    def _makedirs(self, path: str) -> None:
+        parts = []
+        while path not in ("", "/"):
+            parts.append(path)
+            path = posixpath.dirname(path)
+        for p in reversed(parts):
+            try:
+                self.conn.sftp.stat(p)
+            except FileNotFoundError:
+                try:
+                    self.conn.sftp.mkdir(p)
+                except OSError as exc:
+                    raise DeviceError(f"target {self.target.name}: cannot create {p}: {exc}") from None
+
+    def agent(self, args: list[str], *, timeout: float | None = None) -> dict:
+        """Run ``python -m device_agent ARGS`` in the work dir; its JSON, or a DeviceError naming the failure."""
+        result = self.conn.run([self.target.python, "-m", "device_agent", *args], cwd=self.work_dir, timeout=timeout)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        try:
+            data = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            data = None
+        if data is None:
+            detail = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
+            raise DeviceError(f"target {self.target.name}: the agent failed (exit {result.exit_status}): {detail}")
+        if "error" in data:
+            hint = {"runtime_missing": " (deploy with --install-runtime, or pip install tflite-runtime on the device)"}.get(data.get("kind"), "")
+            raise DeviceError(f"target {self.target.name}: {data['error']}{hint}")
+        return data
+
+    def bootstrap(self, *, install_runtime: bool = False) -> dict:
+        """Copy the agent into the work dir unless the same version is there; check Python and runtime."""
+        self.work_dir = self._resolve_work_dir()
+        self._makedirs(posixpath.join(self.work_dir, "models"))
+        files = agent_files()
+        digest = agent_digest(files)
+        remote = posixpath.join(self.work_dir, "device_agent")
+        marker = posixpath.join(remote, ".digest")
+        try:
+            with self.conn.sftp.open(marker) as fh:
+                current = fh.read().decode().strip()
+        except OSError:
+            current = ""
+        if current != digest:
+            staging = remote + ".new"
+            self._rmtree(staging)
+            self._makedirs(staging)
+            for name, data in files.items():
+                with self.conn.sftp.open(posixpath.join(staging, name), "wb") as fh:
+                    fh.write(data)
+            with self.conn.sftp.open(posixpath.join(staging, ".digest"), "wb") as fh:
+                fh.write(digest.encode())
+            self._rmtree(remote)
+            self.conn.sftp.posix_rename(staging, remote)
+            self.log(f"{self.target.name}: agent installed in {remote}")
+        check = self.conn.run([self.target.python, "-c", "import sys, numpy; print(sys.version_info[:2] >= (3, 9))"], cwd=self.work_dir)
+        if check.exit_status != 0 or "True" not in check.stdout:
+            raise DeviceError(f"target {self.target.name}: '{self.target.python}' needs Python 3.9+ with numpy on the device "
+                              f"({(check.stderr.strip().splitlines() or ['too old'])[-1]})")
+        info = self.agent(["info"])
+        if not info.get("runtime"):
+            if not install_runtime:
+                raise DeviceError(f"target {self.target.name}: no TFLite runtime on the device; rerun with --install-runtime "
+                                  f"or pip install {RUNTIME_REQUIREMENT} there")
+            self.log(f"{self.target.name}: installing {RUNTIME_REQUIREMENT} on the device")
+            pip = self.conn.run([self.target.python, "-m", "pip", "install", "--user", RUNTIME_REQUIREMENT], cwd=self.work_dir)
+            if pip.exit_status != 0:
+                raise DeviceError(f"target {self.target.name}: pip install {RUNTIME_REQUIREMENT} failed: "
+                                  f"{(pip.stderr.strip().splitlines() or ['no output'])[-1]}")
+            info = self.agent(["info"])
+            if not info.get("runtime"):
+                raise DeviceError(f"target {self.target.name}: {RUNTIME_REQUIREMENT} installed but still not importable")
+        self.info = info
+        return info
+
+    def _rmtree(self, path: str) -> None:
+        try:
+            entries = self.conn.sftp.listdir_attr(path)
+        except OSError:
+            return
+        for entry in entries:
+            child = posixpath.join(path, entry.filename)
+            if stat.S_ISDIR(entry.st_mode or 0):
+                self._rmtree(child)
+            else:
+                self.conn.sftp.remove(child)
+        self.conn.sftp.rmdir(path)
+
+    def remote_sha256(self, path: str) -> str | None:
+        try:
+            self.conn.sftp.stat(path)
+        except OSError:
+            return None
+        return self.agent(["hash", path])["sha256"]
+
+    def deploy(self, local: str | Path, name: str | None = None, *,
+               progress: Callable[[int, int], None] | None = None) -> Deployment:
+        """Upload ``local`` as ``models/NAME`` (default: its file name) unless the same bytes are there."""
+        import time
+
+        local = Path(local)
+        if not local.is_file():
+            raise InputError(f"{local}: no such model file")
+        name = name or local.name
+        if "/" in name or name.startswith(".") or not name:
+            raise InputError(f"invalid model name {name!r}: a plain file name is needed")
+        start = time.monotonic()
+        sha, size = sha256_file(local), local.stat().st_size
+        models = posixpath.join(self.work_dir, "models")
+        final = posixpath.join(models, name)
+        for entry in self.conn.sftp.listdir(models):
+            if entry.startswith(f".{name}.") and entry.endswith(".part"):
+                self.conn.sftp.remove(posixpath.join(models, entry))
+        if self.remote_sha256(final) == sha:
+            return Deployment(self.target.name, str(local), final, sha, size, False, time.monotonic() - start)
+        free = self.agent(["info"])["device"]["free_disk_bytes"]
+        if free < size + DISK_MARGIN_BYTES:
+            raise DeviceError(f"target {self.target.name}: not enough disk in {self.work_dir}: {size} bytes needed "
+                              f"(plus 1 MiB margin), {free} free; the deployed model was left as it was")
+        part = posixpath.join(models, f".{name}.{secrets.token_hex(4)}.part")
+        try:
+            self.conn.sftp.put(str(local), part, callback=progress, confirm=True)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self._remove_quietly(part)
+            reason = str(exc) or type(exc).__name__
+            if "Failure" in reason or "No space" in reason:
+                reason += " (disk full on the device?)"
+            raise DeviceError(f"target {self.target.name}: upload of {local.name} failed: {reason}; "
+                              "the deployed model was left as it was") from None
+        remote = self.remote_sha256(part)
+        if remote != sha:
+            self._remove_quietly(part)
+            raise DeviceError(f"target {self.target.name}: corrupt upload of {local.name} (sha256 {str(remote)[:12]}… on the "
+                              f"device, {sha[:12]}… here); the deployed model was left as it was")
+        self.conn.sftp.posix_rename(part, final)
+        return Deployment(self.target.name, str(local), final, sha, size, True, time.monotonic() - start)
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.conn.sftp.remove(path)
+        except (OSError, paramiko.SSHException, EOFError):
+            pass
+
+
+def open_device(target: Target, *, trust_new_host_key: bool = False, install_runtime: bool = False,
+                log: Callable[[str], None] = lambda _m: None) -> Device:
+    """Connect, bootstrap the agent and check the runtime; close with ``device.conn.close()``."""
+    conn = Connection(target, trust_new_host_key=trust_new_host_key, log=log).connect()
+    try:
+        device = Device(conn, log)
+        device.bootstrap(install_runtime=install_runtime)
+    except BaseException:
+        conn.close()
+        raise
+    return device
