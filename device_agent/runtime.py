@@ -6,6 +6,8 @@ successor, is used when that is what is installed. TensorFlow is never imported.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 
 from .errors import AgentError
 
@@ -52,6 +54,7 @@ def load_interpreter(model_path: str, threads: int, xnnpack: bool = True):
     kwargs = {"model_path": model_path, "num_threads": threads}
     if not xnnpack:
         kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    _probe_load(module, kwargs, model_path)
     try:
         interpreter = module.Interpreter(**kwargs)
         interpreter.allocate_tensors()
@@ -59,3 +62,27 @@ def load_interpreter(model_path: str, threads: int, xnnpack: bool = True):
         first = (str(exc).strip().splitlines() or ["unknown error"])[0]
         raise AgentError("model_invalid", "%s: the TFLite runtime cannot load this model (%s)" % (model_path, first)) from None
     return interpreter
+
+
+def _probe_load(module, kwargs: dict, model_path: str) -> None:
+    """Load the model once in a forked child first: the runtime does not verify the flatbuffer, and a
+    truncated or corrupt file can crash it (SIGSEGV), which must become a clean error, not a dead agent."""
+    with open(model_path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+        raise AgentError("model_invalid", "%s: not a TFLite model (no TFL3 file identifier)" % model_path)
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            module.Interpreter(**kwargs).allocate_tensors()
+            code = 0
+        except BaseException:
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        raise AgentError("model_invalid", "%s: the TFLite runtime crashed loading this model (%s); the file is corrupt or "
+                         "truncated" % (model_path, signal.Signals(sig).name))

@@ -1,0 +1,248 @@
+"""Deployment against a real OpenSSH sshd on loopback (this machine is the device): host keys, key
+auth, verified atomic uploads, failures mid-upload, parallel bench, saved reports and the report."""
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from loopback_sshd import LoopbackSshd, free_port, keygen
+from test_device_agent import blocked_runtime_env
+
+from quantune_edge.benchmark import BenchOptions, bench
+from quantune_edge.deploy import open_device
+from quantune_edge.errors import DeviceError, InputError
+from quantune_edge.results import render_html, summarize
+from quantune_edge.targets import load_target
+from quantune_edge.transport import Connection
+
+pytestmark = pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
+                                reason="needs OpenSSH's sshd (make test installs openssh-server)")
+CLI = [sys.executable, "-m", "quantune_edge.cli"]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = LoopbackSshd(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def target_path(sshd, tmp_path):
+    return sshd.target_toml(tmp_path / "targets" / "loop.toml", python=sys.executable, work_dir=tmp_path / "device")
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture()
+def models(effnet_compiled):
+    return effnet_compiled / "model_float32.tflite", effnet_compiled / "model_int8.tflite"
+
+
+def test_check_deploy_bench_report(target_path, models, tmp_path):
+    _mk(target_path)
+    target = load_target(str(target_path))
+    device = open_device(target)
+    try:
+        assert device.info["device"]["machine"] == platform.machine()
+        assert device.info["runtime"]["package"] in ("tflite-runtime", "ai-edge-litert")
+        assert (tmp_path / "device" / "device_agent" / "__main__.py").is_file()
+        first = device.deploy(models[1])
+        assert first.uploaded and sha(first.remote_path) == sha(models[1])
+        again = device.deploy(models[1])
+        assert not again.uploaded and again.sha256 == first.sha256
+    finally:
+        device.conn.close()
+    results = tmp_path / "results"
+    outcomes = bench(list(models), [target], BenchOptions(warmup=1, runs=5, results_dir=results))
+    assert outcomes[0].ok and len(outcomes[0].reports) == 2, outcomes
+    report = json.loads(Path(outcomes[0].reports[1]).read_text())
+    assert report["model"]["sha256"] == sha(models[1]) and report["host"]["label"] == "int8"
+    assert report["target"]["name"] == "loop" and report["device"]["machine"] == platform.machine()
+    assert report["settings"]["runs"] == 5 and report["latency_ms"]["p50"] > 0
+    rows = {r.label: r for r in summarize(results)}
+    assert rows["float32"].speedup_vs_float == pytest.approx(1.0)
+    assert rows["int8"].speedup_vs_float == pytest.approx(rows["float32"].p50_ms / rows["int8"].p50_ms)
+    cli = subprocess.run([*CLI, "report", str(results), "--json"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    summary = json.loads(cli.stdout)
+    assert {r["label"] for r in summary["rows"]} == {"float32", "int8"}
+    page = Path(summary["html"]).read_text()
+    assert "<svg" in page and "int8" in page and "<script" not in page
+
+
+def test_unknown_host_key_refused_then_trusted_on_request(sshd, tmp_path):
+    known = tmp_path / "kh" / "known_hosts"
+    path = sshd.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=tmp_path / "d", known_hosts=str(known))
+    target = load_target(str(path))
+    with pytest.raises(DeviceError, match="unknown host key .*--trust-new-host-key"):
+        Connection(target).connect()
+    assert not known.exists()
+    with Connection(target, trust_new_host_key=True) as conn:
+        assert conn.trusted_key and conn.run(["echo", "hi"]).stdout == "hi\n"
+    assert f"[127.0.0.1]:{sshd.port}" in known.read_text()
+    with Connection(target) as conn:  # now known: no trust needed
+        assert conn.trusted_key is None
+
+
+def test_changed_host_key_always_refused(sshd, tmp_path):
+    other = keygen(tmp_path / "other")
+    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {kind} {blob}\n")
+    path = sshd.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=tmp_path / "d", known_hosts=str(known))
+    for trust in (False, True):
+        with pytest.raises(DeviceError, match="CHANGED"):
+            Connection(load_target(str(path)), trust_new_host_key=trust).connect()
+    assert known.read_text() == f"[127.0.0.1]:{sshd.port} {kind} {blob}\n"
+
+
+def test_wrong_client_key_and_unreachable(sshd, tmp_path):
+    wrong = keygen(tmp_path / "wrong")
+    path = sshd.target_toml(_mk(tmp_path / "a.toml"), python=sys.executable, work_dir=tmp_path / "d")
+    path.write_text(path.read_text().replace(str(sshd.client_key), str(wrong)))
+    with pytest.raises(DeviceError, match="authentication failed"):
+        Connection(load_target(str(path))).connect()
+    closed = path.read_text().replace(f"port = {sshd.port}", f"port = {free_port()}").replace(str(wrong), str(sshd.client_key))
+    path.write_text(closed)
+    with pytest.raises(DeviceError, match="cannot reach"):
+        Connection(load_target(str(path))).connect()
+    path.write_text(closed.replace(str(sshd.client_key), str(tmp_path / "nope")))
+    with pytest.raises(InputError, match="identity file"):
+        Connection(load_target(str(path))).connect()
+
+
+def test_sshd_killed_mid_upload_keeps_deployed_model(models, tmp_path):
+    server = LoopbackSshd(tmp_path / "own-sshd").start()
+    path = server.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=tmp_path / "device")
+    deployed = tmp_path / "device" / "models" / "model.tflite"
+    try:
+        device = open_device(load_target(str(path)))
+        device.deploy(models[1], "model.tflite")
+        killed = []
+
+        def kill_midway(sent: int, total: int) -> None:
+            if sent > total // 4 and not killed:
+                server.stop()
+                killed.append(sent)
+
+        with pytest.raises(DeviceError, match="upload of model_float32.tflite failed.*left as it was"):
+            device.deploy(models[0], "model.tflite", progress=kill_midway)
+        device.conn.close()
+        assert killed and sha(deployed) == sha(models[1])
+        server.start()
+        device = open_device(load_target(str(path)))
+        redo = device.deploy(models[0], "model.tflite")
+        device.conn.close()
+        assert redo.uploaded and sha(deployed) == sha(models[0])
+        assert not [p for p in deployed.parent.iterdir() if p.name.endswith(".part")]
+    finally:
+        server.stop()
+
+
+def test_corrupt_upload_and_corrupt_model_on_device(target_path, models, tmp_path, monkeypatch):
+    _mk(target_path)
+    target = load_target(str(target_path))
+    device = open_device(target)
+    deployed = tmp_path / "device" / "models" / "m.tflite"
+    try:
+        device.deploy(models[1], "m.tflite")
+        real_put = device.conn.sftp.put
+
+        def corrupting_put(local, remote, callback=None, confirm=True):
+            damaged = tmp_path / "damaged.tflite"
+            data = bytearray(Path(local).read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            damaged.write_bytes(data)
+            return real_put(str(damaged), remote, callback=callback, confirm=confirm)
+
+        monkeypatch.setattr(device.conn.sftp, "put", corrupting_put)
+        with pytest.raises(DeviceError, match="corrupt upload .*left as it was"):
+            device.deploy(models[0], "m.tflite")
+        assert sha(deployed) == sha(models[1])
+        assert not [p for p in deployed.parent.iterdir() if p.name.endswith(".part")]
+        monkeypatch.undo()
+        deployed.write_bytes(models[1].read_bytes()[:4096])  # damaged on the device itself
+        with pytest.raises(DeviceError, match="corrupt or truncated"):
+            device.agent(["bench", str(deployed), "--runs", "1"])
+        repaired = device.deploy(models[1], "m.tflite")  # the sha differs, so it is uploaded again
+        assert repaired.uploaded and sha(deployed) == sha(models[1])
+    finally:
+        device.conn.close()
+
+
+def test_device_without_runtime(sshd, tmp_path):
+    env = blocked_runtime_env(tmp_path)
+    wrapper = tmp_path / "python-no-runtime"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={env['PYTHONPATH']} exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    path = sshd.target_toml(_mk(tmp_path / "t.toml"), python=str(wrapper), work_dir=tmp_path / "device")
+    with pytest.raises(DeviceError, match="no TFLite runtime on the device; rerun with --install-runtime"):
+        open_device(load_target(str(path)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_disk_full_leaves_deployed_model(sshd, models, tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        path = sshd.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=mount / "device")
+        device = open_device(load_target(str(path)))
+        try:
+            device.deploy(models[1], "m.tflite")  # 5 MB fits
+            with pytest.raises(DeviceError, match="not enough disk.*left as it was"):
+                device.deploy(models[0], "m.tflite")  # 18 MB does not
+        finally:
+            device.conn.close()
+        assert sha(mount / "device" / "models" / "m.tflite") == sha(models[1])
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_names_and_paths_are_quoted(sshd, models, tmp_path):
+    work = tmp_path / "work dir $(touch PWNED-dir)"
+    path = sshd.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=work)
+    device = open_device(load_target(str(path)))
+    try:
+        name = "we ird;$(touch PWNED) `touch PWNED2`.tflite"
+        dep = device.deploy(models[1], name)
+        assert Path(dep.remote_path) == work / "models" / name and sha(dep.remote_path) == sha(models[1])
+        assert device.agent(["bench", dep.remote_path, "--runs", "1", "--warmup", "0"])["model"]["sha256"] == dep.sha256
+        with pytest.raises(InputError, match="plain file name"):
+            device.deploy(models[1], "../escape.tflite")
+    finally:
+        device.conn.close()
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.home().glob("PWNED*"))
+
+
+def test_parallel_bench_one_target_failing(sshd, models, tmp_path):
+    folder = tmp_path / "targets"
+    sshd.target_toml(_mk(folder / "good.toml"), python=sys.executable, work_dir=tmp_path / "device")
+    bad = (folder / "good.toml").read_text().replace(f"port = {sshd.port}", f"port = {free_port()}")
+    (folder / "dead.toml").write_text(bad)
+    results = tmp_path / "results"
+    cli = subprocess.run([*CLI, "bench", str(models[1]), "--target", "dead,good", "--targets-dir", str(folder),
+                          "--runs", "3", "--warmup", "0", "--results", str(results), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 3, cli.stderr
+    out = json.loads(cli.stdout)
+    by_name = {o["target"]: o for o in out["outcomes"]}
+    assert by_name["good"]["ok"] and len(by_name["good"]["reports"]) == 1
+    assert not by_name["dead"]["ok"] and "cannot reach" in by_name["dead"]["error"]
+    assert [r["target"] for r in out["results"]] == ["good"]
+    assert (results / "good").is_dir() and not (results / "dead").exists()

@@ -1,0 +1,127 @@
+"""The on-device agent, run as the device runs it (a subprocess of a Python with numpy + a TFLite
+runtime) on the shipped EfficientNet-Lite0 compiled for real; every failure is one JSON line."""
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_IMAGES, REPO
+
+AGENT_ALLOWED_IMPORTS = {"__future__", "argparse", "hashlib", "importlib", "json", "os", "platform", "resource", "shutil", "signal",
+                         "sys", "time", "typing", "numpy"}
+
+
+def agent(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "device_agent", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"stdout must be exactly one JSON line, got {proc.stdout!r} / {proc.stderr[-300:]}"
+    return proc.returncode, json.loads(lines[0])
+
+
+def blocked_runtime_env(tmp_path: Path) -> dict:
+    """A Python on which neither TFLite runtime imports: a device without a runtime."""
+    blocked = tmp_path / "blocked"
+    for pkg in ("tflite_runtime", "ai_edge_litert"):
+        (blocked / pkg).mkdir(parents=True, exist_ok=True)
+        (blocked / pkg / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    return dict(os.environ, PYTHONPATH=str(blocked))
+
+
+@pytest.fixture(scope="module")
+def samples(effnet_compiled, tmp_path_factory):
+    from quantune_edge.artifacts import CompiledModel
+
+    loaded = CompiledModel.open(effnet_compiled).load_samples(DEMO_IMAGES, 12, seed=3)
+    path = tmp_path_factory.mktemp("agent") / "samples.npz"
+    np.savez(path, x=loaded.data, labels=loaded.labels)
+    return path, loaded
+
+
+def test_agent_imports_only_stdlib_numpy_and_a_runtime():
+    for path in (REPO / "device_agent").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(names) <= AGENT_ALLOWED_IMPORTS, f"{path.name} imports {names}"
+    code = ("import runpy, sys; sys.argv = ['device_agent', 'info']; "
+            "import device_agent.__main__ as m; m.main(['info']); "
+            "assert not any(k.split('.')[0] in ('tensorflow', 'quantune_edge') for k in sys.modules), 'forbidden import'")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True).returncode == 0
+
+
+def test_info_facts():
+    code, info = agent("info")
+    assert code == 0 and info["schema_version"] == 1 and info["kind"] == "info"
+    assert info["device"]["machine"] and info["device"]["cpu_count"] >= 1 and info["device"]["free_disk_bytes"] > 0
+    assert info["runtime"]["package"] in ("tflite-runtime", "ai-edge-litert") and info["runtime"]["version"]
+
+
+def test_bench_report(effnet_compiled):
+    model = effnet_compiled / "model_int8.tflite"
+    code, rep = agent("bench", model, "--warmup", 2, "--runs", 15, "--threads", 2)
+    assert code == 0, rep
+    lat = rep["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] and lat["min"] <= lat["mean"] <= lat["max"]
+    assert rep["invocations"] == 17 and rep["settings"]["threads"] == 2 and rep["settings"]["xnnpack"] is True
+    assert rep["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert rep["model"]["inputs"][0]["shape"] == [1, 224, 224, 3] and rep["model"]["outputs"][0]["shape"] == [1, 1000]
+    assert rep["peak_rss_bytes"] > model.stat().st_size and rep["wall_time_s"] > 0
+    code, plain = agent("bench", model, "--warmup", 0, "--runs", 2, "--no-xnnpack")
+    assert code == 0 and plain["settings"]["xnnpack"] is False
+
+
+def test_bench_input_file_and_bad_shape(effnet_compiled, samples, tmp_path):
+    model = effnet_compiled / "model_float32.tflite"
+    good = tmp_path / "x.npy"
+    np.save(good, samples[1].data[0])  # (224, 224, 3): the batch axis is added
+    code, rep = agent("bench", model, "--runs", 2, "--warmup", 0, "--input", good)
+    assert code == 0 and rep["settings"]["input"].startswith("file:")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((1, 3, 224, 224), np.float32))
+    code, err = agent("bench", model, "--runs", 2, "--input", bad)
+    assert code == 1 and err["kind"] == "bad_input" and "(1, 224, 224, 3)" in err["error"]
+
+
+def test_eval_matches_host_runtime(effnet_compiled, samples):
+    from quantune_edge.runtime import TfliteRunner
+
+    path, loaded = samples
+    model = effnet_compiled / "model_int8.tflite"
+    code, rep = agent("eval", model, "--samples", path, "--threads", 2)
+    assert code == 0, rep
+    host = TfliteRunner(model, 2).run(loaded.data).argmax(axis=1).tolist()
+    assert rep["predictions"] == host and rep["samples"] == 12
+    assert rep["top1"] == pytest.approx(float(np.mean(np.asarray(host) == loaded.labels)))
+    assert rep["top1"] >= 0.5 and len(rep["outputs_sha256"]) == 64
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "no_runtime", "usage", "bad_npz"])
+def test_agent_errors_are_json(case, effnet_compiled, tmp_path):
+    model, env = effnet_compiled / "model_int8.tflite", None
+    if case == "missing":
+        args, kind = ["bench", tmp_path / "none.tflite"], "model_missing"
+    elif case == "corrupt":
+        bad = tmp_path / "corrupt.tflite"
+        bad.write_bytes(model.read_bytes()[:5000])
+        args, kind = ["bench", bad], "model_invalid"
+    elif case == "no_runtime":
+        args, kind, env = ["bench", model], "runtime_missing", blocked_runtime_env(tmp_path)
+    elif case == "usage":
+        args, kind = ["bench", model, "--runs", "many"], "usage"
+    else:
+        junk = tmp_path / "s.npz"
+        junk.write_bytes(b"not a zip")
+        args, kind = ["eval", model, "--samples", junk], "bad_input"
+    code, err = agent(*args, env=env)
+    assert code == (2 if kind == "usage" else 1) and err["kind"] == kind and "\n" not in err["error"]
