@@ -313,29 +313,6 @@ def _print_tune(reporter: Reporter, report) -> None:
                            f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))
 
 
-@app.command("demo")
-def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (replaced on every demo run).")] = Path("runs/demo"),
-    num_calib: Annotated[int, typer.Option("--num-calib")] = 32,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    json_out: JsonOut = False,
-) -> None:
-    """Run the main job end-to-end on the built-in EfficientNet-Lite0 and demo images: compile, analyze."""
-    if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
-        _fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
-    _compile(DEMO_MODEL, DEMO_IMAGES, out, num_calib=num_calib, seed=0, per_tensor=False, int8_io=False,
-             label_offset=0, force=True, preset=None, input_size=None, resize=None, channel_order=None,
-             quiet=quiet or json_out, verbose=verbose, json_out=False, **DEMO_PREPROCESSING)
-    from .analysis import AnalysisOptions
-
-    analysis = _analyze(out, DEMO_IMAGES, AnalysisOptions(num_samples=num_calib, verbose=verbose), top=10,
-                        quiet=quiet or json_out, verbose=verbose, json_out=False)
-    if json_out:
-        compiled = json.loads((out / "compile.json").read_text())
-        _print_json({"compile": compiled, "analysis": analysis.to_dict()})
-
-
 TargetsDir = Annotated[Optional[Path], typer.Option("--targets-dir", help="Folder of target TOML files (default ./targets).")]
 TrustNew = Annotated[bool, typer.Option("--trust-new-host-key", help="Trust an unknown host key on first use and record it in known_hosts.")]
 InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install tflite-runtime on the device if it has no TFLite runtime.")]
@@ -508,7 +485,7 @@ def bench_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Deploy (if needed) and benchmark models on one or more targets; reports go to --results."""
-    from .benchmark import BenchOptions, bench
+    from .benchmark import BenchOptions
     from .results import summarize
 
     reporter = Reporter(quiet=quiet or json_out)
@@ -516,13 +493,7 @@ def bench_cmd(
         tgts = _load_targets(target, targets_dir)
         options = BenchOptions(warmup=warmup, runs=runs, threads=threads, xnnpack=not no_xnnpack, install_runtime=install_runtime,
                                trust_new_host_key=trust_new_host_key, results_dir=results)
-        with reporter.progress() as progress:
-            tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in tgts}
-
-            def status(name: str, text: str, done: int) -> None:
-                progress.update(tasks[name], description=f"{name}: {text}", completed=done)
-
-            outcomes = bench(models, tgts, options, status=status, log=reporter.info)
+        outcomes = _bench_with_progress(reporter, models, tgts, options)
     except QuantuneError as exc:
         _fail(exc)
     failed = [o for o in outcomes if not o.ok]
@@ -538,6 +509,19 @@ def bench_cmd(
         reporter.info(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; reports in {results}/")
     if failed:
         raise typer.Exit(3)
+
+
+def _bench_with_progress(reporter: Reporter, models: list[Path], targets, options):
+    """bench() with one progress line per target (targets run in parallel)."""
+    from .benchmark import bench
+
+    with reporter.progress() as progress:
+        tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in targets}
+
+        def status(name: str, text: str, done: int) -> None:
+            progress.update(tasks[name], description=f"{name}: {text}", completed=done)
+
+        return bench(models, targets, options, status=status, log=reporter.info)
 
 
 def _print_results(reporter: Reporter, rows) -> None:
@@ -573,6 +557,68 @@ def report_cmd(
     reporter = Reporter()
     _print_results(reporter, rows)
     reporter.info(f"wrote {page}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (replaced on every demo run).")] = Path("runs/demo"),
+    num_calib: Annotated[int, typer.Option("--num-calib")] = 32,
+    no_device: Annotated[bool, typer.Option("--no-device", help="Stop after tuning: no emulated ARM board, no deployment.")] = False,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on the emulated board.")] = 5,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """The main job end-to-end on the built-in EfficientNet-Lite0 and demo images: compile, analyze,
+    tune, then deploy float32 / int8 / mixed to the emulated ARM board, benchmark them and report."""
+    if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
+        _fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
+    quiet = quiet or json_out
+    _compile(DEMO_MODEL, DEMO_IMAGES, out, num_calib=num_calib, seed=0, per_tensor=False, int8_io=False,
+             label_offset=0, force=True, preset=None, input_size=None, resize=None, channel_order=None,
+             quiet=quiet, verbose=verbose, json_out=False, **DEMO_PREPROCESSING)
+    from .analysis import AnalysisOptions
+    from .tuning import TuneOptions, tune
+
+    analysis = _analyze(out, DEMO_IMAGES, AnalysisOptions(num_samples=num_calib, verbose=verbose), top=10,
+                        quiet=quiet, verbose=verbose, json_out=False)
+    reporter = Reporter(quiet=quiet, verbose=verbose)
+    try:
+        tuned = tune(out, DEMO_IMAGES, TuneOptions(max_drop=1.0, num_eval=40, verbose=verbose), reporter)
+    except QuantuneError as exc:
+        _fail(exc)
+    if not quiet:
+        _print_tune(reporter, tuned)
+    summary = {"compile": json.loads((out / "compile.json").read_text()), "analysis": analysis.to_dict(), "tune": tuned.to_dict()}
+    if not no_device:
+        summary["device"] = _demo_on_emulated_board(out, runs, reporter, quiet)
+    if json_out:
+        _print_json(summary)
+
+
+def _demo_on_emulated_board(out: Path, runs: int, reporter: Reporter, quiet: bool) -> dict:
+    from . import emulator
+    from .benchmark import BenchOptions
+    from .results import render_html, summarize
+    from .targets import load_target
+
+    try:
+        state = emulator.up(log=reporter.info)
+        target = load_target(state.target_file)
+        models = [out / f"model_{k}.tflite" for k in ("float32", "int8", "mixed")]
+        reporter.info(f"benchmarking {len(models)} models on the emulated ARM board ({target.address})")
+        (outcome,) = _bench_with_progress(reporter, models, [target], BenchOptions(warmup=1, runs=runs, results_dir=out / "results"))
+    except QuantuneError as exc:
+        _fail(exc)
+    if not outcome.ok:
+        _fail(QuantuneError(outcome.error))
+    rows = [r for r in summarize(out / "results") if r.report in set(outcome.reports)]
+    page = out / "results" / "report.html"
+    page.write_text(render_html(rows, "quantune-edge demo: EfficientNet-Lite0 on the emulated ARM board"))
+    if not quiet:
+        _print_results(reporter, rows)
+        reporter.info(f"wrote {page}; the board keeps running ('quantune-edge targets emulate down' stops it)")
+    return {"target": target.to_dict(), "results": [r.to_dict() for r in rows], "html": str(page)}
 
 
 @app.command("version")

@@ -52,25 +52,27 @@ def load_reports(results_dir: str | Path) -> list[tuple[Path, dict]]:
 
 
 def summarize(results_dir: str | Path) -> list[ResultRow]:
-    """The latest report per (target, model), with speed-up vs the float32 model from the same folder."""
+    """The latest report per (target, local model file), with speed-up vs the float32 model from the
+    same folder (two files with the same bytes, e.g. an int8 and a mixed model with no float layer,
+    stay two rows)."""
     latest: dict[tuple[str, str], tuple[Path, dict]] = {}
     for path, data in load_reports(results_dir):
-        latest[(data["target"]["name"], data["model"]["sha256"])] = (path, data)
+        latest[(data["target"]["name"], str(Path(data["host"]["local_path"]).resolve()))] = (path, data)
     if not latest:
         raise InputError(f"no benchmark reports under {results_dir}")
     floats = {}
-    for (target, _sha), (_p, data) in latest.items():
+    for (target, _local), (_p, data) in latest.items():
         if data["host"]["label"] == "float32":
             floats[(target, str(Path(data["host"]["local_path"]).parent))] = data["latency_ms"]["p50"]
     rows = []
-    for (target, sha), (path, data) in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[1][1]["host"]["local_path"])):
+    for (target, _local), (path, data) in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[1][1]["host"]["local_path"])):
         lat = data["latency_ms"]
         ref = floats.get((target, str(Path(data["host"]["local_path"]).parent)))
         runtime = data.get("runtime") or {}
         rows.append(ResultRow(
             target=target, emulated=bool(data["target"].get("emulated")), machine=data["device"]["machine"],
             runtime=f"{runtime.get('package', '?')} {runtime.get('version', '')}".strip(), label=data["host"]["label"],
-            model=data["host"]["local_path"], sha256=sha, size_bytes=data["model"]["size_bytes"],
+            model=data["host"]["local_path"], sha256=data["model"]["sha256"], size_bytes=data["model"]["size_bytes"],
             threads=data["settings"]["threads"], p50_ms=lat["p50"], p90_ms=lat["p90"], p99_ms=lat["p99"], mean_ms=lat["mean"],
             runs=data["settings"]["runs"], speedup_vs_float=(ref / lat["p50"]) if ref else None,
             created=data.get("created", ""), report=str(path)))

@@ -1,0 +1,85 @@
+"""The emulated Raspberry Pi: a real aarch64 userland under qemu-user with its own sshd on loopback.
+
+Built once per machine (debootstrap, about 2-3 minutes, cached in ~/.cache/quantune-edge/emulator).
+Outside CI it is skipped when the host cannot run it (not root, or qemu/debootstrap missing); in CI
+(CI=true) that is a failure, never a silent skip.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_IMAGES
+from loopback_sshd import free_port
+
+from quantune_edge import emulator
+from quantune_edge.deploy import open_device
+from quantune_edge.errors import DeviceError
+from quantune_edge.targets import load_target
+
+CLI = [sys.executable, "-m", "quantune_edge.cli"]
+
+
+@pytest.fixture(scope="module")
+def emulated_target():
+    try:
+        emulator._require_host()
+    except DeviceError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    before = emulator.status()
+    state = before if before.running else emulator.up(free_port(), log=print)
+    yield Path(state.target_file)
+    if not before.running:
+        emulator.down()
+
+
+def test_bench_on_emulated_arm_reports_aarch64(emulated_target, effnet_compiled, tmp_path):
+    results = tmp_path / "results"
+    cli = subprocess.run([*CLI, "bench", str(effnet_compiled / "model_int8.tflite"), "--target", str(emulated_target),
+                          "--runs", "2", "--warmup", "0", "--results", str(results), "--json"],
+                         capture_output=True, text=True, timeout=1200)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    (row,) = json.loads(cli.stdout)["results"]
+    assert row["machine"] == "aarch64" and row["emulated"] and row["runtime"] == "tflite-runtime 2.14.0"
+    report = subprocess.run([*CLI, "report", str(results)], capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
+    assert report.returncode == 0 and "aarch64" in report.stderr and "(emu)" in report.stderr
+    assert "emulated" in (results / "report.html").read_text()
+
+
+def test_eval_on_emulated_arm_matches_host(emulated_target, effnet_compiled, tmp_path):
+    from quantune_edge.artifacts import CompiledModel
+    from quantune_edge.runtime import TfliteRunner
+
+    samples = CompiledModel.open(effnet_compiled).load_samples(DEMO_IMAGES, 4, seed=5)
+    npz = tmp_path / "s.npz"
+    np.savez(npz, x=samples.data, labels=samples.labels)
+    model = effnet_compiled / "model_int8.tflite"
+    device = open_device(load_target(str(emulated_target)))
+    try:
+        dep = device.deploy(model)
+        remote = f"{device.work_dir}/samples.npz"
+        device.conn.sftp.put(str(npz), remote)
+        result = device.agent(["eval", dep.remote_path, "--samples", remote, "--threads", "2"])
+    finally:
+        device.conn.close()
+    host = TfliteRunner(model, 2).run(samples.data).argmax(axis=1).tolist()
+    assert result["device"]["machine"] == "aarch64"
+    assert result["predictions"] == host
+
+
+def test_status_down_and_up_again(emulated_target):
+    state = emulator.status()
+    assert state.running and state.built and state.port
+    port, rootfs = state.port, Path(state.folder) / "rootfs"
+    emulator.down()
+    assert not emulator.status().running
+    mounts = Path("/proc/mounts").read_text()
+    assert str(rootfs.resolve()) not in mounts and not emulator._processes_in(rootfs)
+    again = emulator.up(port)
+    assert again.running and again.port == port
