@@ -48,5 +48,6 @@ def device_facts(work_dir: str = ".") -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "python_executable": sys.executable,
+        "in_venv": sys.prefix != getattr(sys, "base_prefix", sys.prefix),
         "free_disk_bytes": usage.free,
     }

@@ -140,16 +140,27 @@ class Device:
             if not install_runtime:
                 raise DeviceError(f"target {self.target.name}: no TFLite runtime on the device; rerun with --install-runtime "
                                   f"or pip install {RUNTIME_REQUIREMENT} there")
-            self.log(f"{self.target.name}: installing {RUNTIME_REQUIREMENT} on the device")
-            pip = self.conn.run([self.target.python, "-m", "pip", "install", "--user", RUNTIME_REQUIREMENT], cwd=self.work_dir)
-            if pip.exit_status != 0:
-                raise DeviceError(f"target {self.target.name}: pip install {RUNTIME_REQUIREMENT} failed: "
-                                  f"{(pip.stderr.strip().splitlines() or ['no output'])[-1]}")
+            self._install_runtime(info["device"].get("in_venv", False))
             info = self.agent(["info"])
             if not info.get("runtime"):
                 raise DeviceError(f"target {self.target.name}: {RUNTIME_REQUIREMENT} installed but still not importable")
         self.info = info
         return info
+
+    def _install_runtime(self, in_venv: bool) -> None:
+        """pip-install the runtime: into the venv, or else for the user. Debian/Raspberry Pi OS bookworm
+        mark the system Python externally managed (PEP 668), so a --user install needs
+        --break-system-packages there (it only writes to ~/.local); older pips lack that flag."""
+        self.log(f"{self.target.name}: installing {RUNTIME_REQUIREMENT} on the device")
+        variants = [[]] if in_venv else [["--user", "--break-system-packages"], ["--user"]]
+        last = None
+        for extra in variants:
+            last = self.conn.run([self.target.python, "-m", "pip", "install", "--quiet", *extra, RUNTIME_REQUIREMENT],
+                                 cwd=self.work_dir)
+            if last.exit_status == 0:
+                return
+        raise DeviceError(f"target {self.target.name}: pip install {RUNTIME_REQUIREMENT} failed: "
+                          f"{(last.stderr.strip().splitlines() or ['no output'])[-1]}")
 
     def _rmtree(self, path: str) -> None:
         try:

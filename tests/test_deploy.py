@@ -246,3 +246,33 @@ def test_parallel_bench_one_target_failing(sshd, models, tmp_path):
     assert not by_name["dead"]["ok"] and "cannot reach" in by_name["dead"]["error"]
     assert [r["target"] for r in out["results"]] == ["good"]
     assert (results / "good").is_dir() and not (results / "dead").exists()
+
+
+def test_install_runtime_on_a_device_without_one(sshd, tmp_path):
+    """A fresh venv with numpy only: refused without --install-runtime, then tflite-runtime is pip-installed."""
+    venv = tmp_path / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "numpy==1.26.4"], check=True, timeout=600)
+    path = sshd.target_toml(tmp_path / "t.toml", python=str(venv / "bin" / "python"), work_dir=tmp_path / "device")
+    with pytest.raises(DeviceError, match="no TFLite runtime"):
+        open_device(load_target(str(path)))
+    device = open_device(load_target(str(path)), install_runtime=True)
+    device.conn.close()
+    assert device.info["runtime"] == {"package": "tflite-runtime", "module": "tflite_runtime.interpreter", "version": "2.14.0"}
+    assert device.info["device"]["in_venv"] is True
+
+
+def test_check_and_deploy_cli(sshd, models, tmp_path):
+    folder = tmp_path / "targets"
+    sshd.target_toml(folder / "loop.toml", python=sys.executable, work_dir=tmp_path / "device")
+    check = subprocess.run([*CLI, "targets", "check", "loop", "--targets-dir", str(folder), "--json"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    facts = json.loads(check.stdout)
+    assert facts["device"]["machine"] == platform.machine() and facts["work_dir"] == str(tmp_path / "device")
+    deploy = subprocess.run([*CLI, "deploy", str(models[1]), "--target", "loop", "--targets-dir", str(folder), "--name", "app.tflite"],
+                            capture_output=True, text=True)
+    assert deploy.returncode == 0 and "uploaded and verified" in deploy.stderr, deploy.stderr
+    assert sha(tmp_path / "device" / "models" / "app.tflite") == sha(models[1])
+    again = subprocess.run([*CLI, "deploy", str(models[1]), "--target", "loop", "--targets-dir", str(folder), "--name", "app.tflite"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "already there" in again.stderr
