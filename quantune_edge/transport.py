@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shlex
 import socket
 import time
@@ -51,8 +52,13 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                 f"target {self.target.name}: unknown host key for {hostname} ({key.get_name()} {fingerprint(key)}), "
                 f"not in {self.known_hosts}; check it and rerun with --trust-new-host-key to record it")
         client.get_host_keys().add(hostname, key.get_name(), key)
-        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        client.save_host_keys(str(self.known_hosts))
+        # Append one line rather than rewrite the file (paramiko's save would drop what it cannot parse).
+        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        line = paramiko.hostkeys.HostKeyEntry([hostname], key).to_line()
+        existing = self.known_hosts.read_bytes() if self.known_hosts.exists() else b""
+        fd = os.open(self.known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(("" if not existing or existing.endswith(b"\n") else "\n") + line)
         self.trusted = f"{hostname} {key.get_name()} {fingerprint(key)}"
 
 

@@ -92,9 +92,12 @@ def test_unknown_host_key_refused_then_trusted_on_request(sshd, tmp_path):
     with pytest.raises(DeviceError, match="unknown host key .*--trust-new-host-key"):
         Connection(target).connect()
     assert not known.exists()
+    other = "# my notes\nsk.example sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIA== x"
+    known.parent.mkdir()
+    known.write_text(other)  # lines paramiko cannot parse must survive trust-on-first-use
     with Connection(target, trust_new_host_key=True) as conn:
         assert conn.trusted_key and conn.run(["echo", "hi"]).stdout == "hi\n"
-    assert f"[127.0.0.1]:{sshd.port}" in known.read_text()
+    assert known.read_text().startswith(other + "\n") and f"[127.0.0.1]:{sshd.port}" in known.read_text()
     with Connection(target) as conn:  # now known: no trust needed
         assert conn.trusted_key is None
 
