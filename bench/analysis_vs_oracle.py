@@ -41,6 +41,9 @@ def main() -> None:
         table.add_column(f"ρ {m}", justify="right")
     table.add_column(f"top-3 gain held ({DEFAULT_METRIC})", justify="right")
     table.add_column("oracle best gain dB", justify="right")
+    capture = Table(title="share of the oracle's best top-k gain that each metric's top k holds (k = 1 / 3 / 5; 1.00 = as good as the oracle)")
+    for col in ("model", "weights", *metrics):
+        capture.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             file, prep_kwargs, offset = MODELS[name]
@@ -61,7 +64,9 @@ def main() -> None:
                     *[f"{o['spearman'][m]:+.2f}" for m in metrics],
                     f"{o['top_k_capture'][DEFAULT_METRIC]['top3']:.2f}", f"{best:+.2f}",
                 )
+                capture.add_row(name, mode, *[" / ".join(f"{v:.2f}" for v in o["top_k_capture"][m].values()) for m in metrics])
     console.print(table)
+    console.print(capture)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.layers import match_layers, tensor_key  # noqa: E402
 from quantune_edge.metrics import top1_accuracy  # noqa: E402
-from quantune_edge.runtime import TfliteRunner, measure_latency_ms  # noqa: E402
+from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.tuning import TuneOptions, _Evaluator, tune  # noqa: E402
 
 
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="per-channel,per-tensor")
+    parser.add_argument("--metric", default=None, help="analysis score to rank by (default: the analysis default)")
+    parser.add_argument("--ks", default="1,2,3,6,10", help="float-layer counts for the equal-k comparison")
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 200))
@@ -79,6 +81,11 @@ def main() -> None:
                         f"host latency p50 ({args.threads} threads), same k float layers as ours")
     for col in ("weights", "method", "float layers", "top-1 %", "drop pts", "gap recovered", "latency ms", "vs int8", "Q/DQ", "evaluations"):
         table.add_column(col, justify="right")
+    ks = [int(k) for k in args.ks.split(",")]
+    methods = ("ours (fusion-aware)", "naive prefix", "TF debugger RMSE/scale", "random (mean of 5)")
+    equal_k = Table(title="equal k: top-1 % / latency vs full int8 / Q+DQ ops (random: mean of 5 seeds)")
+    for col in ("weights", "k", "share of layers", *methods):
+        equal_k.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             out = Path(tmp) / mode
@@ -86,7 +93,8 @@ def main() -> None:
             compile_model(ASSETS / "models" / file, args.calib, out,
                           CompileOptions(preprocessing=prep, num_calib=args.calib_num, per_channel=mode == "per-channel", label_offset=offset))
             analysis = analyze(out, args.calib, AnalysisOptions(num_samples=32))
-            ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads, best_effort=True))
+            ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
+                                                        best_effort=True, metric=args.metric))
             compiled = CompiledModel.open(out)
             fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
             match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
@@ -102,42 +110,39 @@ def main() -> None:
             i8_acc = ref["int8"]["accuracy"]
             gap = f_acc - i8_acc
 
-            def row(method: str, float_set, evaluations: str, result=None, latency=None) -> None:
-                if result is None:
-                    result, path = ev.evaluate(frozenset(float_set))
-                    with captured_native_output(True):
-                        latency = measure_latency_ms(path, inputs[0], args.threads)["p50"]
-                acc = result["accuracy"]
-                table.add_row(mode, method, str(len(result["float_layers"])), f"{100 * acc:.1f}", f"{100 * (f_acc - acc):.2f}",
-                              f"{100 * (acc - i8_acc) / gap:.0f} %" if gap > 0 else "-", f"{latency:.2f}",
-                              f"{latency / ref['int8_latency_ms']:.2f}x", str(result["quantize_ops"]), evaluations)
-
-            table.add_row(mode, "float32", str(n), f"{100 * f_acc:.1f}", "0.00", "100 %", f"{ref['float32_latency_ms']:.2f}",
-                          f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0", "-")
-            table.add_row(mode, "full int8", "0", f"{100 * i8_acc:.1f}", f"{100 * gap:.2f}", "0 %", f"{ref['int8_latency_ms']:.2f}",
+            with captured_native_output(True):
+                float_ms, int8_ms = paired_latency_ms(compiled.float_model, compiled.int8_model, inputs[0], args.threads)
+            table.add_row(mode, "float32", str(n), f"{100 * f_acc:.1f}", "0.00", "100 %", f"{float_ms:.2f}",
+                          f"{float_ms / int8_ms:.2f}x", "0", "-")
+            table.add_row(mode, "full int8", "0", f"{100 * i8_acc:.1f}", f"{100 * gap:.2f}", "0 %", f"{int8_ms:.2f}",
                           "1.00x", str(ref["int8"]["quantize_ops"]), "-")
             c = ours.chosen
-            row("ours (fusion-aware)", c["float_layers"], f"{ours.search['evaluations']} (≤{ours.search['bound']})", c, c["latency_ms"])
-            k = len(c["float_layers"])
-            if k == 0:
+            table.add_row(mode, "ours (fusion-aware)", str(len(c["float_layers"])), f"{100 * c['accuracy']:.1f}",
+                          f"{100 * (f_acc - c['accuracy']):.2f}", f"{100 * (c['accuracy'] - i8_acc) / gap:.0f} %" if gap > 0 else "-",
+                          f"{c['latency_ms']:.2f}", f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]),
+                          f"{ours.search['evaluations']} (≤{ours.search['bound']})")
+            if gap <= 0:
                 continue
-            console.print(f"{mode}: baselines at k = {k} ...")
-            row("naive prefix (same k ranked, no regions)", analysis.sensitivity_order[:c["k"]], "1")
-            try:
-                row("TFLite debugger RMSE/scale", debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)[:k], "1 debug pass + 1")
-            except Exception as exc:  # the baseline is TF's own tool; report it rather than abort the table
-                console.print(f"[yellow]debugger baseline failed: {exc}[/]")
-            accs, lats = [], []
-            for seed in range(5):
-                chosen = np.random.default_rng(seed).choice(n, k, replace=False)
-                result, path = ev.evaluate(frozenset(int(i) for i in chosen))
-                accs.append(result["accuracy"])
+            console.print(f"{mode}: equal-k comparison at k = {ks} ...")
+            order = ours.search.get("order") or analysis.sensitivity_order
+            debugger = debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)
+
+            def measure(float_set) -> tuple[float, float, int]:
+                result, path = ev.evaluate(frozenset(int(i) for i in float_set))
                 with captured_native_output(True):
-                    lats.append(measure_latency_ms(path, inputs[0], args.threads)["p50"])
-            acc, lat = float(np.mean(accs)), float(np.mean(lats))
-            table.add_row(mode, "random (mean of 5)", str(k), f"{100 * acc:.1f}", f"{100 * (f_acc - acc):.2f}",
-                          f"{100 * (acc - i8_acc) / gap:.0f} %" if gap > 0 else "-", f"{lat:.2f}", f"{lat / ref['int8_latency_ms']:.2f}x", "-", "5")
+                    mixed, int8 = paired_latency_ms(path, compiled.int8_model, inputs[0], args.threads)
+                return result["accuracy"], mixed / int8, result["quantize_ops"]
+
+            for k in ks:
+                fixed = tune(out, args.eval_dir, TuneOptions(float_layers=k, num_eval=args.eval_num, threads=args.threads, metric=args.metric))
+                runs = [(fixed.chosen["accuracy"], fixed.chosen["latency_ratio"], fixed.chosen["quantize_ops"]),
+                        measure(order[:k]), measure(debugger[:k])]
+                rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False)) for seed in range(5)]
+                runs.append(tuple(float(np.mean([r[j] for r in rand])) for j in range(3)))
+                equal_k.add_row(mode, str(k), f"{100 * k / n:.0f} %",
+                                *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f}" for a, lat, q in runs])
     console.print(table)
+    console.print(equal_k)
 
 
 if __name__ == "__main__":

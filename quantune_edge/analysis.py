@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import sensitivity, tflite_graph
+from . import reference_ops, sensitivity, tflite_graph
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
@@ -31,6 +31,9 @@ ANALYSIS_JSON = "analysis.json"
 ANALYSIS_CSV = "analysis.csv"
 ANALYSIS_PNG = "analysis.png"
 CONSISTENCY_SAMPLES = 2
+# Samples on which each layer's own error is measured with the numpy reference kernels (the local
+# metrics converge fast; every sample costs about one float forward pass in numpy).
+LOCAL_SAMPLES = 8
 
 
 class AnalysisError(QuantuneError):
@@ -43,6 +46,7 @@ class AnalysisOptions:
     seed: int = 0
     threads: int = 2
     metric: str = sensitivity.DEFAULT_METRIC
+    local_samples: int = LOCAL_SAMPLES
     preprocessing: Preprocessing | None = None  # default: the compile's
     oracle: bool = False
     verbose: bool = False
@@ -98,6 +102,30 @@ def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph
     return sqnr_db(w_float, approx), float(np.mean((w_float.astype(np.float64) - approx) ** 2))
 
 
+def _local_kernel(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph):
+    """A function int8-run -> the layer's float output on the int8 model's own input, or None."""
+    if layer.op_type not in reference_ops.SUPPORTED or not layer.int8_inputs:
+        return None
+    fop, qop = fg.ops[layer.float_op], qg.ops[layer.int8_op]
+    weight = bias = None
+    if layer.op_type in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        weight = fg.tensors[fop.inputs[1]].data
+        if weight is None:
+            return None
+        weight = weight.astype(np.float32)
+        if len(fop.inputs) > 2 and fop.inputs[2] >= 0 and fg.tensors[fop.inputs[2]].data is not None:
+            bias = fg.tensors[fop.inputs[2]].data.astype(np.float32)
+    elif len(layer.int8_inputs) != len([t for t in qop.inputs if t >= 0]):
+        return None  # a constant operand: not handled
+    shape = qg.tensors[layer.int8_output].shape
+
+    def kernel(runner: TfliteRunner) -> np.ndarray | None:
+        inputs = [_tensor_value(runner, qg, t) for t in layer.int8_inputs]
+        return reference_ops.run(layer.op_type, qop.options, inputs, weight, bias, layer.fused_activation, shape)
+
+    return kernel
+
+
 def collect_tensor_stats(
     match: LayerMatch,
     float_runner: TfliteRunner,
@@ -106,15 +134,19 @@ def collect_tensor_stats(
     qg: tflite_graph.TfliteGraph,
     inputs: np.ndarray,
     on_item: Callable[[], None] | None = None,
-) -> tuple[dict[int, ErrorStats], np.ndarray, np.ndarray]:
-    """One float and one int8 invocation per sample; returns per-int8-tensor error stats and both
-    models' final outputs."""
+    local_samples: int = LOCAL_SAMPLES,
+) -> tuple[dict[int, ErrorStats], dict[int, ErrorStats], np.ndarray, np.ndarray]:
+    """One float and one int8 invocation per sample; returns per-int8-tensor error stats, per-layer
+    local error stats (first ``local_samples`` samples), and both models' final outputs."""
     needed = {layer.int8_output for layer in match.layers}
     needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
     stats = {t: ErrorStats() for t in needed}
     names = {layer.int8_output: layer.name for layer in match.layers}
+    kernels = {layer.index: k for layer in match.layers if (k := _local_kernel(layer, fg, qg)) is not None}
+    by_index = {layer.index: layer for layer in match.layers}
+    local = {i: ErrorStats() for i in kernels}
     float_outs, int8_outs = [], []
-    for x in inputs:
+    for n, x in enumerate(inputs):
         float_outs.append(float_runner.invoke(x[None]))
         int8_outs.append(int8_runner.invoke(x[None]))
         for t in needed:
@@ -122,27 +154,39 @@ def collect_tensor_stats(
             approx = _tensor_value(int8_runner, qg, t)
             if not stats[t].add(ref, approx):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
+        if n < local_samples:
+            for i, kernel in kernels.items():
+                ref = kernel(int8_runner)
+                if ref is not None:
+                    local[i].add(ref, _tensor_value(int8_runner, qg, by_index[i].int8_output))
         if on_item:
             on_item()
-    return stats, np.concatenate(float_outs), np.concatenate(int8_outs)
+    return stats, local, np.concatenate(float_outs), np.concatenate(int8_outs)
 
 
-def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg) -> list[sensitivity.LayerMetrics]:
+def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg,
+                  local: dict[int, ErrorStats] | None = None) -> list[sensitivity.LayerMetrics]:
     out = []
+    local = local or {}
     for layer in match.layers:
         s = stats[layer.int8_output]
         in_stats = [stats[t] for t in layer.int8_inputs if t in stats]
         in_sqnr = pooled_sqnr_db(in_stats) if in_stats else math.inf
         w_sqnr, w_mse = _weight_metrics(layer, fg, qg)
         q = qg.tensors[layer.int8_output]
+        own = local.get(layer.index)
+        own_ok = own is not None and own.count > 0
+        scale = q.scales[0] if q.scales else None
         out.append(
             sensitivity.LayerMetrics(
                 index=layer.index, name=layer.name, short_name=layer.short_name, op_type=layer.op_type,
                 params=layer.params, macs=layer.macs, fused_activation=layer.fused_activation,
                 act_sqnr_db=s.sqnr_db, act_mse=s.mse, act_nmse=s.nmse, act_max_abs_err=s.max_abs,
-                act_scale=q.scales[0] if q.scales else None, act_zero_point=q.zero_points[0] if q.zero_points else None,
+                act_scale=scale, act_zero_point=q.zero_points[0] if q.zero_points else None,
                 input_sqnr_db=in_sqnr, sqnr_delta_db=sensitivity.sqnr_delta(in_sqnr, s.sqnr_db),
                 weight_sqnr_db=w_sqnr, weight_mse=w_mse,
+                local_sqnr_db=own.sqnr_db if own_ok else None,
+                local_rmse_lsb=math.sqrt(own.mse) / scale if own_ok and scale else None,
             )
         )
     return out
@@ -198,8 +242,9 @@ def analyze(
         with captured_native_output(not options.verbose):
             float_runner = TfliteRunner(compiled.float_model, options.threads, preserve_all_tensors=True)
             int8_runner = TfliteRunner(compiled.int8_model, options.threads, preserve_all_tensors=True)
-        stats, float_out, int8_out = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs, lambda: progress.advance(task))
-        metrics = layer_metrics(match, stats, fg, qg)
+        stats, local, float_out, int8_out = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs,
+                                                                 lambda: progress.advance(task), options.local_samples)
+        metrics = layer_metrics(match, stats, fg, qg, local)
         timings["analysis"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
         with captured_native_output(not options.verbose):
@@ -266,7 +311,8 @@ def write_csv(report: AnalysisReport, path: Path) -> None:
     oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
     columns = ["index", "rank", "name", "short_name", "op_type", "fused_activation", "params", "macs",
                "weight_sqnr_db", "weight_mse", "act_sqnr_db", "act_mse", "act_nmse", "act_max_abs_err",
-               "act_scale", "act_zero_point", "input_sqnr_db", "sqnr_delta_db", f"score_{report.metric}"]
+               "act_scale", "act_zero_point", "input_sqnr_db", "sqnr_delta_db", "local_sqnr_db", "local_rmse_lsb",
+               f"score_{report.metric}"]
     if oracle:
         columns += ["oracle_output_sqnr_gain_db", "oracle_top1_agreement"]
     with open(path, "w", newline="") as fh:

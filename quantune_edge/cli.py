@@ -14,7 +14,7 @@ from . import __version__
 from .console import Reporter
 from .errors import QuantuneError
 from .reports import _jsonable
-from .sensitivity import nan_low
+from .sensitivity import DEFAULT_METRIC, nan_low
 
 app = typer.Typer(
     add_completion=False,
@@ -160,9 +160,10 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
     table = Table(title=f"{min(top, len(report.layers))} most sensitive of {len(report.layers)} layers (score: {report.metric})",
                   header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), caption="W/A dB: SQNR of weights/activation vs float; "
-                  "Δ: SQNR the layer itself loses" + ("; oracle: output SQNR gain with only this layer float" if oracle else ""))
-    show_score = report.metric != "sqnr_delta"
-    columns = ["rank", "#", "layer", "op", "params", "MMAC", "W dB", "A dB", "Δ dB"] + (["score"] if show_score else []) + (["oracle"] if oracle else [])
+                  "Δ: SQNR the layer itself loses; own: RMS error of the layer on its own int8 input, in output LSBs"
+                  + ("; oracle: output SQNR gain with only this layer float" if oracle else ""))
+    show_score = report.metric not in ("sqnr_delta", "local_rmse")
+    columns = ["rank", "#", "layer", "op", "params", "MMAC", "W dB", "A dB", "Δ dB", "own"] + (["score"] if show_score else []) + (["oracle"] if oracle else [])
     for col in columns:
         table.add_column(col, justify="left" if col in ("layer", "op") else "right", no_wrap=col != "layer",
                          min_width=16 if col == "layer" else None)
@@ -172,7 +173,8 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
         op = _OP_ABBREV.get(layer["op_type"], layer["op_type"].lower())
         op += f"+{layer['fused_activation'].lower()}" if layer["fused_activation"] not in (None, "NONE") else ""
         row = [str(rank), str(layer["index"]), layer["short_name"], op, _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
-               _db(layer["weight_sqnr_db"]), _db(layer["act_sqnr_db"]), _db(layer["sqnr_delta_db"])]
+               _db(layer["weight_sqnr_db"]), _db(layer["act_sqnr_db"]), _db(layer["sqnr_delta_db"]),
+               f"{layer['local_rmse_lsb']:.2f}" if layer.get("local_rmse_lsb") is not None else "-"]
         if show_score:
             row.append(f"{scores[position[layer['index']]]:.3g}")
         if oracle:
@@ -224,7 +226,7 @@ def analyze_cmd(
     calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the one float + one int8 pass.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
-    metric: Annotated[str, typer.Option("--metric", help="Sensitivity score: sqnr_delta (default), act_sqnr, weight_sqnr, act_nmse, act_mse, weight_mse, quantune.")] = "sqnr_delta",
+    metric: Annotated[str, typer.Option("--metric", help="Sensitivity score: local_rmse (default), sqnr_delta, act_sqnr, weight_sqnr, act_nmse, act_mse, weight_mse, quantune.")] = DEFAULT_METRIC,
     oracle: Annotated[bool, typer.Option("--oracle", help="Also build and run one model per layer kept float (n+1 builds) and correlate.")] = False,
     top: Annotated[int, typer.Option("--top", help="Rows of the most-sensitive table.")] = 10,
     threads: Annotated[int, typer.Option("--threads", help="Interpreter threads.")] = 2,
@@ -258,6 +260,7 @@ def tune_cmd(
     float_layers: Annotated[Optional[int], typer.Option("--float-layers", help="Keep exactly the K most sensitive layers float.")] = None,
     keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Layer name, short name or glob always kept float (repeatable).")] = None,
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="Rank layers by this analysis score (default: the analysis's own).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
     threads: Annotated[int, typer.Option("--threads", help="Interpreter threads for evaluation and latency.")] = 2,
     naive: Annotated[bool, typer.Option("--naive", help="Plain ranking prefix, no fusion-aware regions (for comparison).")] = False,
@@ -279,7 +282,7 @@ def tune_cmd(
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
     try:
         options = TuneOptions(max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
-                              keep_float=list(keep_float or []), num_eval=num_eval, seed=seed, threads=threads,
+                              keep_float=list(keep_float or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
                               fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
                               preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
         report = tune(folder, eval_data, options, reporter)

@@ -82,3 +82,27 @@ def measure_latency_ms(path: str | Path, sample: np.ndarray, threads: int = 2, w
         times.append((time.perf_counter() - start) * 1e3)
     arr = np.asarray(times)
     return {"p50": float(np.median(arr)), "min": float(arr.min()), "mean": float(arr.mean()), "runs": runs, "threads": threads}
+
+
+def paired_latency_ms(path: str | Path, reference: str | Path, sample: np.ndarray, threads: int = 2, rounds: int = 5,
+                      runs: int = 10, warmup: int = 5) -> tuple[float, float]:
+    """p50 latency of a model and of a reference model, timed in alternating rounds.
+
+    Two separate measurements on a shared or frequency-scaling CPU can differ by tens of percent
+    for the same model; alternating rounds expose both models to the same conditions, so the
+    ratio of the two medians is what to compare (e.g. mixed vs full int8)."""
+    import time
+
+    runners = (TfliteRunner(path, threads), TfliteRunner(reference, threads))
+    x = sample[None]
+    for runner in runners:
+        for _ in range(warmup):
+            runner.invoke(x)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for runner, bucket in zip(runners, times):
+            for _ in range(runs):
+                start = time.perf_counter()
+                runner.invoke(x)
+                bucket.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times[0])), float(np.median(times[1]))

@@ -8,6 +8,10 @@ Every score is "higher = more sensitive" (keeping that layer float should help m
 - ``weight_sqnr``: minus the SQNR of the dequantized int8 weights; layers without weights rank last.
 - ``act_nmse`` / ``act_mse`` / ``weight_mse``: mean squared errors (``act_nmse`` relative to the
   float output's variance, so it is scale-free).
+- ``local_rmse``: the layer's own error on its own int8 input (its float op run on the int8 model's
+  dequantized input vs the int8 op's output), RMS in units of the output's quantization step. This
+  is the quantity TF's QuantizationDebugger ranks by (RMSE/scale), obtained here from the same two
+  runs with a numpy kernel instead of a separate debug model; ops without a kernel rank last.
 - ``quantune``: QuantuneV2's reference score: weight SQNR, activation SQNR, weight MSE and
   activation MSE, each rank-normalised to [0, 1] and combined with a ratio (default 1:1:1:1).
 """
@@ -39,6 +43,8 @@ class LayerMetrics:
     sqnr_delta_db: float
     weight_sqnr_db: float | None = None
     weight_mse: float | None = None
+    local_sqnr_db: float | None = None
+    local_rmse_lsb: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,9 +106,10 @@ SCORES: dict[str, Callable[[list[LayerMetrics]], np.ndarray]] = {
     "act_nmse": _pos("act_nmse"),
     "act_mse": _pos("act_mse"),
     "weight_mse": _pos("weight_mse"),
+    "local_rmse": _pos("local_rmse_lsb"),
 }
 SCORES["quantune"] = quantune_score
-DEFAULT_METRIC = "sqnr_delta"
+DEFAULT_METRIC = "local_rmse"
 
 
 def score(metrics: list[LayerMetrics], metric: str = DEFAULT_METRIC) -> np.ndarray:

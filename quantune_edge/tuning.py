@@ -27,7 +27,7 @@ from .layers import match_layers, tensor_key
 from .metrics import compare_outputs, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
-from .runtime import TfliteRunner, measure_latency_ms
+from .runtime import TfliteRunner, measure_latency_ms, paired_latency_ms
 
 MIXED_MODEL = "model_mixed.tflite"
 TUNE_JSON = "tune.json"
@@ -44,13 +44,14 @@ class TuneOptions:
     max_latency_ratio: float | None = None  # vs full int8 on the host
     float_layers: int | None = None  # exactly the k most sensitive (grown into regions)
     keep_float: list[str] = field(default_factory=list)
+    metric: str | None = None  # rank by this analysis score instead of the analysis's own order
     num_eval: int = 200
     seed: int = 1
     threads: int = 2
     fusion_aware: bool = True
     best_effort: bool = False
     pareto: bool = False
-    latency_runs: int = 30
+    latency_runs: int = 50  # per model, in 5 rounds alternating with the full-int8 model
     preprocessing: Preprocessing | None = None
     verbose: bool = False
 
@@ -86,19 +87,25 @@ def resolve_layer_names(patterns: list[str], layers: list[dict]) -> set[int]:
     return chosen
 
 
-def _load_analysis(compiled: CompiledModel) -> dict:
+def _load_analysis(compiled: CompiledModel, metric: str | None = None) -> dict:
     path = compiled.folder / ANALYSIS_JSON
     if not path.is_file():
         raise InputError(f"no {ANALYSIS_JSON} in {compiled.folder}; run 'quantune-edge analyze {compiled.folder} --calib DATA' first")
     try:
         data = json.loads(path.read_text())
-        layers, order = data["layers"], data["sensitivity_order"]
+        layers, order, used = data["layers"], data["sensitivity_order"], data["metric"]
         sha = data["model"]["sha256"]
+        if metric is not None and metric != used:
+            if metric not in data["scores"]:
+                raise InputError(f"--metric {metric!r} is not in {path} (it has {', '.join(data['scores'])}); re-run analyze")
+            values = data["scores"][metric]
+            order = [layers[i]["index"] for i in sorted(range(len(layers)), key=lambda i: (-values[i], i))]
+            used = metric
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path} is not a quantune-edge analysis ({exc})") from None
     if sha != compiled.report.model["sha256"]:
         raise InputError(f"{path} was made for another model (sha256 {sha[:12]}…, compile has {compiled.report.model['sha256'][:12]}…); re-run analyze")
-    return {"layers": layers, "order": order, "weights": data["model"].get("weights")}
+    return {"layers": layers, "order": order, "metric": used, "weights": data["model"].get("weights")}
 
 
 class _Evaluator:
@@ -156,7 +163,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     if options.num_eval <= 0:
         raise InputError(f"--num-eval must be positive, got {options.num_eval}")
     compiled = CompiledModel.open(compile_dir)
-    analysis = _load_analysis(compiled)
+    analysis = _load_analysis(compiled, options.metric)
     fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
     match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
@@ -211,8 +218,10 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         def latency(k: int) -> dict:
             if "latency_ms" not in results[k]:
                 with captured_native_output(not options.verbose):
-                    results[k]["latency_ms"] = measure_latency_ms(paths[k], inputs[0], options.threads, runs=options.latency_runs)["p50"]
-                results[k]["latency_ratio"] = results[k]["latency_ms"] / lat_int8["p50"]
+                    mixed, int8 = paired_latency_ms(paths[k], compiled.int8_model, inputs[0], options.threads,
+                                                    runs=max(1, options.latency_runs // 5))
+                results[k]["latency_ms"] = mixed
+                results[k]["latency_ratio"] = mixed / int8
             return results[k]
 
         if options.float_layers is not None:
@@ -255,7 +264,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
     report = TuneReport(
-        budget={**mode, "met": met, "keep_float": options.keep_float, "fusion_aware": options.fusion_aware},
+        budget={**mode, "met": met, "keep_float": options.keep_float, "fusion_aware": options.fusion_aware,
+                "ranking_metric": analysis["metric"]},
         reference={"float32_accuracy": float_acc, "accuracy_is": "top-1" if labelled else "top-1 agreement with float32",
                    "eval_samples": len(samples), "eval_source": samples.source,
                    "float32_latency_ms": lat_float["p50"], "int8_latency_ms": lat_int8["p50"],
@@ -265,7 +275,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                       "op_type": layer_by_index[i]["op_type"]} for i in sorted(choices[chosen_k])],
                 "share_of_layers_float": len(choices[chosen_k]) / n},
         evaluations=[results[k] for k in sorted(results)],
-        search={"evaluations": ev.builds, "bound": selection.max_evaluations(n), "layers": n,
+        search={"evaluations": ev.builds, "bound": selection.max_evaluations(n), "layers": n, "order": analysis["order"],
                 "wall_time_s": round(time.perf_counter() - start, 2)},
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,

@@ -96,6 +96,29 @@ def test_metrics_match_numpy_on_one_layer(effnet_analysis, effnet_compiled):
     assert layer["macs"] == int(np.prod(ref.shape[2:4])) * w_float.size
 
 
+def test_local_error_is_the_layers_own_error_on_its_int8_input(effnet_analysis, effnet_compiled):
+    """local_rmse_lsb of a conv = RMS(int8 output - float conv of the int8 input) / output scale, by hand."""
+    from quantune_edge.layers import match_layers
+
+    compiled = CompiledModel.open(effnet_compiled)
+    fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
+    info = next(l for l in match_layers(fg, qg).layers if l.op_type == "CONV_2D" and l.index > 10 and l.fused_activation == "RELU6")
+    kernel = fg.tensors[info.float_weight].data.astype(np.float64)
+    assert kernel.shape[1:3] == (1, 1)  # a 1x1 expansion conv with ReLU6
+    w = kernel[:, 0, 0, :]
+    bias = fg.tensors[fg.ops[info.float_op].inputs[2]].data
+    errs = []
+    for _, qr in _preserved(compiled, compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, K, 0))):
+        own = np.clip(_int8_value(qr, qg, info.int8_inputs[0]) @ w.T + bias, 0, 6)
+        errs.append(_int8_value(qr, qg, info.int8_output) - own)
+    layer = effnet_analysis.layers[info.index]
+    scale = qg.tensors[info.int8_output].scales[0]
+    assert layer["local_rmse_lsb"] == pytest.approx(math.sqrt(np.mean(np.square(errs))) / scale, rel=1e-3)
+    assert 0.2 < layer["local_rmse_lsb"] < 5  # about the output's own rounding step, as int8 should be
+    means = [l for l in effnet_analysis.layers if l["op_type"] == "MEAN"]
+    assert means and all(l["local_rmse_lsb"] is None for l in means)  # no kernel: ranked last, not guessed
+
+
 def test_weighted_layers_have_finite_positive_weight_sqnr(effnet_analysis):
     convs = [l for l in effnet_analysis.layers if l["op_type"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
     assert len(convs) >= 50

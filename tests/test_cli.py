@@ -118,7 +118,8 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
     rows = [line for line in result.stderr.splitlines() if re.match(r"\s+[123]\s+\d+\s+\S+\s+(conv|dwconv|fc|add)", line)]
     assert len(rows) == 3
     data = json.loads((effnet_compiled / "analysis.json").read_text())
-    assert data["samples"]["count"] == 4 and data["metric"] == "sqnr_delta"
+    assert data["samples"]["count"] == 4 and data["metric"] == "local_rmse"
+    assert sum(l["local_rmse_lsb"] is not None for l in data["layers"]) >= 55
     as_json = run_cli("analyze", effnet_compiled, "--calib", DEMO_IMAGES, "--num-samples", "2", "--metric", "weight_sqnr", "--json")
     assert as_json.returncode == 0
     parsed = json.loads(as_json.stdout)

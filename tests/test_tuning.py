@@ -121,6 +121,17 @@ def test_bad_inputs(folder, effnet_compiled, tmp_path):
         tune(other, DEMO_IMAGES)
     with pytest.raises(InputError, match="evaluation data not found"):
         tune(folder, tmp_path / "missing")
+    with pytest.raises(InputError, match="--metric 'bogus' is not in"):
+        tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, metric="bogus", num_eval=8))
+
+
+def test_rank_by_another_stored_metric(folder):
+    data = json.loads((folder / "analysis.json").read_text())
+    weight_mse = data["scores"]["weight_mse"]
+    top2 = sorted(range(len(weight_mse)), key=lambda i: -weight_mse[i])[:2]
+    r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=2, metric="weight_mse", fusion_aware=False, num_eval=8, latency_runs=5))
+    assert r.budget["ranking_metric"] == "weight_mse" and r.search["order"][:2] == [data["layers"][i]["index"] for i in top2]
+    assert r.chosen["float_layers"] == sorted(data["layers"][i]["index"] for i in top2)
 
 
 def test_boundaries_count_crossings_once_per_tensor_and_precision():

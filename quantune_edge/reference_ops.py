@@ -1,0 +1,96 @@
+"""Float reference kernels of the common fused TFLite ops, in numpy (pure: arrays in, array out).
+
+They let the analysis ask, from the two runs it already has, what a layer alone does to the error:
+run the layer's float op (float weights and bias, fused activation) on the int8 model's own
+dequantized input and compare it with the int8 op's output. That is the error the layer adds on
+its own input, without running any extra model (TF's QuantizationDebugger measures the same
+quantity with a separate debug model).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+SAME, VALID = 0, 1
+SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "CONCATENATION")
+
+
+def activation(y: np.ndarray, name: str | None) -> np.ndarray:
+    if name in (None, "NONE"):
+        return y
+    if name == "RELU":
+        return np.maximum(y, 0)
+    if name == "RELU6":
+        return np.clip(y, 0, 6)
+    if name == "RELU_N1_TO_1":
+        return np.clip(y, -1, 1)
+    if name == "TANH":
+        return np.tanh(y)
+    raise NotImplementedError(name)
+
+
+def _pad_same(x: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
+    """TFLite SAME padding (the extra row/column goes at the end)."""
+    h, w = x.shape[1:3]
+    ph = max((-(-h // sh) - 1) * sh + kh - h, 0)
+    pw = max((-(-w // sw) - 1) * sw + kw - w, 0)
+    return np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+
+
+def _patches(x: np.ndarray, kh: int, kw: int, options: dict) -> np.ndarray:
+    """(N, OH, OW, C, KH, KW) windows of an NHWC input, honouring stride, dilation and padding."""
+    sh, sw = options.get("strideH", 1), options.get("strideW", 1)
+    dh, dw = options.get("dilationHFactor", 1), options.get("dilationWFactor", 1)
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if options.get("padding", SAME) == SAME:
+        x = _pad_same(x, ekh, ekw, sh, sw)
+    return sliding_window_view(x, (ekh, ekw), axis=(1, 2))[:, ::sh, ::sw, :, ::dh, ::dw]
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options: dict) -> np.ndarray:
+    """x (N,H,W,I), w (O,KH,KW,I) -> (N,OH,OW,O)."""
+    _, kh, kw, _ = w.shape
+    if kh == kw == 1 and options.get("padding", SAME) in (SAME, VALID):
+        y = x[:, :: options.get("strideH", 1), :: options.get("strideW", 1), :] @ w[:, 0, 0, :].T
+    else:
+        y = np.einsum("nhwcij,oijc->nhwo", _patches(x, kh, kw, options), w, optimize=True)
+    return y if b is None else y + b
+
+
+def depthwise_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options: dict) -> np.ndarray:
+    """x (N,H,W,C), w (1,KH,KW,C*M) -> (N,OH,OW,C*M); output channel o reads input channel o // M."""
+    _, kh, kw, out_c = w.shape
+    mult = out_c // x.shape[3]
+    p = _patches(x, kh, kw, options)
+    if mult > 1:
+        p = np.repeat(p, mult, axis=3)
+    y = np.einsum("nhwcij,ijc->nhwc", p, w[0])
+    return y if b is None else y + b
+
+
+def fully_connected(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    y = x.reshape(-1, w.shape[1]) @ w.T
+    return y if b is None else y + b
+
+
+def run(op_type: str, options: dict, inputs: list[np.ndarray], weight: np.ndarray | None, bias: np.ndarray | None,
+        fused_activation: str | None, out_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The op's float output for these inputs, or None when the op has no reference kernel here."""
+    if op_type == "CONV_2D":
+        y = conv2d(inputs[0], weight, bias, options)
+    elif op_type == "DEPTHWISE_CONV_2D":
+        y = depthwise_conv2d(inputs[0], weight, bias, options)
+    elif op_type == "FULLY_CONNECTED":
+        y = fully_connected(inputs[0], weight, bias)
+    elif op_type == "ADD" and len(inputs) == 2:
+        y = inputs[0] + inputs[1]
+    elif op_type == "MUL" and len(inputs) == 2:
+        y = inputs[0] * inputs[1]
+    elif op_type == "CONCATENATION":
+        y = np.concatenate(inputs, axis=options.get("axis", -1))
+    else:
+        return None
+    try:
+        return activation(y, fused_activation).reshape(out_shape)
+    except NotImplementedError:
+        return None
