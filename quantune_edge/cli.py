@@ -562,66 +562,108 @@ def report_cmd(
     reporter.info(f"wrote {page}")
 
 
+@app.command("run")
+def run_cmd(
+    model: Annotated[Path, typer.Argument(help="ONNX image model.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration images (folder) or .npy.")],
+    eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1) or .npy.")],
+    target: Annotated[str, typer.Option("--target", help="Target name(s), comma-separated.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything (kept; stages are cached in it).")] = Path("runs/run"),
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32.")] = 1.0,
+    num_calib: Annotated[int, typer.Option("--num-calib")] = 100,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the two-run analysis.")] = 32,
+    num_eval: Annotated[int, typer.Option("--num-eval")] = 200,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor int8 weights.")] = False,
+    label_offset: Annotated[int, typer.Option("--label-offset")] = 0,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on each target.")] = 20,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Also sweep k on the host and plot pareto.png.")] = False,
+    best_effort: Annotated[bool, typer.Option("--best-effort", help="Go on with the best model when the budget is unreachable.")] = False,
+    targets_dir: TargetsDir = None,
+    trust_new_host_key: TrustNew = False,
+    install_runtime: InstallRuntime = False,
+    preset: Preset = None,
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    channel_order: ChannelOrder = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """ONNX to on-device report: compile, analyze, tune, deploy and bench float32/int8/mixed, report.html."""
+    from .pipeline import RunOptions
+    from .preprocessing import make_preprocessing
+
+    try:
+        targets = _load_targets(target, targets_dir)
+        options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order),
+                             label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
+                             analysis_samples=num_samples, max_drop=max_drop,
+                             num_eval=num_eval, best_effort=best_effort, pareto=pareto, runs=runs,
+                             trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, verbose=verbose)
+    except QuantuneError as exc:
+        _fail(exc)
+    _run(model, calib, eval_data, targets, out, options, quiet=quiet, verbose=verbose, json_out=json_out)
+
+
+def _run(model: Path, calib: Path, eval_data: Path, targets, out: Path, options, *, quiet: bool, verbose: bool, json_out: bool) -> None:
+    from .pipeline import run_pipeline
+    from .results import ResultRow
+
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    try:
+        data = run_pipeline(model, calib, eval_data, targets, out, options, reporter)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        _print_json(data)
+        return
+    if quiet:
+        return
+    acc = data["accuracy"]
+    reporter.console.print(f"accuracy ({acc['is']}, {acc['samples']} images, host): "
+                           + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc["host"].items() if v is not None)
+                           + f"; float layers: {', '.join(l['short_name'] for l in data['tune']['chosen_layers']) or 'none'}")
+    if data["device"]:
+        _print_results(reporter, [ResultRow(**r) for r in data["device"]])
+    cached = [s for s, v in data["stages"].items() if v.get("cached")]
+    reporter.console.print(f"wrote {out / 'report.html'} and report.json" + (f" (cached stages: {', '.join(cached)})" if cached else ""))
+
+
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (replaced on every demo run).")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option("--out", help="Output folder (stages are cached in it).")] = Path("runs/demo"),
     num_calib: Annotated[int, typer.Option("--num-calib")] = 32,
-    no_device: Annotated[bool, typer.Option("--no-device", help="Stop after tuning: no emulated ARM board, no deployment.")] = False,
+    no_device: Annotated[bool, typer.Option("--no-device", help="No emulated ARM board: compile, analyze, tune and report only.")] = False,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on the emulated board.")] = 5,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
 ) -> None:
-    """The main job end-to-end on the built-in EfficientNet-Lite0 and demo images: compile, analyze,
-    tune, then deploy float32 / int8 / mixed to the emulated ARM board, benchmark them and report."""
-    if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
-        _fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
-    quiet = quiet or json_out
-    _compile(DEMO_MODEL, DEMO_IMAGES, out, num_calib=num_calib, seed=0, per_tensor=False, int8_io=False,
-             label_offset=0, force=True, preset=None, input_size=None, resize=None, channel_order=None,
-             quiet=quiet, verbose=verbose, json_out=False, **DEMO_PREPROCESSING)
-    from .analysis import AnalysisOptions
-    from .tuning import TuneOptions, tune
-
-    analysis = _analyze(out, DEMO_IMAGES, AnalysisOptions(num_samples=num_calib, verbose=verbose), top=10,
-                        quiet=quiet, verbose=verbose, json_out=False)
-    reporter = Reporter(quiet=quiet, verbose=verbose)
-    try:
-        tuned = tune(out, DEMO_IMAGES, TuneOptions(max_drop=1.0, num_eval=40, verbose=verbose), reporter)
-    except QuantuneError as exc:
-        _fail(exc)
-    if not quiet:
-        _print_tune(reporter, tuned)
-    summary = {"compile": json.loads((out / "compile.json").read_text()), "analysis": analysis.to_dict(), "tune": tuned.to_dict()}
-    if not no_device:
-        summary["device"] = _demo_on_emulated_board(out, runs, reporter, quiet)
-    if json_out:
-        _print_json(summary)
-
-
-def _demo_on_emulated_board(out: Path, runs: int, reporter: Reporter, quiet: bool) -> dict:
+    """`run` on the built-in EfficientNet-Lite0 and demo images against the emulated ARM board
+    (started, and built once, as needed): compile, analyze, tune, bench float32/int8/mixed, report."""
     from . import emulator
-    from .benchmark import BenchOptions
-    from .results import render_html, summarize
+    from .pipeline import RunOptions
+    from .preprocessing import make_preprocessing
     from .targets import load_target
 
-    try:
-        state = emulator.up(log=reporter.info)
-        target = load_target(state.target_file)
-        models = [out / f"model_{k}.tflite" for k in ("float32", "int8", "mixed")]
-        reporter.info(f"benchmarking {len(models)} models on the emulated ARM board ({target.address})")
-        (outcome,) = _bench_with_progress(reporter, models, [target], BenchOptions(warmup=1, runs=runs, results_dir=out / "results"))
-    except QuantuneError as exc:
-        _fail(exc)
-    if not outcome.ok:
-        _fail(QuantuneError(outcome.error))
-    rows = [r for r in summarize(out / "results") if r.report in set(outcome.reports)]
-    page = out / "results" / "report.html"
-    page.write_text(render_html(rows, "quantune-edge demo: EfficientNet-Lite0 on the emulated ARM board"))
-    if not quiet:
-        _print_results(reporter, rows)
-        reporter.info(f"wrote {page}; the board keeps running ('quantune-edge targets emulate down' stops it)")
-    return {"target": target.to_dict(), "results": [r.to_dict() for r in rows], "html": str(page)}
+    if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
+        _fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    targets = []
+    if not no_device:
+        try:
+            state = emulator.up(log=reporter.info)
+        except QuantuneError as exc:
+            _fail(exc)
+        targets = [load_target(state.target_file)]
+    options = RunOptions(preprocessing=make_preprocessing(**DEMO_PREPROCESSING), num_calib=num_calib, analysis_samples=num_calib,
+                         num_eval=40, runs=runs, warmup=1, verbose=verbose)
+    _run(DEMO_MODEL, DEMO_IMAGES, DEMO_IMAGES, targets, out, options, quiet=quiet, verbose=verbose, json_out=json_out)
+    if targets and not (quiet or json_out):
+        reporter.info("the emulated board keeps running ('quantune-edge targets emulate down' stops it); "
+                      "its latency is qemu's, not a Pi's")
 
 
 @app.command("version")

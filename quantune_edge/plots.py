@@ -11,7 +11,7 @@ from .sensitivity import nan_low
 
 def _finite(values) -> np.ndarray:
     arr = np.array([np.nan if v is None or (isinstance(v, str)) else float(v) for v in values], np.float64)
-    arr[~np.isfinite(arr)] = np.nan
+    arr[~np.isfinite(arr) | (np.abs(arr) >= 1e299)] = np.nan  # scores park undefined layers at +-1e300
     return arr
 
 

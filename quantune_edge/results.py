@@ -52,14 +52,20 @@ def load_reports(results_dir: str | Path) -> list[tuple[Path, dict]]:
 
 
 def summarize(results_dir: str | Path) -> list[ResultRow]:
-    """The latest report per (target, local model file), with speed-up vs the float32 model from the
-    same folder (two files with the same bytes, e.g. an int8 and a mixed model with no float layer,
-    stay two rows)."""
-    latest: dict[tuple[str, str], tuple[Path, dict]] = {}
-    for path, data in load_reports(results_dir):
-        latest[(data["target"]["name"], str(Path(data["host"]["local_path"]).resolve()))] = (path, data)
-    if not latest:
+    """The latest report per (target, local model file) under a results folder."""
+    rows = rows_from(load_reports(results_dir))
+    if not rows:
         raise InputError(f"no benchmark reports under {results_dir}")
+    return rows
+
+
+def rows_from(reports: list[tuple[Path, dict]]) -> list[ResultRow]:
+    """The latest of the given reports per (target, local model file), with speed-up vs the float32
+    model from the same folder (two files with the same bytes, e.g. an int8 and a mixed model with no
+    float layer, stay two rows)."""
+    latest: dict[tuple[str, str], tuple[Path, dict]] = {}
+    for path, data in reports:
+        latest[(data["target"]["name"], str(Path(data["host"]["local_path"]).resolve()))] = (path, data)
     floats = {}
     for (target, _local), (_p, data) in latest.items():
         if data["host"]["label"] == "float32":
@@ -79,7 +85,7 @@ def summarize(results_dir: str | Path) -> list[ResultRow]:
     return rows
 
 
-def _chart(rows: list[ResultRow]) -> str:
+def latency_chart(rows: list[ResultRow]) -> str:
     """Horizontal bars of p50 latency per target and model, with a tick at p90 (inline SVG)."""
     bar_h, gap, left, width = 22, 8, 300, 460
     top = max(r.p90_ms for r in rows) or 1.0
@@ -118,7 +124,7 @@ def render_html(rows: list[ResultRow], title: str = "quantune-edge benchmark rep
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:nth-child(-n+4){{text-align:left}}</style>
 </head><body><h1>{html.escape(title)}</h1>{note}
-<h2>Latency</h2>{_chart(rows)}
+<h2>Latency</h2>{latency_chart(rows)}
 <h2>Models per target</h2><table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{''.join(body)}</table>
 </body></html>
 """

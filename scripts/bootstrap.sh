@@ -7,13 +7,14 @@ cd "$root"
 venv="$root/.venv"
 stamp="$venv/.quantune-edge-installed"
 
-# System tools for deployment tests and the emulated ARM board (Debian packages, root only).
+# System tools for deployment tests, the emulated ARM board and the report test (Debian packages, root only).
 need=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 [ -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
 command -v update-binfmts >/dev/null 2>&1 || [ -x /usr/sbin/update-binfmts ] || need+=(binfmt-support)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # renders report.html in a test
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian packages: ${need[*]} ..." >&2
@@ -21,7 +22,7 @@ if [ "${#need[@]}" -gt 0 ]; then
         apt-get update -qq >/dev/null && apt-get install -y -qq "${need[@]}" >/dev/null \
             || { echo "error: apt-get install ${need[*]} failed" >&2; exit 1; }
     else
-        echo "note: deployment tests and the emulated ARM board need: ${need[*]} (apt-get install as root)" >&2
+        echo "note: deployment tests, the emulated ARM board and the report test need: ${need[*]} (apt-get install as root)" >&2
     fi
 fi
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"

@@ -153,3 +153,25 @@ def effnet_compiled(tmp_path_factory) -> Path:
     prep = make_preprocessing(mean="127,127,127", std="128,128,128")
     compile_model(DEMO_MODEL, DEMO_IMAGES, out, CompileOptions(preprocessing=prep, num_calib=16))
     return out
+
+
+@pytest.fixture(scope="session")
+def emulated_target():
+    """The emulated Raspberry Pi's target file. Built once per machine (debootstrap, about 2-3 minutes,
+    cached in ~/.cache/quantune-edge/emulator). Outside CI it is skipped when the host cannot run it
+    (not root, or qemu/debootstrap missing); in CI (CI=true) that is a failure, never a silent skip."""
+    from loopback_sshd import free_port
+    from quantune_edge import emulator
+    from quantune_edge.errors import DeviceError
+
+    try:
+        emulator._require_host()
+    except DeviceError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    before = emulator.status()
+    state = before if before.running else emulator.up(free_port(), log=print)
+    yield Path(state.target_file)
+    if not before.running:
+        emulator.down()

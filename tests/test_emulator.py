@@ -1,9 +1,5 @@
-"""The emulated Raspberry Pi: a real aarch64 userland under qemu-user with its own sshd on loopback.
-
-Built once per machine (debootstrap, about 2-3 minutes, cached in ~/.cache/quantune-edge/emulator).
-Outside CI it is skipped when the host cannot run it (not root, or qemu/debootstrap missing); in CI
-(CI=true) that is a failure, never a silent skip.
-"""
+"""The emulated Raspberry Pi: a real aarch64 userland under qemu-user with its own sshd on loopback
+(the ``emulated_target`` fixture in conftest builds it once per machine and starts it)."""
 import json
 import os
 import subprocess
@@ -14,29 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import DEMO_IMAGES
-from loopback_sshd import free_port
 
 from quantune_edge import emulator
 from quantune_edge.deploy import open_device
-from quantune_edge.errors import DeviceError
 from quantune_edge.targets import load_target
 
 CLI = [sys.executable, "-m", "quantune_edge.cli"]
-
-
-@pytest.fixture(scope="module")
-def emulated_target():
-    try:
-        emulator._require_host()
-    except DeviceError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
-    before = emulator.status()
-    state = before if before.running else emulator.up(free_port(), log=print)
-    yield Path(state.target_file)
-    if not before.running:
-        emulator.down()
 
 
 def test_bench_on_emulated_arm_reports_aarch64(emulated_target, effnet_compiled, tmp_path):

@@ -1,0 +1,186 @@
+"""``run``: ONNX model to on-device report in one call, each stage cached by the hashes of its inputs.
+
+Stages: compile -> analyze -> tune -> bench (every target) -> report. ``OUT/stages.json`` records each
+stage's key (a hash of its inputs and of the previous stage's key), status and time; a stage whose
+key is unchanged and whose outputs exist is skipped, so re-running with only a new budget redoes
+tune, bench and report but not compile or analysis. A failing stage leaves the outputs of earlier
+stages in place and is named in the error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .console import Reporter
+from .errors import QuantuneError
+from .preprocessing import Preprocessing
+from .reports import SCHEMA_VERSION, _jsonable, now_iso, sha256_file, write_json
+from .targets import Target
+
+STAGES = ("compile", "analyze", "tune", "bench", "report")
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".csv", ".npy"}
+
+
+class StageError(QuantuneError):
+    """One stage of ``run`` failed; the message names it."""
+
+    def __init__(self, stage: str, cause: QuantuneError) -> None:
+        super().__init__(f"stage '{stage}' failed: {cause}")
+        self.stage = stage
+        self.exit_code = cause.exit_code
+
+
+@dataclass
+class RunOptions:
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    label_offset: int = 0
+    per_tensor: bool = False
+    num_calib: int = 100
+    analysis_samples: int = 32
+    max_drop: float = 1.0
+    num_eval: int = 200
+    best_effort: bool = False
+    pareto: bool = False
+    runs: int = 20
+    warmup: int = 3
+    threads: int = 2
+    trust_new_host_key: bool = False
+    install_runtime: bool = False
+    verbose: bool = False
+
+
+def data_fingerprint(source: str | Path) -> str:
+    """sha256 over a data file, or over every image (and labels.csv) of a folder, names included."""
+    path = Path(source)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES):
+            digest.update(str(f.relative_to(path)).encode() + b"\0" + bytes.fromhex(sha256_file(f)))
+    return digest.hexdigest()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(parts), sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Stages:
+    """stages.json: what ran, with which key, how it ended."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "stages.json"
+        try:
+            self.state: dict = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.state = {}
+        self.ran: dict[str, dict] = {}
+
+    def cached(self, stage: str, key: str | None, outputs: list[Path]) -> bool:
+        entry = self.state.get(stage, {})
+        if key is None:
+            return False
+        return entry.get("key") == key and entry.get("status") == "done" and all(p.exists() for p in outputs)
+
+    def run(self, stage: str, key: str | None, outputs: Callable[[], list[Path]], work: Callable[[], Any], reporter: Reporter) -> Any:
+        if self.cached(stage, key, outputs()):
+            reporter.info(f"[dim]{stage}: cached (inputs unchanged)[/]")
+            self.ran[stage] = {**self.state[stage], "cached": True}
+            return None
+        reporter.info(f"[bold]{stage}[/]")
+        start = time.perf_counter()
+        try:
+            result = work()
+        except QuantuneError as exc:
+            self.state[stage] = {"key": key, "status": "failed", "error": str(exc), "finished": now_iso()}
+            self.ran[stage] = {**self.state[stage], "cached": False}
+            self._save()
+            raise StageError(stage, exc) from None
+        self.state[stage] = {"key": key, "status": "done", "seconds": round(time.perf_counter() - start, 2),
+                             "finished": now_iso(), **({"outputs": result} if isinstance(result, list) else {})}
+        self.ran[stage] = {**self.state[stage], "cached": False}
+        self._save()
+        return result
+
+    def _save(self) -> None:
+        write_json(self.path, self.state)
+
+
+def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, targets: list[Target], out: str | Path,
+                 options: RunOptions | None = None, reporter: Reporter | None = None) -> dict:
+    """Compile, analyze, tune, benchmark on every target, and write OUT/report.json + report.html."""
+    from . import report as report_mod
+    from .analysis import AnalysisOptions, analyze
+    from .benchmark import BenchOptions, bench
+    from .compiler import CompileOptions, compile_model
+    from .errors import DeviceError, InputError
+    from .tuning import TuneOptions, tune
+
+    options = options or RunOptions()
+    reporter = reporter or Reporter(quiet=True)
+    model, out = Path(model), Path(out)
+    if not model.is_file():
+        raise InputError(f"{model}: no such ONNX model")
+    for what, src in (("calibration", calib), ("evaluation", eval_data)):
+        if not Path(src).exists():
+            raise InputError(f"{what} data not found: {src}")
+    out.mkdir(parents=True, exist_ok=True)
+    compiled = out / "compiled"
+    stages = _Stages(out)
+    o = options
+
+    compile_key = _key("compile", sha256_file(model), data_fingerprint(calib), o.preprocessing.to_dict(), o.label_offset,
+                       o.per_tensor, o.num_calib)
+    stages.run("compile", compile_key, lambda: [compiled / "compile.json", compiled / "model_int8.tflite"],
+               lambda: compile_model(model, calib, compiled, CompileOptions(
+                   preprocessing=o.preprocessing, num_calib=o.num_calib, per_channel=not o.per_tensor,
+                   label_offset=o.label_offset, force=True, verbose=o.verbose, threads=o.threads), reporter), reporter)
+
+    analyze_key = _key("analyze", compile_key, o.analysis_samples)
+    stages.run("analyze", analyze_key, lambda: [compiled / "analysis.json"],
+               lambda: analyze(compiled, calib, AnalysisOptions(num_samples=o.analysis_samples, threads=o.threads,
+                                                                  verbose=o.verbose), reporter), reporter)
+
+    tune_key = _key("tune", analyze_key, data_fingerprint(eval_data), o.max_drop, o.num_eval, o.best_effort, o.pareto)
+    stages.run("tune", tune_key, lambda: [compiled / "tune.json", compiled / "model_mixed.tflite"],
+               lambda: tune(compiled, eval_data, TuneOptions(max_drop=o.max_drop, num_eval=o.num_eval, threads=o.threads,
+                                                             best_effort=o.best_effort, pareto=o.pareto, verbose=o.verbose),
+                            reporter), reporter)
+
+    models = [compiled / f"model_{k}.tflite" for k in ("float32", "int8", "mixed")]
+    bench_key = _key("bench", tune_key, [t.to_dict() for t in targets], o.runs, o.warmup)
+
+    def do_bench() -> list[str]:
+        with reporter.progress() as progress:
+            tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in targets}
+            outcomes = bench(models, targets, BenchOptions(warmup=o.warmup, runs=o.runs, results_dir=out / "results",
+                                                           trust_new_host_key=o.trust_new_host_key,
+                                                           install_runtime=o.install_runtime),
+                             status=lambda name, text, done: progress.update(tasks[name], description=f"{name}: {text}", completed=done),
+                             log=reporter.info)
+        failed = [x for x in outcomes if not x.ok]
+        if failed:
+            raise DeviceError("; ".join(f"{x.target}: {x.error}" for x in failed))
+        return [p for x in outcomes for p in x.reports]
+
+    reports = stages.run("bench", bench_key, lambda: [Path(p) for p in stages.state.get("bench", {}).get("outputs", ["-"])],
+                         do_bench, reporter) if targets else []
+    if reports is None:
+        reports = stages.state["bench"]["outputs"]
+
+    def do_report() -> list[str]:
+        data = report_mod.build(out, compiled, [Path(p) for p in reports], stages.ran)
+        write_json(out / "report.json", data)
+        (out / "report.html").write_text(report_mod.render(data, compiled))
+        return [str(out / "report.json"), str(out / "report.html")]
+
+    stages.run("report", None, lambda: [], do_report, reporter)
+    data = json.loads((out / "report.json").read_text())
+    data["stages"] = stages.ran
+    write_json(out / "report.json", data)
+    return data
+

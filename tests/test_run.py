@@ -1,0 +1,91 @@
+"""`quantune-edge run` end to end on the shipped EfficientNet-Lite0: a loopback sshd target (x86_64)
+and the emulated ARM board, stage caching, every report section, and the page in headless Chromium."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_IMAGES, DEMO_MODEL
+from loopback_sshd import LoopbackSshd, free_port
+
+CLI = [sys.executable, "-m", "quantune_edge.cli"]
+CHROMIUM = shutil.which("chromium")
+SECTIONS = {"model", "compile", "analysis", "tune", "accuracy", "device", "pareto", "stages"}
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, COLUMNS="200"))
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = LoopbackSshd(tmp_path_factory.mktemp("run-sshd")).start()
+    yield server
+    server.stop()
+
+
+def _args(out, targets_dir, targets, *extra):
+    return ["run", DEMO_MODEL, "--calib", DEMO_IMAGES, "--eval", DEMO_IMAGES, "--target", targets, "--targets-dir", targets_dir,
+            "--out", out, "--mean", "127,127,127", "--std", "128,128,128", "--num-calib", 16, "--num-samples", 8, "--num-eval", 16,
+            "--runs", 2, *extra]
+
+
+def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
+    targets_dir = tmp_path / "targets"
+    sshd.target_toml(targets_dir / "loop.toml", python=sys.executable, work_dir=tmp_path / "device")
+    shutil.copy(emulated_target, targets_dir / "arm.toml")
+    out = tmp_path / "run"
+    first = run_cli(*_args(out, targets_dir, "loop,arm", "--json"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads(first.stdout)
+    assert SECTIONS <= set(report) and report["schema_version"] == 1
+    assert not any(s["cached"] for s in report["stages"].values())
+    machines = {(r["target"], r["label"]): r["machine"] for r in report["device"]}
+    assert machines[("arm", "mixed")] == "aarch64" and machines[("loop", "float32")] == "x86_64"
+    assert len(report["device"]) == 6 and all(r["p50_ms"] > 0 for r in report["device"])
+    assert set(report["accuracy"]["host"]) == {"float32", "int8", "mixed"} and report["accuracy"]["is"] == "top-1"
+    assert report["analysis"]["invocations"] == {"float32": 8, "int8": 8} and len(report["analysis"]["most_sensitive"]) == 10
+    assert {p["label"] for p in report["pareto"]["device"]} == {"float32", "int8", "mixed"}
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
+
+    again = run_cli(*_args(out, targets_dir, "loop,arm", "--json"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    stages = json.loads(again.stdout)["stages"]
+    assert all(stages[s]["cached"] for s in ("compile", "analyze", "tune", "bench")) and not stages["report"]["cached"]
+
+    (targets_dir / "dead.toml").write_text((targets_dir / "loop.toml").read_text().replace(f"port = {sshd.port}", f"port = {free_port()}"))
+    int8_before = (out / "compiled" / "model_int8.tflite").read_bytes()
+    failed = run_cli(*_args(out, targets_dir, "dead", "--max-drop", "2.0"))
+    assert failed.returncode == 3 and "stage 'bench' failed: dead: " in failed.stderr and "cannot reach" in failed.stderr
+    assert failed.stderr.count("error:") == 1
+    assert "compile: cached" in failed.stderr and "analyze: cached" in failed.stderr  # only the budget changed
+    assert (out / "compiled" / "model_int8.tflite").read_bytes() == int8_before
+    assert (out / "compiled" / "tune.json").is_file() and (out / "report.html").is_file()
+    state = json.loads((out / "stages.json").read_text())
+    assert state["bench"]["status"] == "failed" and state["tune"]["status"] == "done"
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (make test installs it as root)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("demo", "--out", out, "--no-device", "--num-calib", 8)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shot = tmp_path / "page.png"
+    browser = subprocess.run(
+        [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--enable-logging=stderr", "--v=0", "--window-size=1200,2400", f"--screenshot={shot}", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 50_000, browser.stderr[-2000:]
+    console = [line for line in browser.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2400) and len(set(im.convert("L").resize((60, 120)).getdata())) > 20  # not a blank page
