@@ -1,4 +1,4 @@
-"""``python -m device_agent info|bench|eval|hash``: one JSON document on stdout, always.
+"""``python -m device_agent info|bench|eval|profile|hash``: one JSON document on stdout, always.
 
 Failures are ``{"error": "...", "kind": "..."}`` with exit status 1 (2 for usage errors), so the
 host can tell a missing runtime from a corrupt model or a wrong input without parsing prose.
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m device_agent", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="info|bench|eval|hash")
+    sub = parser.add_subparsers(dest="command", metavar="info|bench|eval|profile|hash")
     sub.add_parser("info", help="device and TFLite runtime facts")
     bench = sub.add_parser("bench", help="latency of one model")
     bench.add_argument("model")
@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", required=True, help=".npz with 'x' (N, ...) and optional 'labels' (N,)")
     ev.add_argument("--threads", type=int, default=4)
     ev.add_argument("--no-xnnpack", action="store_true")
+    pr = sub.add_parser("profile", help="several models timed in alternating rounds (per-layer costs by difference)")
+    pr.add_argument("models", nargs="+")
+    pr.add_argument("--warmup", type=int, default=3)
+    pr.add_argument("--runs", type=int, default=10, help="timed runs per model per round")
+    pr.add_argument("--rounds", type=int, default=3)
+    pr.add_argument("--threads", type=int, default=4)
+    pr.add_argument("--no-xnnpack", action="store_true")
     hs = sub.add_parser("hash", help="sha256 of a file")
     hs.add_argument("path")
     return parser
@@ -61,7 +68,7 @@ def _envelope(kind: str) -> dict:
 def run(argv: list) -> dict:
     args = _parser().parse_args(argv)
     if args.command is None:
-        raise AgentError("usage", "a command is required: info, bench, eval or hash")
+        raise AgentError("usage", "a command is required: info, bench, eval, profile or hash")
     if args.command == "hash":
         from .bench import sha256_file
 
@@ -75,6 +82,11 @@ def run(argv: list) -> dict:
 
         result.update(bench(args.model, warmup=args.warmup, runs=args.runs, threads=args.threads,
                             xnnpack=not args.no_xnnpack, input_path=args.input, seed=args.seed))
+    elif args.command == "profile":
+        from .bench import profile
+
+        result.update(profile(args.models, warmup=args.warmup, runs=args.runs, rounds=args.rounds, threads=args.threads,
+                              xnnpack=not args.no_xnnpack))
     elif args.command == "eval":
         from .bench import evaluate
 

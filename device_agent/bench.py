@@ -160,3 +160,40 @@ def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = 
     if labels is not None:
         result["top1"] = float(np.mean(np.asarray(predictions) == labels.astype(np.int64)))
     return result
+
+
+def profile(paths: list, *, warmup: int = 3, runs: int = 10, rounds: int = 3, threads: int = 4, xnnpack: bool = True,
+            seed: int = 0) -> dict:
+    """Latency of several models timed in alternating rounds in one process.
+
+    The TFLite Python runtimes expose no per-op profiler, so per-layer costs are found by timing
+    variants of one model (e.g. int8, float32, and int8 with chosen layers float) side by side: the
+    differences are what those layers cost on this device, under the same conditions."""
+    if not paths or warmup < 0 or runs < 1 or rounds < 1:
+        raise AgentError("usage", "need at least one model, warmup >= 0, runs >= 1, rounds >= 1")
+    rng = np.random.default_rng(seed)
+    loaded = []
+    for path in paths:
+        interpreter = _open(path, threads, xnnpack)
+        inputs = interpreter.get_input_details()
+        data = [random_input(d, rng) for d in inputs]
+        for detail, x in zip(inputs, data):
+            interpreter.set_tensor(detail["index"], x)
+        for _ in range(warmup):
+            interpreter.invoke()
+        loaded.append((path, interpreter, inputs, data, []))
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for _path, interpreter, inputs, data, times in loaded:
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                for detail, x in zip(inputs, data):
+                    interpreter.set_tensor(detail["index"], x)
+                interpreter.invoke()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "settings": {"warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads, "xnnpack": xnnpack},
+        "models": [{"path": path, "sha256": sha256_file(path), "latency_ms": latency_summary(times)}
+                   for path, _i, _in, _d, times in loaded],
+        "wall_time_s": time.perf_counter() - start,
+    }

@@ -39,6 +39,9 @@ ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rg
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/onnx2tf logs.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+TargetsDir = Annotated[Optional[Path], typer.Option("--targets-dir", help="Folder of target TOML files (default ./targets).")]
+TrustNew = Annotated[bool, typer.Option("--trust-new-host-key", help="Trust an unknown host key on first use and record it in known_hosts.")]
+InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install tflite-runtime on the device if it has no TFLite runtime.")]
 
 
 def _print_json(data: dict) -> None:
@@ -261,6 +264,8 @@ def tune_cmd(
     keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Layer name, short name or glob always kept float (repeatable).")] = None,
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
     metric: Annotated[Optional[str], typer.Option("--metric", help="Rank layers by this analysis score (default: the analysis's own).")] = None,
+    latency_source: Annotated[Optional[str], typer.Option("--latency-source", help="Target whose measured layer costs price the choice (default: this host).")] = None,
+    targets_dir: TargetsDir = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
     threads: Annotated[int, typer.Option("--threads", help="Interpreter threads for evaluation and latency.")] = 2,
     naive: Annotated[bool, typer.Option("--naive", help="Plain ranking prefix, no fusion-aware regions (for comparison).")] = False,
@@ -281,7 +286,8 @@ def tune_cmd(
 
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
     try:
-        options = TuneOptions(max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
+        source = _load_targets(latency_source, targets_dir)[0] if latency_source else None
+        options = TuneOptions(latency_source=source, max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
                               keep_float=list(keep_float or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
                               fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
                               preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
@@ -315,10 +321,6 @@ def _print_tune(reporter: Reporter, report) -> None:
     reporter.console.print(f"{s['evaluations']} model evaluations (bound {s['bound']} for {s['layers']} layers), {s['wall_time_s']:.1f} s; "
                            f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))
 
-
-TargetsDir = Annotated[Optional[Path], typer.Option("--targets-dir", help="Folder of target TOML files (default ./targets).")]
-TrustNew = Annotated[bool, typer.Option("--trust-new-host-key", help="Trust an unknown host key on first use and record it in known_hosts.")]
-InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install tflite-runtime on the device if it has no TFLite runtime.")]
 
 targets_app = typer.Typer(no_args_is_help=True, help="Device definitions (targets/*.toml) and the emulated ARM board.")
 emulate_app = typer.Typer(no_args_is_help=True, help="An emulated Raspberry Pi: Debian arm64 under qemu-user with sshd on loopback.")

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from .layers import Layer
 from .tflite_graph import TfliteGraph
 
@@ -98,12 +100,39 @@ class CostModel:
         # Converting one element (load, scale, round, store) costs about as much as ~20 int8 MACs.
         return cls(int8_ms / total, float_ms / total, 20.0 * int8_ms / total)
 
+    @classmethod
+    def fit(cls, lg: LayerGraph, int8_ms: float, float_ms: float, probe: Iterable[int], probe_ms: float) -> "CostModel":
+        """The three costs solved from three measured models: full int8, full float32, and int8 with the
+        ``probe`` layers float (few MACs, many crossings), so the conversion cost is measured too."""
+        total = max(1, sum(lg.macs.values()))
+        rows, times = [], []
+        for fs, ms in ((frozenset(), int8_ms), (frozenset(lg.macs), float_ms), (frozenset(probe), probe_ms)):
+            f_macs = sum(lg.macs[i] for i in fs)
+            rows.append([total - f_macs, f_macs, sum(lg.elements.get(t, 1) for t in _crossings(lg, fs))])
+            times.append(ms)
+        a, b, c = np.linalg.lstsq(np.asarray(rows, np.float64), np.asarray(times, np.float64), rcond=None)[0]
+        if c < 0 or a <= 0 or b <= 0:  # noise: fall back to MACs only, conversions free
+            return cls(int8_ms / total, float_ms / total, max(0.0, float(c)))
+        return cls(float(a), float(b), float(c))
+
     def latency_ms(self, lg: LayerGraph, float_set: Iterable[int]) -> float:
         fs = frozenset(float_set)
         f_macs = sum(lg.macs[i] for i in fs)
         i_macs = sum(lg.macs.values()) - f_macs
         converted = sum(lg.elements.get(t, 1) for t in _crossings(lg, fs))
         return i_macs * self.int8_ms_per_mac + f_macs * self.float_ms_per_mac + converted * self.boundary_ms_per_element
+
+
+def boundary_probe(lg: LayerGraph, size: int = 8) -> frozenset[int]:
+    """Cheap layers, no two adjacent: keeping them float adds many int8<->float crossings and few
+    float MACs, which is what measuring the conversion cost needs."""
+    chosen: set[int] = set()
+    for i in sorted(lg.macs, key=lambda i: (lg.macs[i], i)):
+        if len(chosen) >= size:
+            break
+        if not (lg.neighbours(i) & chosen):
+            chosen.add(i)
+    return frozenset(chosen)
 
 
 def grow_regions(lg: LayerGraph, float_set: Iterable[int], cost: CostModel) -> frozenset[int]:

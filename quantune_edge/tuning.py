@@ -28,6 +28,7 @@ from .metrics import compare_outputs, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
 from .runtime import TfliteRunner, measure_latency_ms, paired_latency_ms
+from .targets import Target
 
 MIXED_MODEL = "model_mixed.tflite"
 TUNE_JSON = "tune.json"
@@ -45,6 +46,7 @@ class TuneOptions:
     float_layers: int | None = None  # exactly the k most sensitive (grown into regions)
     keep_float: list[str] = field(default_factory=list)
     metric: str | None = None  # rank by this analysis score instead of the analysis's own order
+    latency_source: Target | None = None  # price layers with costs measured on this target, not the host
     num_eval: int = 200
     seed: int = 1
     threads: int = 2
@@ -187,6 +189,15 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     lg = selection.LayerGraph.build(qg, match.layers)
     cost = selection.CostModel.from_measurements(lg, lat_int8["p50"], lat_float["p50"])
+    source: dict = {"kind": "host", "cost_model": asdict(cost)}
+    if options.latency_source is not None:
+        from .device_costs import device_cost_model
+
+        with tempfile.TemporaryDirectory(prefix="quantune-costs-") as tmp:
+            cost, record = device_cost_model(compiled, lg, names, options.latency_source, Path(tmp),
+                                             quiet=not options.verbose, log=reporter.info)
+        source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
+                  "measured_p50_ms": record["measured_p50_ms"]}
     order = [i for i in analysis["order"] if i not in forced]
     choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced)
 
@@ -232,6 +243,10 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             found = selection.bisect_smallest(n, evaluate, lambda r: r["drop_points"] <= options.max_drop + 1e-9,
                                               lambda r: r["accuracy"])
             chosen_k, met = found.best_k, found.k is not None
+            if met and options.latency_source is not None:
+                # Among the evaluated choices that meet the budget, the fastest on that device.
+                ok = [k for k, r in results.items() if r["drop_points"] <= options.max_drop + 1e-9]
+                chosen_k = min(ok, key=lambda k: (cost.latency_ms(lg, choices[k]), k))
             mode = {"max_drop_points": options.max_drop}
         else:
             limit = options.max_latency_ratio
@@ -249,6 +264,12 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             mode = {"max_latency_ratio": limit}
 
         chosen = latency(chosen_k)
+        if options.latency_source is not None:
+            from .device_costs import profile_on_device
+
+            (mixed_ms, int8_ms), _facts = profile_on_device(options.latency_source, [paths[chosen_k], compiled.int8_model],
+                                                           log=reporter.info)
+            chosen.update(device_latency_ms=mixed_ms, device_latency_ratio=mixed_ms / int8_ms)
         progress.update(task, total=len(results), completed=len(results))
         out_path = compiled.folder / MIXED_MODEL
         tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
@@ -265,7 +286,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
     report = TuneReport(
         budget={**mode, "met": met, "keep_float": options.keep_float, "fusion_aware": options.fusion_aware,
-                "ranking_metric": analysis["metric"]},
+                "ranking_metric": analysis["metric"], "latency_source": source},
         reference={"float32_accuracy": float_acc, "accuracy_is": "top-1" if labelled else "top-1 agreement with float32",
                    "eval_samples": len(samples), "eval_source": samples.source,
                    "float32_latency_ms": lat_float["p50"], "int8_latency_ms": lat_int8["p50"],

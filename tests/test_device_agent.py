@@ -125,3 +125,14 @@ def test_agent_errors_are_json(case, effnet_compiled, tmp_path):
         args, kind = ["eval", model, "--samples", junk], "bad_input"
     code, err = agent(*args, env=env)
     assert code == (2 if kind == "usage" else 1) and err["kind"] == kind and "\n" not in err["error"]
+
+
+def test_profile_times_several_models_side_by_side(effnet_compiled):
+    models = [effnet_compiled / "model_int8.tflite", effnet_compiled / "model_float32.tflite"]
+    code, rep = agent("profile", *models, "--runs", 3, "--rounds", 2, "--warmup", 1, "--threads", 2)
+    assert code == 0, rep
+    assert [m["sha256"] for m in rep["models"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in models]
+    int8, float32 = (m["latency_ms"] for m in rep["models"])
+    assert 0 < int8["p50"] < float32["p50"]  # int8 is faster than float32 on any CPU XNNPACK runs on
+    code, err = agent("profile", models[0], "--rounds", 0)
+    assert code == 2 and err["kind"] == "usage"

@@ -134,7 +134,7 @@ def test_rank_by_another_stored_metric(folder):
     assert r.chosen["float_layers"] == sorted(data["layers"][i]["index"] for i in top2)
 
 
-def test_boundaries_count_crossings_once_per_tensor_and_precision():
+def _toy_graph() -> selection.LayerGraph:
     from quantune_edge.layers import Layer
     from quantune_edge.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
@@ -146,7 +146,11 @@ def test_boundaries_count_crossings_once_per_tensor_and_precision():
     def layer(i, inputs, out):
         return Layer(i, f"l{i}", "CONV_2D", i, i, out, out, inputs, inputs, None, None, 0, 10, None)
 
-    lg = selection.LayerGraph.build(graph, [layer(0, [1], 2), layer(1, [2], 3), layer(2, [2], 5), layer(3, [3, 5], 4)])
+    return selection.LayerGraph.build(graph, [layer(0, [1], 2), layer(1, [2], 3), layer(2, [2], 5), layer(3, [3, 5], 4)])
+
+
+def test_boundaries_count_crossings_once_per_tensor_and_precision():
+    lg = _toy_graph()
     assert selection.boundaries(lg, []) == 2  # model input QUANTIZE + output DEQUANTIZE
     assert selection.boundaries(lg, [0, 1, 2, 3]) == 0
     assert selection.boundaries(lg, [1]) == 2 + 2  # + DEQUANTIZE of t2 into L1, QUANTIZE of t3 into L3
@@ -154,6 +158,37 @@ def test_boundaries_count_crossings_once_per_tensor_and_precision():
     grown = selection.grow_regions(lg, {1, 2}, selection.CostModel(1.0, 2.0, 1.0))
     assert 3 in grown  # the Add between two float layers joins them
     assert selection.boundaries(lg, grown) == 2  # input QUANTIZE, t2 DEQUANTIZE; the output is float already
+
+
+def test_cost_model_fit_recovers_device_costs():
+    lg = _toy_graph()
+    probe = selection.boundary_probe(lg, size=4)
+    assert probe == {0, 3}  # cheapest first, never two neighbours
+    truth = selection.CostModel(0.5, 2.0, 0.25)
+    measured = [truth.latency_ms(lg, s) for s in (set(), set(lg.macs), probe)]
+    fitted = selection.CostModel.fit(lg, *measured[:2], probe, measured[2])
+    assert fitted.int8_ms_per_mac == pytest.approx(0.5) and fitted.float_ms_per_mac == pytest.approx(2.0)
+    assert fitted.boundary_ms_per_element == pytest.approx(0.25)
+
+
+def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
+    import sys
+
+    from loopback_sshd import LoopbackSshd
+    from quantune_edge.targets import load_target
+
+    server = LoopbackSshd(tmp_path / "sshd").start()
+    try:
+        target = load_target(str(server.target_toml(tmp_path / "dev.toml", python=sys.executable, work_dir=tmp_path / "device")))
+        r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, num_eval=8, latency_runs=5, latency_source=target))
+    finally:
+        server.stop()
+    source = r.budget["latency_source"]
+    assert source["kind"] == "device" and source["target"]["name"] == "dev"
+    assert all(v > 0 for v in source["measured_p50_ms"].values()) and source["cost_model"]["float_ms_per_mac"] > 0
+    saved = json.loads((folder / "device_costs_dev.json").read_text())
+    assert saved["cost_model"] == source["cost_model"] and len(saved["probe_layers"]) == 8
+    assert r.chosen["device_latency_ms"] > 0 and r.chosen["device_latency_ratio"] > 0
 
 
 def test_bisection_bound_and_non_monotonic_accuracy():
