@@ -579,6 +579,7 @@ def run_cmd(
     label_offset: Annotated[int, typer.Option("--label-offset")] = 0,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on each target.")] = 20,
     pareto: Annotated[bool, typer.Option("--pareto", help="Also sweep k on the host and plot pareto.png.")] = False,
+    eval_on_device: Annotated[bool, typer.Option("--eval-on-device", help="Also measure top-1 on each target (the agent's eval).")] = False,
     best_effort: Annotated[bool, typer.Option("--best-effort", help="Go on with the best model when the budget is unreachable.")] = False,
     targets_dir: TargetsDir = None,
     trust_new_host_key: TrustNew = False,
@@ -602,7 +603,7 @@ def run_cmd(
         options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order),
                              label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
                              analysis_samples=num_samples, max_drop=max_drop,
-                             num_eval=num_eval, best_effort=best_effort, pareto=pareto, runs=runs,
+                             num_eval=num_eval, best_effort=best_effort, pareto=pareto, eval_on_device=eval_on_device, runs=runs,
                              trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, verbose=verbose)
     except QuantuneError as exc:
         _fail(exc)

@@ -1,6 +1,7 @@
 """``run``: ONNX model to on-device report in one call, each stage cached by the hashes of its inputs.
 
-Stages: compile -> analyze -> tune -> bench (every target) -> report. ``OUT/stages.json`` records each
+Stages: compile -> analyze -> tune -> bench (every target) -> device-eval (with ``eval_on_device``)
+-> report. ``OUT/stages.json`` records each
 stage's key (a hash of its inputs and of the previous stage's key), status and time; a stage whose
 key is unchanged and whose outputs exist is skipped, so re-running with only a new budget redoes
 tune, bench and report but not compile or analysis. A failing stage leaves the outputs of earlier
@@ -21,7 +22,7 @@ from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, _jsonable, now_iso, sha256_file, write_json
 from .targets import Target
 
-STAGES = ("compile", "analyze", "tune", "bench", "report")
+STAGES = ("compile", "analyze", "tune", "bench", "device-eval", "report")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".csv", ".npy"}
 
 
@@ -45,6 +46,7 @@ class RunOptions:
     num_eval: int = 200
     best_effort: bool = False
     pareto: bool = False
+    eval_on_device: bool = False
     runs: int = 20
     warmup: int = 3
     threads: int = 2
@@ -172,8 +174,23 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     if reports is None:
         reports = stages.state["bench"]["outputs"]
 
+    device_eval = out / "device_eval.json"
+    if o.eval_on_device and targets:
+        from .artifacts import CompiledModel
+        from .device_eval import evaluate_on_device
+
+        def do_device_eval() -> list[str]:
+            result = evaluate_on_device(CompiledModel.open(compiled), models, eval_data, o.num_eval, 1, targets,
+                                        o.threads, reporter.info)
+            write_json(device_eval, result)
+            return [str(device_eval)]
+
+        stages.run("device-eval", _key("device-eval", bench_key, data_fingerprint(eval_data), o.num_eval),
+                   lambda: [device_eval], do_device_eval, reporter)
+
     def do_report() -> list[str]:
-        data = report_mod.build(out, compiled, [Path(p) for p in reports], stages.ran)
+        data = report_mod.build(out, compiled, [Path(p) for p in reports], stages.ran,
+                                json.loads(device_eval.read_text()) if o.eval_on_device and device_eval.is_file() else None)
         write_json(out / "report.json", data)
         (out / "report.html").write_text(report_mod.render(data, compiled))
         return [str(out / "report.json"), str(out / "report.html")]

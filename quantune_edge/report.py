@@ -18,14 +18,15 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def build(out: Path, compiled: Path, bench_reports: list[Path], stages: dict) -> dict:
+def build(out: Path, compiled: Path, bench_reports: list[Path], stages: dict, device_eval: dict | None = None) -> dict:
     """Everything the page shows, gathered from the stage outputs."""
     comp, ana, tun = _read(compiled / "compile.json"), _read(compiled / "analysis.json"), _read(compiled / "tune.json")
     by_index = {layer["index"]: layer for layer in ana.get("layers", [])}
     ref, chosen = tun.get("reference", {}), tun.get("chosen", {})
     accuracy = {"is": ref.get("accuracy_is"), "samples": ref.get("eval_samples"),
                 "host": {"float32": ref.get("float32_accuracy"), "int8": (ref.get("int8") or {}).get("accuracy"),
-                         "mixed": chosen.get("accuracy")}}
+                         "mixed": chosen.get("accuracy")},
+                "device": device_eval}
     rows = rows_from([(p, json.loads(p.read_text())) for p in bench_reports if p.is_file()])
     points = []
     for row in rows:
@@ -99,6 +100,15 @@ def accuracy_latency_chart(points: list[dict]) -> str:
     return "".join(parts)
 
 
+def _device_accuracy(device: dict | None) -> str:
+    if not device:
+        return ""
+    rows = [[t, label, r["machine"], _pct(r["top1"]), _pct(r["agreement_with_host"])]
+            for t, models in device["targets"].items() for label, r in models.items()]
+    return (f"<p>on the devices ({device['samples']} samples, run by the agent there)</p>"
+            + _table(["target", "model", "arch", "top-1", "top-1 agrees with host"], rows))
+
+
 def render(data: dict, compiled: Path) -> str:
     m, c, a, t, acc = data["model"], data["compile"], data["analysis"], data["tune"], data["accuracy"]
     sizes = c.get("sizes_bytes") or {}
@@ -142,6 +152,7 @@ generated {html.escape(data['created'])}</p>
 {_table(['#', 'layer', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
 <h2>Accuracy</h2><p>{html.escape(str(acc.get('is')))} on {acc.get('samples')} images (host)</p>
 {_table(['model', 'accuracy'], [[k, _pct(v)] for k, v in acc['host'].items()])}
+{_device_accuracy(acc.get('device'))}
 <h2>On-device latency</h2>
 {'<p><strong>Emulated targets</strong> run under qemu-user: their latency shows that the pipeline works, not a real board’s speed.</p>' if emulated else ''}
 {latency_chart(rows) if rows else '<p><em>no targets</em></p>'}

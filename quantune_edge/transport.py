@@ -127,6 +127,7 @@ class Connection:
                     time.sleep(1.0)
                     continue
                 raise DeviceError(f"target {t.name}: cannot reach {t.address}: {_reason(exc)}") from None
+            client.get_transport().set_keepalive(15)  # a peer that vanishes is noticed, not waited on forever
             self.client = client
             self.trusted_key = policy.trusted
             return self
@@ -161,7 +162,8 @@ class Connection:
             command = f"cd {shlex.quote(cwd)} && {command}"
         start = time.monotonic()
         try:
-            chan = self.client.get_transport().open_session(timeout=self.target.connect_timeout_s)
+            transport = self.client.get_transport()
+            chan = transport.open_session(timeout=self.target.connect_timeout_s)
             chan.exec_command(command)
             out, err = bytearray(), bytearray()
             while True:
@@ -172,16 +174,19 @@ class Connection:
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(1 << 16)
                     progressed = True
-                if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+                pending = chan.recv_ready() or chan.recv_stderr_ready()
+                if chan.exit_status_ready() and (chan.eof_received or chan.closed) and not pending:
                     break
-                if chan.closed and not chan.exit_status_ready():
-                    raise DeviceError(f"target {self.target.name}: connection lost while running {argv[0]}")
+                if (chan.closed or not transport.is_active()) and not pending:
+                    break
                 if time.monotonic() - start > timeout:
                     chan.close()
                     raise DeviceError(f"target {self.target.name}: '{shlex.join(argv)[:80]}' timed out after {timeout:.0f} s")
                 if not progressed:
                     time.sleep(0.005)
-            status = chan.recv_exit_status()
+            status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            if status == -1 and not transport.is_active():
+                raise DeviceError(f"target {self.target.name}: connection lost while running {argv[0]}")
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise DeviceError(f"target {self.target.name}: connection lost while running {argv[0]}: {_reason(exc)}") from None
         return CommandResult(list(argv), status, out.decode(errors="replace"), err.decode(errors="replace"),

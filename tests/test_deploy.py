@@ -279,3 +279,23 @@ def test_check_and_deploy_cli(sshd, models, tmp_path):
     again = subprocess.run([*CLI, "deploy", str(models[1]), "--target", "loop", "--targets-dir", str(folder), "--name", "app.tflite"],
                            capture_output=True, text=True)
     assert again.returncode == 0 and "already there" in again.stderr
+
+
+def test_server_gone_mid_command_is_an_error_not_a_hang(tmp_path):
+    import threading
+    import time
+
+    server = LoopbackSshd(tmp_path / "own-sshd").start()
+    path = server.target_toml(tmp_path / "t.toml", python=sys.executable, work_dir=tmp_path / "d")
+    conn = Connection(load_target(str(path))).connect()
+    timer = threading.Timer(1.0, server.stop)
+    try:
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(DeviceError, match="connection lost while running sleep"):
+            conn.run(["sleep", "60"], timeout=120)
+        assert time.monotonic() - start < 30
+    finally:
+        timer.join()
+        conn.close()
+        server.stop()

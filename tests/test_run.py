@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DEMO_IMAGES, DEMO_MODEL
@@ -40,7 +41,7 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     sshd.target_toml(targets_dir / "loop.toml", python=sys.executable, work_dir=tmp_path / "device")
     shutil.copy(emulated_target, targets_dir / "arm.toml")
     out = tmp_path / "run"
-    first = run_cli(*_args(out, targets_dir, "loop,arm", "--json"))
+    first = run_cli(*_args(out, targets_dir, "loop,arm", "--eval-on-device", "--json"))
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads(first.stdout)
     assert SECTIONS <= set(report) and report["schema_version"] == 1
@@ -54,10 +55,18 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
 
-    again = run_cli(*_args(out, targets_dir, "loop,arm", "--json"))
+    on_device = report["accuracy"]["device"]["targets"]
+    assert on_device["arm"]["mixed"]["machine"] == "aarch64" and set(on_device["loop"]) == {"float32", "int8", "mixed"}
+    for target in ("arm", "loop"):
+        for label, row in on_device[target].items():
+            assert row["agreement_with_host"] >= 0.9 and 0 <= row["top1"] <= 1, (target, label)
+    assert on_device["loop"]["int8"]["top1"] == pytest.approx(report["accuracy"]["host"]["int8"])  # same kernels, same answer
+    assert "on the devices" in page
+
+    again = run_cli(*_args(out, targets_dir, "loop,arm", "--eval-on-device", "--json"))
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads(again.stdout)["stages"]
-    assert all(stages[s]["cached"] for s in ("compile", "analyze", "tune", "bench")) and not stages["report"]["cached"]
+    assert all(stages[s]["cached"] for s in ("compile", "analyze", "tune", "bench", "device-eval")) and not stages["report"]["cached"]
 
     (targets_dir / "dead.toml").write_text((targets_dir / "loop.toml").read_text().replace(f"port = {sshd.port}", f"port = {free_port()}"))
     int8_before = (out / "compiled" / "model_int8.tflite").read_bytes()
@@ -88,4 +97,4 @@ def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
     with Image.open(shot) as im:
-        assert im.size == (1200, 2400) and len(set(im.convert("L").resize((60, 120)).getdata())) > 20  # not a blank page
+        assert im.size == (1200, 2400) and len(np.unique(np.asarray(im.convert("L").resize((60, 120))))) > 20  # not a blank page
