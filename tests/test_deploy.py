@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from loopback_sshd import LoopbackSshd, free_port, keygen
 from test_device_agent import blocked_runtime_env
 
 from quantune_edge.benchmark import BenchOptions, bench
 from quantune_edge.deploy import open_device
 from quantune_edge.errors import DeviceError, InputError
-from quantune_edge.results import render_html, summarize
+from quantune_edge.results import summarize
 from quantune_edge.targets import load_target
 from quantune_edge.transport import Connection
 

@@ -1,7 +1,6 @@
 """The numpy reference kernels behind the local (own-input) error: checked against explicit loops
 and against TFLite's own float kernels on every supported op of the shipped EfficientNet-Lite0."""
 import numpy as np
-import pytest
 
 from conftest import DEMO_IMAGES
 from quantune_edge import reference_ops, tflite_graph
