@@ -83,10 +83,30 @@ def _load_npy(path: str) -> np.ndarray:
         raise AgentError("bad_input", "%s: not a readable .npy array (%s)" % (path, exc)) from None
 
 
+def _prime(interpreter, inputs: list, data: list, warmup: int) -> None:
+    """Set the inputs once and run the untimed warm-up invocations."""
+    for detail, x in zip(inputs, data):
+        interpreter.set_tensor(detail["index"], x)
+    for _ in range(warmup):
+        interpreter.invoke()
+
+
+def _timed_runs(interpreter, inputs: list, data: list, runs: int) -> list:
+    """ms per set_tensor + invoke, ``runs`` times: the inputs are prepared beforehand, so the agent
+    adds nothing to what is timed."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for detail, x in zip(inputs, data):
+            interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnnpack: bool = True,
           input_path: str | None = None, seed: int = 0) -> dict:
-    """Latency over ``runs`` timed invocations after ``warmup`` untimed ones: set_tensor + invoke only,
-    the inputs are prepared once beforehand so the agent adds nothing to what is timed."""
+    """Latency over ``runs`` timed invocations after ``warmup`` untimed ones."""
     if warmup < 0 or runs < 1 or threads < 1:
         raise AgentError("usage", "need warmup >= 0, runs >= 1, threads >= 1")
     wall_start = time.perf_counter()
@@ -99,17 +119,8 @@ def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnn
     else:
         rng = np.random.default_rng(seed)
         data = [random_input(d, rng) for d in inputs]
-    for detail, x in zip(inputs, data):
-        interpreter.set_tensor(detail["index"], x)
-    for _ in range(warmup):
-        interpreter.invoke()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for detail, x in zip(inputs, data):
-            interpreter.set_tensor(detail["index"], x)
-        interpreter.invoke()
-        times.append((time.perf_counter() - start) * 1e3)
+    _prime(interpreter, inputs, data, warmup)
+    times = _timed_runs(interpreter, inputs, data, runs)
     return {
         "model": model_facts(path, interpreter),
         "settings": {"warmup": warmup, "runs": runs, "threads": threads, "xnnpack": xnnpack,
@@ -177,20 +188,12 @@ def profile(paths: list, *, warmup: int = 3, runs: int = 10, rounds: int = 3, th
         interpreter = _open(path, threads, xnnpack)
         inputs = interpreter.get_input_details()
         data = [random_input(d, rng) for d in inputs]
-        for detail, x in zip(inputs, data):
-            interpreter.set_tensor(detail["index"], x)
-        for _ in range(warmup):
-            interpreter.invoke()
+        _prime(interpreter, inputs, data, warmup)
         loaded.append((path, interpreter, inputs, data, []))
     start = time.perf_counter()
     for _ in range(rounds):
         for _path, interpreter, inputs, data, times in loaded:
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                for detail, x in zip(inputs, data):
-                    interpreter.set_tensor(detail["index"], x)
-                interpreter.invoke()
-                times.append((time.perf_counter() - t0) * 1e3)
+            times.extend(_timed_runs(interpreter, inputs, data, runs))
     return {
         "settings": {"warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads, "xnnpack": xnnpack},
         "models": [{"path": path, "sha256": sha256_file(path), "latency_ms": latency_summary(times)}

@@ -38,6 +38,14 @@ def _os_name() -> str:
     return "%s %s" % (platform.system(), platform.release())
 
 
+def _numpy_version():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.__version__
+
+
 def device_facts(work_dir: str = ".") -> dict:
     usage = shutil.disk_usage(work_dir)
     return {
@@ -49,5 +57,6 @@ def device_facts(work_dir: str = ".") -> dict:
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "in_venv": sys.prefix != getattr(sys, "base_prefix", sys.prefix),
+        "numpy": _numpy_version(),
         "free_disk_bytes": usage.free,
     }

@@ -103,7 +103,8 @@ def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph
 
 
 def _local_kernel(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph):
-    """A function int8-run -> the layer's float output on the int8 model's own input, or None."""
+    """A function (int8 tensor -> its dequantized value in this run) -> the layer's float output on the
+    int8 model's own input; None when the op has no reference kernel."""
     if layer.op_type not in reference_ops.SUPPORTED or not layer.int8_inputs:
         return None
     fop, qop = fg.ops[layer.float_op], qg.ops[layer.int8_op]
@@ -119,8 +120,8 @@ def _local_kernel(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.T
         return None  # a constant operand: not handled
     shape = qg.tensors[layer.int8_output].shape
 
-    def kernel(runner: TfliteRunner) -> np.ndarray | None:
-        inputs = [_tensor_value(runner, qg, t) for t in layer.int8_inputs]
+    def kernel(int8_value: Callable[[int], np.ndarray]) -> np.ndarray | None:
+        inputs = [int8_value(t) for t in layer.int8_inputs]
         return reference_ops.run(layer.op_type, qop.options, inputs, weight, bias, layer.fused_activation, shape)
 
     return kernel
@@ -149,16 +150,22 @@ def collect_tensor_stats(
     for n, x in enumerate(inputs):
         float_outs.append(float_runner.invoke(x[None]))
         int8_outs.append(int8_runner.invoke(x[None]))
+        values: dict[int, np.ndarray] = {}  # dequantized int8 tensors of this sample, each computed once
+
+        def int8_value(t: int) -> np.ndarray:
+            if t not in values:
+                values[t] = _tensor_value(int8_runner, qg, t)
+            return values[t]
+
         for t in needed:
             ref = _tensor_value(float_runner, fg, match.tensor_map[t])
-            approx = _tensor_value(int8_runner, qg, t)
-            if not stats[t].add(ref, approx):
+            if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:
             for i, kernel in kernels.items():
-                ref = kernel(int8_runner)
+                ref = kernel(int8_value)
                 if ref is not None:
-                    local[i].add(ref, _tensor_value(int8_runner, qg, by_index[i].int8_output))
+                    local[i].add(ref, int8_value(by_index[i].int8_output))
         if on_item:
             on_item()
     return stats, local, np.concatenate(float_outs), np.concatenate(int8_outs)
@@ -295,9 +302,7 @@ def save(report: AnalysisReport, folder: Path) -> None:
     """analysis.json, analysis.csv and analysis.png, each written whole or not at all."""
     from .plots import plot_analysis
 
-    tmp = folder / f".{ANALYSIS_JSON}.tmp"
-    write_json(tmp, report.to_dict())
-    tmp.replace(folder / ANALYSIS_JSON)
+    write_json(folder / ANALYSIS_JSON, report.to_dict())
     tmp = folder / f".{ANALYSIS_CSV}.tmp"
     write_csv(report, tmp)
     tmp.replace(folder / ANALYSIS_CSV)

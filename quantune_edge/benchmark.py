@@ -7,9 +7,6 @@ target facts, local path, model label, deploy and round-trip times).
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .console import Reporter
 from .deploy import open_device
 from .errors import InputError, QuantuneError
-from .reports import _jsonable, sha256_file
+from .reports import write_json
 from .targets import Target
 
 Status = Callable[[str, str, int], None]
@@ -55,15 +53,12 @@ def model_label(path: str | Path) -> str:
 
 
 def save_report(results_dir: Path, report: dict) -> Path:
-    """Atomic write (temp file + rename): a crash never leaves a half-written report."""
+    """One file per run, written atomically."""
     folder = results_dir / report["target"]["name"] / report["model"]["sha256"][:12]
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
     path = folder / f"{stamp}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_jsonable(report), fh, indent=2)
-    os.replace(tmp, path)
+    write_json(path, report)
     return path
 
 
@@ -82,8 +77,7 @@ def _bench_target(target: Target, models: list[Path], options: BenchOptions, sta
     try:
         for done, model in enumerate(models):
             status(target.name, f"deploying {model.name}", done)
-            sha = sha256_file(model)
-            deployment = device.deploy(model, f"{sha[:12]}-{model.name}")
+            deployment = device.deploy(model, by_content=True)
             status(target.name, f"benchmarking {model.name}", done)
             args = ["bench", deployment.remote_path, "--warmup", str(options.warmup), "--runs", str(options.runs),
                     "--threads", str(options.threads or target.threads)]
@@ -130,3 +124,15 @@ def bench(models: list[str | Path], targets: list[Target], options: BenchOptions
     with ThreadPoolExecutor(max_workers=len(targets)) as pool:
         futures = [pool.submit(_bench_target, t, paths, options, locked_status, log) for t in targets]
         return [f.result() for f in futures]
+
+
+def bench_with_progress(models: list[str | Path], targets: list[Target], options: BenchOptions,
+                        reporter: Reporter) -> list[TargetOutcome]:
+    """bench() with one progress line per target (targets run in parallel)."""
+    with reporter.progress() as progress:
+        tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in targets}
+
+        def status(name: str, text: str, done: int) -> None:
+            progress.update(tasks[name], description=f"{name}: {text}", completed=done)
+
+        return bench(models, targets, options, status=status, log=reporter.info)

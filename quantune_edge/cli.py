@@ -490,7 +490,7 @@ def bench_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Deploy (if needed) and benchmark models on one or more targets; reports go to --results."""
-    from .benchmark import BenchOptions
+    from .benchmark import BenchOptions, bench_with_progress
     from .results import summarize
 
     reporter = Reporter(quiet=quiet or json_out)
@@ -498,7 +498,7 @@ def bench_cmd(
         tgts = _load_targets(target, targets_dir)
         options = BenchOptions(warmup=warmup, runs=runs, threads=threads, xnnpack=not no_xnnpack, install_runtime=install_runtime,
                                trust_new_host_key=trust_new_host_key, results_dir=results)
-        outcomes = _bench_with_progress(reporter, models, tgts, options)
+        outcomes = bench_with_progress(models, tgts, options, reporter)
     except QuantuneError as exc:
         _fail(exc)
     failed = [o for o in outcomes if not o.ok]
@@ -514,19 +514,6 @@ def bench_cmd(
         reporter.info(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; reports in {results}/")
     if failed:
         raise typer.Exit(3)
-
-
-def _bench_with_progress(reporter: Reporter, models: list[Path], targets, options):
-    """bench() with one progress line per target (targets run in parallel)."""
-    from .benchmark import bench
-
-    with reporter.progress() as progress:
-        tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in targets}
-
-        def status(name: str, text: str, done: int) -> None:
-            progress.update(tasks[name], description=f"{name}: {text}", completed=done)
-
-        return bench(models, targets, options, status=status, log=reporter.info)
 
 
 def _print_results(reporter: Reporter, rows) -> None:

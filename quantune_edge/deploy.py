@@ -131,11 +131,14 @@ class Device:
             self._rmtree(remote)
             self.conn.sftp.posix_rename(staging, remote)
             self.log(f"{self.target.name}: agent installed in {remote}")
-        check = self.conn.run([self.target.python, "-c", "import sys, numpy; print(sys.version_info[:2] >= (3, 9))"], cwd=self.work_dir)
-        if check.exit_status != 0 or "True" not in check.stdout:
-            raise DeviceError(f"target {self.target.name}: '{self.target.python}' needs Python 3.9+ with numpy on the device "
-                              f"({(check.stderr.strip().splitlines() or ['too old'])[-1]})")
-        info = self.agent(["info"])
+        try:
+            info = self.agent(["info"])
+        except DeviceError:
+            self._require_python()  # the likelier cause, said plainly
+            raise
+        facts = info["device"]
+        if not facts.get("numpy") or tuple(int(v) for v in facts["python"].split(".")[:2]) < (3, 9):
+            self._require_python()
         if not info.get("runtime"):
             if not install_runtime:
                 raise DeviceError(f"target {self.target.name}: no TFLite runtime on the device; rerun with --install-runtime "
@@ -146,6 +149,14 @@ class Device:
                 raise DeviceError(f"target {self.target.name}: {RUNTIME_REQUIREMENT} installed but still not importable")
         self.info = info
         return info
+
+    def _require_python(self) -> None:
+        """Only run when something is off (the agent's own ``info`` reports Python and numpy): one
+        more remote Python start on every connection is expensive on a small board."""
+        check = self.conn.run([self.target.python, "-c", "import sys, numpy; print(sys.version_info[:2] >= (3, 9))"], cwd=self.work_dir)
+        if check.exit_status != 0 or "True" not in check.stdout:
+            raise DeviceError(f"target {self.target.name}: '{self.target.python}' needs Python 3.9+ with numpy on the device "
+                              f"({(check.stderr.strip().splitlines() or ['too old'])[-1]})")
 
     def _install_runtime(self, in_venv: bool) -> None:
         """pip-install the runtime: into the venv, or else for the user. Debian/Raspberry Pi OS bookworm
@@ -182,19 +193,21 @@ class Device:
             return None
         return self.agent(["hash", path])["sha256"]
 
-    def deploy(self, local: str | Path, name: str | None = None, *,
+    def deploy(self, local: str | Path, name: str | None = None, *, by_content: bool = False,
                progress: Callable[[int, int], None] | None = None) -> Deployment:
-        """Upload ``local`` as ``models/NAME`` (default: its file name) unless the same bytes are there."""
+        """Upload ``local`` as ``models/NAME`` (default: its file name; with ``by_content``,
+        ``<sha256[:12]>-<file name>``, so models from different folders never collide) unless the
+        same bytes are there."""
         import time
 
         local = Path(local)
         if not local.is_file():
             raise InputError(f"{local}: no such model file")
-        name = name or local.name
-        if "/" in name or name.startswith(".") or not name:
-            raise InputError(f"invalid model name {name!r}: a plain file name is needed")
         start = time.monotonic()
         sha, size = sha256_file(local), local.stat().st_size
+        name = f"{sha[:12]}-{local.name}" if by_content else name or local.name
+        if "/" in name or name.startswith(".") or not name:
+            raise InputError(f"invalid model name {name!r}: a plain file name is needed")
         models = posixpath.join(self.work_dir, "models")
         final = posixpath.join(models, name)
         for entry in self.conn.sftp.listdir(models):

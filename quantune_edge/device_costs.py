@@ -27,7 +27,7 @@ def profile_on_device(target: Target, models: list[Path], *, runs: int = 5, roun
     """p50 latency (ms) of each model on the target, timed in alternating rounds; and the device facts."""
     device = open_device(target, log=log)
     try:
-        remote = [device.deploy(m, f"{sha256_file(m)[:12]}-{m.name}").remote_path for m in models]
+        remote = [device.deploy(m, by_content=True).remote_path for m in models]
         result = device.agent(["profile", *remote, "--runs", str(runs), "--rounds", str(rounds), "--warmup", str(warmup),
                                "--threads", str(target.threads)])
     finally:

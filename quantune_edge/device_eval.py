@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from .artifacts import CompiledModel
+from .benchmark import model_label
 from .console import captured_native_output
 from .deploy import open_device
 from .reports import sha256_file
@@ -36,11 +37,10 @@ def evaluate_on_device(compiled: CompiledModel, models: list[Path], eval_data: s
                 device.conn.sftp.put(str(npz), remote_npz)
                 rows = {}
                 for model in models:
-                    dep = device.deploy(model, f"{sha256_file(model)[:12]}-{model.name}")
+                    dep = device.deploy(model, by_content=True)
                     result = device.agent(["eval", dep.remote_path, "--samples", remote_npz, "--threads", str(target.threads)])
                     pred = np.asarray(result["predictions"])
-                    label = model.stem.removeprefix("model_")
-                    rows[label] = {"top1": result.get("top1"), "agreement_with_host": float(np.mean(pred == host[model])),
+                    rows[model_label(model)] = {"top1": result.get("top1"), "agreement_with_host": float(np.mean(pred == host[model])),
                                    "machine": result["device"]["machine"]}
                 device.conn.sftp.remove(remote_npz)
             finally:

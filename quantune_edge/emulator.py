@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -87,7 +88,7 @@ def _enable_binfmt() -> None:
         raise DeviceError("could not register qemu-aarch64 with binfmt_misc (is /proc/sys/fs/binfmt_misc available?)")
 
 
-def _run(argv: list[str], what: str, log: Callable[[str], None], timeout: float = 1800) -> None:
+def _run(argv: list[str], what: str, timeout: float = 1800) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -96,15 +97,13 @@ def _run(argv: list[str], what: str, log: Callable[[str], None], timeout: float 
 
 def _install_runtime(rootfs: Path, folder: Path, log: Callable[[str], None]) -> None:
     """pip-download the aarch64 cp311 wheel on the host and unpack it into the userland."""
-    import sys
-
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     if not list(wheels.glob("tflite_runtime-*aarch64.whl")):
         log(f"downloading the aarch64 {RUNTIME_WHEEL} wheel")
         _run([sys.executable, "-m", "pip", "download", RUNTIME_WHEEL, "--no-deps", "--only-binary=:all:",
               "--platform", "manylinux_2_34_aarch64", "--python-version", "3.11", "--abi", "cp311",
-              "--implementation", "cp", "-d", str(wheels), "-q"], "pip download of the aarch64 tflite-runtime wheel", log)
+              "--implementation", "cp", "-d", str(wheels), "-q"], "pip download of the aarch64 tflite-runtime wheel")
     wheel = sorted(wheels.glob("tflite_runtime-*aarch64.whl"))[-1]
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(rootfs / "usr/local/lib/python3.11/dist-packages")
@@ -123,11 +122,11 @@ def build(folder: Path, mirror: str | None, log: Callable[[str], None]) -> Path:
     mirror = mirror or host_debian_mirror()
     log(f"building the Debian {SUITE} arm64 userland from {mirror} (once; about 2-3 minutes)")
     _run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), mirror],
-         "debootstrap", log)
+         "debootstrap")
     _install_runtime(partial, folder, log)
-    _run(["chroot", str(partial), "/usr/bin/ssh-keygen", "-A"], "host key generation in the userland", log)
+    _run(["chroot", str(partial), "/usr/bin/ssh-keygen", "-A"], "host key generation in the userland")
     _run(["chroot", str(partial), "/usr/bin/python3", "-c", "import tflite_runtime.interpreter, numpy"],
-         "importing tflite_runtime in the userland", log)
+         "importing tflite_runtime in the userland")
     (partial / ".quantune-complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     if rootfs.exists():
         shutil.rmtree(rootfs)
@@ -146,7 +145,7 @@ def _mount(rootfs: Path) -> None:
         point = rootfs / sub
         point.mkdir(parents=True, exist_ok=True)
         if not _mounted(point):
-            _run(["mount", "--bind", f"/{sub}", str(point)], f"bind-mounting /{sub}", lambda _m: None)
+            _run(["mount", "--bind", f"/{sub}", str(point)], f"bind-mounting /{sub}")
 
 
 def _unmount(rootfs: Path) -> None:
@@ -191,7 +190,7 @@ def _state(folder: Path) -> dict:
 def _client_key(folder: Path, rootfs: Path) -> Path:
     key = folder / "id_ed25519"
     if not key.is_file():
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "quantune-edge-emulator", "-f", str(key)], "client key", print)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "quantune-edge-emulator", "-f", str(key)], "client key")
     ssh = rootfs / "root/.ssh"
     ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
     (ssh / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
@@ -228,11 +227,11 @@ def up(port: int = DEFAULT_PORT, *, mirror: str | None = None, folder: Path | No
     folder = folder or emulator_dir()
     _require_host()
     _enable_binfmt()
-    current = status(folder)
+    current = status(folder, disk_usage=False)
     if current.running:
         if current.port != port:
             raise DeviceError(f"emulator already running on port {current.port}; run 'targets emulate down' first")
-        return current
+        return status(folder)
     rootfs = build(folder, mirror, log)
     _mount(rootfs)
     key = _client_key(folder, rootfs)
@@ -280,13 +279,14 @@ def down(folder: Path | None = None) -> EmulatorStatus:
     return status(folder)
 
 
-def status(folder: Path | None = None) -> EmulatorStatus:
+def status(folder: Path | None = None, disk_usage: bool = True) -> EmulatorStatus:
+    """Built? running (pid, port)? and, unless ``disk_usage`` is off, the userland's size (a ``du``)."""
     folder = folder or emulator_dir()
     rootfs = folder / "rootfs"
     state = _state(folder)
     built = (rootfs / ".quantune-complete").is_file()
     size = None
-    if built:
+    if built and disk_usage:
         out = subprocess.run(["du", "-sbx", str(rootfs)], capture_output=True, text=True)
         size = int(out.stdout.split()[0]) if out.returncode == 0 and out.stdout else None
     running = _alive(state.get("pid"))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .console import Reporter
 from .errors import QuantuneError
 from .preprocessing import Preprocessing
-from .reports import SCHEMA_VERSION, _jsonable, now_iso, sha256_file, write_json
+from .reports import _jsonable, now_iso, sha256_file, write_json
 from .targets import Target
 
 STAGES = ("compile", "analyze", "tune", "bench", "device-eval", "report")
@@ -83,16 +83,19 @@ class _Stages:
         self.ran: dict[str, dict] = {}
 
     def cached(self, stage: str, key: str | None, outputs: list[Path]) -> bool:
+        """Same key, ended well, and every output (given, or recorded by the stage) still there."""
         entry = self.state.get(stage, {})
         if key is None:
             return False
-        return entry.get("key") == key and entry.get("status") == "done" and all(p.exists() for p in outputs)
+        recorded = [Path(p) for p in entry.get("outputs", [])]
+        return entry.get("key") == key and entry.get("status") == "done" and all(p.exists() for p in outputs + recorded)
 
     def run(self, stage: str, key: str | None, outputs: Callable[[], list[Path]], work: Callable[[], Any], reporter: Reporter) -> Any:
+        """The stage's result; for a cached stage, the outputs it recorded."""
         if self.cached(stage, key, outputs()):
             reporter.info(f"[dim]{stage}: cached (inputs unchanged)[/]")
             self.ran[stage] = {**self.state[stage], "cached": True}
-            return None
+            return self.state[stage].get("outputs")
         reporter.info(f"[bold]{stage}[/]")
         start = time.perf_counter()
         try:
@@ -117,7 +120,7 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     """Compile, analyze, tune, benchmark on every target, and write OUT/report.json + report.html."""
     from . import report as report_mod
     from .analysis import AnalysisOptions, analyze
-    from .benchmark import BenchOptions, bench
+    from .benchmark import BenchOptions, bench_with_progress
     from .compiler import CompileOptions, compile_model
     from .errors import DeviceError, InputError
     from .tuning import TuneOptions, tune
@@ -147,7 +150,8 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
                lambda: analyze(compiled, calib, AnalysisOptions(num_samples=o.analysis_samples, threads=o.threads,
                                                                   verbose=o.verbose), reporter), reporter)
 
-    tune_key = _key("tune", analyze_key, data_fingerprint(eval_data), o.max_drop, o.num_eval, o.best_effort, o.pareto)
+    eval_fingerprint = data_fingerprint(eval_data)
+    tune_key = _key("tune", analyze_key, eval_fingerprint, o.max_drop, o.num_eval, o.best_effort, o.pareto)
     stages.run("tune", tune_key, lambda: [compiled / "tune.json", compiled / "model_mixed.tflite"],
                lambda: tune(compiled, eval_data, TuneOptions(max_drop=o.max_drop, num_eval=o.num_eval, threads=o.threads,
                                                              best_effort=o.best_effort, pareto=o.pareto, verbose=o.verbose),
@@ -157,22 +161,15 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     bench_key = _key("bench", tune_key, [t.to_dict() for t in targets], o.runs, o.warmup)
 
     def do_bench() -> list[str]:
-        with reporter.progress() as progress:
-            tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in targets}
-            outcomes = bench(models, targets, BenchOptions(warmup=o.warmup, runs=o.runs, results_dir=out / "results",
-                                                           trust_new_host_key=o.trust_new_host_key,
-                                                           install_runtime=o.install_runtime),
-                             status=lambda name, text, done: progress.update(tasks[name], description=f"{name}: {text}", completed=done),
-                             log=reporter.info)
+        outcomes = bench_with_progress(models, targets, BenchOptions(warmup=o.warmup, runs=o.runs, results_dir=out / "results",
+                                                                     trust_new_host_key=o.trust_new_host_key,
+                                                                     install_runtime=o.install_runtime), reporter)
         failed = [x for x in outcomes if not x.ok]
         if failed:
             raise DeviceError("; ".join(f"{x.target}: {x.error}" for x in failed))
         return [p for x in outcomes for p in x.reports]
 
-    reports = stages.run("bench", bench_key, lambda: [Path(p) for p in stages.state.get("bench", {}).get("outputs", ["-"])],
-                         do_bench, reporter) if targets else []
-    if reports is None:
-        reports = stages.state["bench"]["outputs"]
+    reports = stages.run("bench", bench_key, lambda: [], do_bench, reporter) if targets else []
 
     device_eval = out / "device_eval.json"
     if o.eval_on_device and targets:
@@ -180,24 +177,23 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
         from .device_eval import evaluate_on_device
 
         def do_device_eval() -> list[str]:
-            result = evaluate_on_device(CompiledModel.open(compiled), models, eval_data, o.num_eval, 1, targets,
-                                        o.threads, reporter.info)
+            result = evaluate_on_device(CompiledModel.open(compiled), models, eval_data, o.num_eval, TuneOptions.seed,
+                                        targets, o.threads, reporter.info)
             write_json(device_eval, result)
             return [str(device_eval)]
 
-        stages.run("device-eval", _key("device-eval", bench_key, data_fingerprint(eval_data), o.num_eval),
+        stages.run("device-eval", _key("device-eval", bench_key, eval_fingerprint, o.num_eval),
                    lambda: [device_eval], do_device_eval, reporter)
 
+    report: dict = {}
+
     def do_report() -> list[str]:
-        data = report_mod.build(out, compiled, [Path(p) for p in reports], stages.ran,
-                                json.loads(device_eval.read_text()) if o.eval_on_device and device_eval.is_file() else None)
-        write_json(out / "report.json", data)
-        (out / "report.html").write_text(report_mod.render(data, compiled))
-        return [str(out / "report.json"), str(out / "report.html")]
+        report.update(report_mod.build(out, compiled, [Path(p) for p in reports], stages.ran,
+                                       json.loads(device_eval.read_text()) if o.eval_on_device and device_eval.is_file() else None))
+        (out / "report.html").write_text(report_mod.render(report, compiled))
+        return [str(out / "report.html")]
 
     stages.run("report", None, lambda: [], do_report, reporter)
-    data = json.loads((out / "report.json").read_text())
-    data["stages"] = stages.ran
-    write_json(out / "report.json", data)
-    return data
-
+    report["stages"] = stages.ran  # now including the report stage itself
+    write_json(out / "report.json", report)
+    return report

@@ -38,7 +38,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    """Written whole or not at all (temp file beside it, then an atomic rename): a crash or a full
+    disk never leaves a half-written report where the last good one was."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(_jsonable(data), indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass

@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from device_agent.stats import latency_summary
+
 from .errors import InputError
 
 
@@ -68,7 +70,8 @@ class TfliteRunner:
 
 
 def measure_latency_ms(path: str | Path, sample: np.ndarray, threads: int = 2, warmup: int = 5, runs: int = 30) -> dict:
-    """Host latency of one model (XNNPACK, fixed threads): median/min/mean over ``runs`` invocations."""
+    """Host latency of one model (XNNPACK, fixed threads) over ``runs`` invocations, summarised as the
+    device agent does (p50 is the median)."""
     import time
 
     runner = TfliteRunner(path, threads)
@@ -80,8 +83,7 @@ def measure_latency_ms(path: str | Path, sample: np.ndarray, threads: int = 2, w
         start = time.perf_counter()
         runner.invoke(x)
         times.append((time.perf_counter() - start) * 1e3)
-    arr = np.asarray(times)
-    return {"p50": float(np.median(arr)), "min": float(arr.min()), "mean": float(arr.mean()), "runs": runs, "threads": threads}
+    return {**latency_summary(times), "runs": runs, "threads": threads}
 
 
 def paired_latency_ms(path: str | Path, reference: str | Path, sample: np.ndarray, threads: int = 2, rounds: int = 5,

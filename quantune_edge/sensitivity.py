@@ -120,8 +120,12 @@ def score(metrics: list[LayerMetrics], metric: str = DEFAULT_METRIC) -> np.ndarr
 
 def ranking(metrics: list[LayerMetrics], metric: str = DEFAULT_METRIC) -> list[int]:
     """Layer indices, most sensitive first (ties keep graph order)."""
-    s = score(metrics, metric)
-    return [metrics[i].index for i in sorted(range(len(metrics)), key=lambda i: (-s[i], i))]
+    return order_by_score([m.index for m in metrics], score(metrics, metric))
+
+
+def order_by_score(indices: Sequence[int], scores: Sequence[float]) -> list[int]:
+    """``indices`` sorted by score, highest first; ties keep the given (graph) order."""
+    return [indices[i] for i in sorted(range(len(indices)), key=lambda i: (-scores[i], i))]
 
 
 def nan_low(value: float | None) -> float:

@@ -93,8 +93,7 @@ class Connection:
 
     def connect(self) -> "Connection":
         identity = self._identity()
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        for attempt in range(max(0, self.retries) + 1):  # every pass returns, retries, or raises
             client = paramiko.SSHClient()
             if self.known_hosts.is_file():
                 client.load_host_keys(str(self.known_hosts))
@@ -121,7 +120,6 @@ class Connection:
                 raise
             except (OSError, socket.timeout, paramiko.SSHException, EOFError) as exc:
                 client.close()
-                last = exc
                 if attempt < self.retries:
                     self.log(f"{t.name}: connection failed ({_reason(exc)}), retrying once")
                     time.sleep(1.0)
@@ -131,7 +129,7 @@ class Connection:
             self.client = client
             self.trusted_key = policy.trusted
             return self
-        raise DeviceError(f"target {self.target.name}: cannot reach {self.target.address}: {_reason(last)}")
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self._sftp is not None:
@@ -193,8 +191,6 @@ class Connection:
                              time.monotonic() - start)
 
 
-def _reason(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
+def _reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) < 200 else text[:200] + "..."

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import selection, tflite_graph
+from . import selection, sensitivity, tflite_graph
 from .analysis import ANALYSIS_JSON
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
@@ -100,8 +100,7 @@ def _load_analysis(compiled: CompiledModel, metric: str | None = None) -> dict:
         if metric is not None and metric != used:
             if metric not in data["scores"]:
                 raise InputError(f"--metric {metric!r} is not in {path} (it has {', '.join(data['scores'])}); re-run analyze")
-            values = data["scores"][metric]
-            order = [layers[i]["index"] for i in sorted(range(len(layers)), key=lambda i: (-values[i], i))]
+            order = sensitivity.order_by_score([layer["index"] for layer in layers], data["scores"][metric])
             used = metric
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path} is not a quantune-edge analysis ({exc})") from None
@@ -240,12 +239,14 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             evaluate(chosen_k)
             mode = {"float_layers": options.float_layers}
         elif options.max_drop is not None:
-            found = selection.bisect_smallest(n, evaluate, lambda r: r["drop_points"] <= options.max_drop + 1e-9,
-                                              lambda r: r["accuracy"])
+            def meets(r: dict) -> bool:
+                return r["drop_points"] <= options.max_drop + 1e-9
+
+            found = selection.bisect_smallest(n, evaluate, meets, lambda r: r["accuracy"])
             chosen_k, met = found.best_k, found.k is not None
             if met and options.latency_source is not None:
                 # Among the evaluated choices that meet the budget, the fastest on that device.
-                ok = [k for k, r in results.items() if r["drop_points"] <= options.max_drop + 1e-9]
+                ok = [k for k, r in results.items() if meets(r)]
                 chosen_k = min(ok, key=lambda k: (cost.latency_ms(lg, choices[k]), k))
             mode = {"max_drop_points": options.max_drop}
         else:
@@ -301,9 +302,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,
     )
-    tmp = compiled.folder / f".{TUNE_JSON}.tmp"
-    write_json(tmp, report.to_dict())
-    tmp.replace(compiled.folder / TUNE_JSON)
+    write_json(compiled.folder / TUNE_JSON, report.to_dict())
     if pareto:
         from .plots import plot_pareto
 
