@@ -262,7 +262,7 @@ def analyze(
             from .oracle import correlations, run_oracle, top_k_capture
 
             task = progress.add_task(f"oracle: {len(metrics) + 1} builds, one layer float each", total=len(metrics))
-            oracle_section = run_oracle(compiled, [m.to_dict() for m in metrics], inputs, float_out, samples.labels,
+            oracle_section = run_oracle(compiled, [m.to_dict() for m in metrics], inputs, samples.labels,
                                         options.threads, lambda: progress.advance(task), quiet=not options.verbose)
             oracle_section["spearman"] = correlations(metrics, oracle_section["layers"])
             oracle_section["top_k_capture"] = top_k_capture(metrics, oracle_section["layers"])

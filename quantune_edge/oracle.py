@@ -2,7 +2,7 @@
 
 For each layer alone: quantize the calibrated model with only that layer kept float (TF selective
 quantization, same calibration ranges), run it on the samples, and measure how much the model
-output improves over full int8. That is n+1 model builds and n+1 full runs, the cost QuantuneV2's
+output improves over full int8 (the logits when the model ends in SOFTMAX; see ``TfliteRunner``). That is n+1 model builds and n+1 full runs, the cost QuantuneV2's
 local metrics avoid; the Spearman correlation between each local metric and this oracle says how
 well the cheap ranking stands in for it (the paper's Fig. 3 experiment).
 """
@@ -35,11 +35,11 @@ class OracleLayer:
 
 
 def build_and_run(compiled: CompiledModel, float_nodes: list[str], inputs: np.ndarray, threads: int, workdir: Path, quiet: bool = True) -> np.ndarray:
-    """Quantize with ``float_nodes`` kept float and return the model outputs on ``inputs``."""
+    """Quantize with ``float_nodes`` kept float and return the model's logits on ``inputs``."""
     path = workdir / "candidate.tflite"
     with captured_native_output(quiet):
         path.write_bytes(compiled.requantize(float_nodes))
-        runner = TfliteRunner(path, threads)
+        runner = TfliteRunner(path, threads, logits=True)
     return runner.run(inputs)
 
 
@@ -47,7 +47,6 @@ def run_oracle(
     compiled: CompiledModel,
     layers: list[dict],
     inputs: np.ndarray,
-    float_out: np.ndarray,
     labels: np.ndarray,
     threads: int = 2,
     on_layer: Callable[[], None] | None = None,
@@ -56,6 +55,9 @@ def run_oracle(
     """One model per layer kept float (plus the all-int8 baseline); returns the oracle section."""
     start = time.perf_counter()
     results: list[OracleLayer] = []
+    with captured_native_output(quiet):
+        reference = TfliteRunner(compiled.float_model, threads, logits=True)
+    float_out = reference.run(inputs)
     with tempfile.TemporaryDirectory(prefix="quantune-oracle-") as tmp:
         work = Path(tmp)
         base_out = build_and_run(compiled, [], inputs, threads, work, quiet)
@@ -74,8 +76,9 @@ def run_oracle(
         "baseline_int8": {"output_sqnr_db": base["sqnr_db"], "top1_agreement": base["top1_agreement"],
                           "top1_accuracy": top1_accuracy(base_out, labels, compiled.label_offset)},
         "layers": [asdict(r) for r in results],
+        "compared": "logits (the input of the final SOFTMAX)" if reference.logits_tensor is not None else "model output",
         "builds": len(results) + 1,
-        "invocations": (len(results) + 1) * len(inputs),
+        "invocations": (len(results) + 2) * len(inputs),  # n one-layer-float models, int8, float reference
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
 

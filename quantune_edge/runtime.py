@@ -20,14 +20,32 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - zero_point) * np.float32(scale)
 
 
+def _softmax_input(path: Path) -> int | None:
+    """The tensor a model's final SOFTMAX reads (through a DEQUANTIZE hand-over), or None."""
+    from . import tflite_graph
+
+    graph = tflite_graph.read(path)
+    op = graph.producer(graph.outputs[0])
+    if op is not None and op.type == "DEQUANTIZE":
+        op = graph.producer(op.inputs[0])
+    return op.inputs[0] if op is not None and op.type == "SOFTMAX" else None
+
+
 class TfliteRunner:
     """One interpreter on one model; quantizes inputs and dequantizes outputs of int8-I/O models,
-    so callers always pass and get float32."""
+    so callers always pass and get float32.
 
-    def __init__(self, path: str | Path, num_threads: int = 2, preserve_all_tensors: bool = False) -> None:
+    ``logits=True`` returns the input of a final SOFTMAX instead of its output: softmax saturates, so
+    the SQNR of probabilities swings with a few confident samples and can fall while every tensor
+    before it improves; logits are where output error is comparable between models.
+    """
+
+    def __init__(self, path: str | Path, num_threads: int = 2, preserve_all_tensors: bool = False, logits: bool = False) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
+        self.logits_tensor = _softmax_input(self.path) if logits else None
+        preserve_all_tensors = preserve_all_tensors or self.logits_tensor is not None
         try:
             self.interpreter = Interpreter(
                 model_path=str(self.path),
@@ -53,11 +71,23 @@ class TfliteRunner:
         self.interpreter.set_tensor(self.input["index"], x.astype(self.input["dtype"], copy=False))
         self.interpreter.invoke()
         self.invocations += 1
+        if self.logits_tensor is not None:
+            return self.tensor(self.logits_tensor)
         out = self.interpreter.get_tensor(self.output["index"])
         if self.output["dtype"] != np.float32:
             scale, zp = self.output["quantization"]
             return dequantize(out, scale, zp)
         return out.copy()
+
+    def tensor(self, index: int) -> np.ndarray:
+        """Any tensor of the last invocation as float32 (dequantized); intermediate tensors need
+        ``preserve_all_tensors``."""
+        raw = self.interpreter.get_tensor(index)
+        if raw.dtype == np.float32:
+            return raw.copy()
+        detail = next(d for d in self.interpreter.get_tensor_details() if d["index"] == index)
+        scale, zp = detail["quantization"]
+        return dequantize(raw, scale, zp) if scale else raw.astype(np.float32)
 
     def run(self, samples: np.ndarray, on_item: Callable[[], None] | None = None) -> np.ndarray:
         """Run every sample of (N, ...) one at a time (the models have batch 1); stacks outputs."""

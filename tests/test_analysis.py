@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DEMO_IMAGES, nhwc_net, residual_net
+from conftest import DEMO_IMAGES, GraphBuilder, nhwc_net, residual_net
 from quantune_edge import CompileOptions, compile_model, tflite_graph
 from quantune_edge.analysis import AnalysisError, AnalysisOptions, analyze
 from quantune_edge.artifacts import CompiledModel
@@ -213,9 +213,10 @@ def test_bad_options(small_compiled, tiny_images, tmp_path):
 def test_oracle_builds_one_model_per_layer(small_compiled, tiny_images):
     report = analyze(small_compiled, tiny_images, AnalysisOptions(num_samples=6, oracle=True))
     o = report.oracle
+    assert o["compared"] == "model output" and TfliteRunner(small_compiled / "model_float32.tflite", logits=True).logits_tensor is None
     n = len(report.layers)
     assert o["builds"] == n + 1 and len(o["layers"]) == n
-    assert o["invocations"] == (n + 1) * 6
+    assert o["invocations"] == (n + 2) * 6
     assert set(o["spearman"]) == set(report.scores)
     assert o["time_ratio_oracle_over_analysis"] > 1
     gains = [row["output_sqnr_gain_db"] for row in o["layers"]]
@@ -224,3 +225,22 @@ def test_oracle_builds_one_model_per_layer(small_compiled, tiny_images):
     conv_gains = [row["output_sqnr_gain_db"] for row, layer in zip(o["layers"], report.layers) if layer["op_type"] == "CONV_2D"]
     assert max(conv_gains) > 0.1
     assert report.invocations == {"float32": 6, "int8": 6}  # the oracle's runs are counted apart
+
+
+def test_runner_reads_logits_before_a_final_softmax(tiny_images, save_model, tmp_path):
+    """The oracle compares logits: softmax of what logits=True returns is the model's own output."""
+    g = GraphBuilder(4)
+    x = g.relu6(g.bn(g.conv("input", 3, 8, 3, 2), 8))
+    model = g.model([1, 3, 32, 32], g.node("Softmax", [g.head(x, 8)], axis=1))
+    out = tmp_path / "out"
+    compile_model(save_model(model, "softmax_net"), tiny_images, out, CompileOptions(num_calib=4))
+    compiled = CompiledModel.open(out)
+    inputs = compiled.tflite_inputs(compiled.load_samples(tiny_images, 3))
+    for path in (compiled.float_model, compiled.int8_model):
+        probs = TfliteRunner(path).run(inputs)
+        runner = TfliteRunner(path, logits=True)
+        assert runner.logits_tensor is not None
+        logits = runner.run(inputs)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(e / e.sum(axis=1, keepdims=True), probs, atol=0.01)
+        assert np.ptp(logits) > 1.0  # not probabilities
