@@ -172,10 +172,12 @@ def collect_tensor_stats(
 
 
 def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg,
-                  local: dict[int, ErrorStats] | None = None) -> list[sensitivity.LayerMetrics]:
+                  local: dict[int, ErrorStats] | None = None, sources: dict[int, dict] | None = None) -> list[sensitivity.LayerMetrics]:
+    """``sources``: float32 op index -> its ONNX trace entry (:meth:`CompiledModel.onnx_sources`)."""
     out = []
-    local = local or {}
+    local, sources = local or {}, sources or {}
     for layer in match.layers:
+        source = sources.get(layer.float_op, {})
         s = stats[layer.int8_output]
         in_stats = [stats[t] for t in layer.int8_inputs if t in stats]
         in_sqnr = pooled_sqnr_db(in_stats) if in_stats else math.inf
@@ -194,9 +196,18 @@ def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg,
                 weight_sqnr_db=w_sqnr, weight_mse=w_mse,
                 local_sqnr_db=own.sqnr_db if own_ok else None,
                 local_rmse_lsb=math.sqrt(own.mse) / scale if own_ok and scale else None,
+                onnx_nodes=list(source.get("onnx_nodes", [])), onnx_ops=list(source.get("onnx_ops", [])),
             )
         )
     return out
+
+
+def _onnx_sources(compiled: CompiledModel, reporter: Reporter) -> dict[int, dict]:
+    try:
+        return compiled.onnx_sources()
+    except InputError as exc:
+        reporter.warn(f"layers keep their TFLite names only: {exc}")
+        return {}
 
 
 def _consistency_check(compiled: CompiledModel, inputs: np.ndarray, float_out: np.ndarray, int8_out: np.ndarray, threads: int) -> dict:
@@ -251,7 +262,7 @@ def analyze(
             int8_runner = TfliteRunner(compiled.int8_model, options.threads, preserve_all_tensors=True)
         stats, local, float_out, int8_out = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs,
                                                                  lambda: progress.advance(task), options.local_samples)
-        metrics = layer_metrics(match, stats, fg, qg, local)
+        metrics = layer_metrics(match, stats, fg, qg, local, _onnx_sources(compiled, reporter))
         timings["analysis"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
         with captured_native_output(not options.verbose):
@@ -314,7 +325,7 @@ def save(report: AnalysisReport, folder: Path) -> None:
 def write_csv(report: AnalysisReport, path: Path) -> None:
     rank_of = {idx: r + 1 for r, idx in enumerate(report.sensitivity_order)}
     oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
-    columns = ["index", "rank", "name", "short_name", "op_type", "fused_activation", "params", "macs",
+    columns = ["index", "rank", "name", "short_name", "onnx_nodes", "onnx_ops", "op_type", "fused_activation", "params", "macs",
                "weight_sqnr_db", "weight_mse", "act_sqnr_db", "act_mse", "act_nmse", "act_max_abs_err",
                "act_scale", "act_zero_point", "input_sqnr_db", "sqnr_delta_db", "local_sqnr_db", "local_rmse_lsb",
                f"score_{report.metric}"]
@@ -324,7 +335,8 @@ def write_csv(report: AnalysisReport, path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for i, layer in enumerate(report.layers):
-            row = [layer["index"], rank_of[layer["index"]]] + [layer[c] for c in columns[2:-1 if not oracle else -3]]
+            values = [layer.get(c) for c in columns[2:-1 if not oracle else -3]]
+            row = [layer["index"], rank_of[layer["index"]]] + [";".join(v) if isinstance(v, list) else v for v in values]
             row.append(report.scores[report.metric][i])
             if oracle:
                 o = oracle.get(layer["index"], {})

@@ -90,3 +90,25 @@ class CompiledModel:
     def tflite_inputs(samples: Samples) -> np.ndarray:
         """The TFLite models take channels-last input (the compiler checks this)."""
         return samples.data
+
+    @cached_property
+    def trace(self) -> dict:
+        """compile.json's TFLite-op -> ONNX-node trace. A compile made before tracing existed is
+        traced now, from its ONNX model and calibration images, and compile.json keeps the result."""
+        if self.report.trace is not None:
+            return self.report.trace
+        from .onnx_model import load as load_onnx
+        from .reports import sha256_file, write_json
+
+        model = Path(self.report.model["path"])
+        if not model.is_file() or sha256_file(model) != self.report.model["sha256"]:
+            raise InputError(f"{self.folder} was compiled before ONNX tracing and its model {model} is gone or changed; re-run 'quantune-edge compile'")
+        samples = self.load_samples(self.report.calibration["source"], compiler.TRACE_SAMPLES, self.report.calibration.get("seed", 0))
+        self.report.trace = compiler.trace_or_error(load_onnx(model), samples.for_layout(self.spec.layout), self.float_model,
+                                                    self.int8_model, self.tflite_inputs(samples))
+        write_json(self.folder / compiler.REPORT, self.report.to_dict())
+        return self.report.trace
+
+    def onnx_sources(self) -> dict[int, dict]:
+        """float32 op index -> its trace entry (ONNX nodes and op types); empty if tracing failed."""
+        return {entry["op"]: entry for entry in self.trace.get("float32", [])}

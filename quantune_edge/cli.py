@@ -84,6 +84,12 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
               f"left unfused: float32 {len(fus['float32']['unfused'])}, int8 {len(fus['int8']['unfused'])}")
     con.print(f"int8 graph: {report.quantize_ops['int8_quantize']} QUANTIZE, {report.quantize_ops['int8_dequantize']} DEQUANTIZE; "
               f"weights {report.quantization['weights']}")
+    trace = report.trace or {}
+    if trace.get("error"):
+        con.print(f"[yellow]TFLite ops not traced to ONNX nodes: {trace['error']}[/]")
+    elif trace:
+        untraced = trace["untraced"]["float32"]
+        con.print(f"traced to ONNX nodes: {len(trace['float32']) - len(untraced)} of {len(trace['float32'])} float32 ops")
     con.print("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()))
 
 
@@ -158,11 +164,28 @@ def _count(n: int) -> str:
 _OP_ABBREV = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "fc", "TRANSPOSE_CONV": "deconv"}
 
 
+def _both_names(layer: dict) -> str:
+    """The layer's short ONNX name with its TFLite short name below (or the TFLite name alone)."""
+    from rich.markup import escape
+
+    from .tracing import onnx_label
+
+    onnx = onnx_label(layer)
+    return f"{escape(onnx)}\n[dim]{escape(layer['short_name'])}[/]" if onnx else escape(layer["short_name"])
+
+
+def _one_line(layer: dict) -> str:
+    from .tracing import onnx_label
+
+    onnx = onnx_label(layer)
+    return f"{onnx} ({layer['short_name']})" if onnx else layer["short_name"]
+
+
 def _print_analysis(reporter: Reporter, report, top: int) -> None:
     con = reporter.console
     oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
     table = Table(title=f"{min(top, len(report.layers))} most sensitive of {len(report.layers)} layers (score: {report.metric})",
-                  header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), caption="W/A dB: SQNR of weights/activation vs float; "
+                  header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), caption="layer: ONNX node, TFLite op below; W/A dB: SQNR of weights/activation vs float; "
                   "Δ: SQNR the layer itself loses; own: RMS error of the layer on its own int8 input, in output LSBs"
                   + ("; oracle: output SQNR gain with only this layer float" if oracle else ""))
     show_score = report.metric not in ("sqnr_delta", "local_rmse")
@@ -175,7 +198,7 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     for rank, layer in enumerate(report.most_sensitive(top), 1):
         op = _OP_ABBREV.get(layer["op_type"], layer["op_type"].lower())
         op += f"+{layer['fused_activation'].lower()}" if layer["fused_activation"] not in (None, "NONE") else ""
-        row = [str(rank), str(layer["index"]), layer["short_name"], op, _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
+        row = [str(rank), str(layer["index"]), _both_names(layer), op, _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
                _db(layer["weight_sqnr_db"]), _db(layer["act_sqnr_db"]), _db(layer["sqnr_delta_db"]),
                f"{layer['local_rmse_lsb']:.2f}" if layer.get("local_rmse_lsb") is not None else "-"]
         if show_score:
@@ -254,6 +277,44 @@ def analyze_cmd(
     _analyze(folder, calib, options, top=top, quiet=quiet, verbose=verbose, json_out=json_out)
 
 
+@app.command("layers")
+def layers_cmd(
+    folder: Annotated[Path, typer.Argument(help="Compile folder.")],
+    json_out: JsonOut = False,
+) -> None:
+    """Every layer traced to its ONNX nodes: index, TFLite op, ONNX nodes, params, MACs, int8 scale."""
+    from rich.markup import escape
+
+    from .tracing import layer_table
+
+    reporter = Reporter(quiet=json_out)
+    try:
+        data = layer_table(folder)
+    except QuantuneError as exc:
+        _fail(exc)
+    if json_out:
+        _print_json(data)
+        return
+    table = Table(title=f"{len(data['layers'])} layers of {folder} (ONNX: {Path(data['onnx_model']).name})", box=box.SIMPLE_HEAD,
+                  header_style="bold", padding=(0, 1))
+    for col in ("#", "TFLite op", "ONNX nodes", "params", "MMAC", "int8 scale"):
+        table.add_column(col, justify="left" if col in ("TFLite op", "ONNX nodes") else "right", overflow="fold")
+    for row in data["layers"]:
+        op = _OP_ABBREV.get(row["op_type"], row["op_type"].lower())
+        op += f"+{row['fused_activation'].lower()}" if row["fused_activation"] not in (None, "NONE") else ""
+        nodes = "\n".join(f"{escape(n)} [dim]{o}[/]" for n, o in zip(row["onnx_nodes"], row["onnx_ops"])) or "[yellow]not traced[/]"
+        table.add_row(str(row["index"]), f"{op}\n[dim]{escape(row['short_name'])}[/]", nodes, _count(row["params"]),
+                      f"{row['macs'] / 1e6:.2f}", f"{row['int8_scale']:.4g}" if row["int8_scale"] else "-")
+    reporter.console.print(table)
+    if data.get("error"):
+        reporter.warn(f"tracing failed: {data['error']}")
+    for model, ops in (data.get("untraced") or {}).items():
+        for u in ops:
+            reporter.console.print(f"[yellow]{model} op {u['op']} {u['op_type']} not traced[/]: {escape(u['reason'])}")
+    if data["onnx_nodes_without_op"]:
+        reporter.console.print(f"[yellow]ONNX nodes no TFLite op computes[/]: {escape(', '.join(data['onnx_nodes_without_op'][:10]))}")
+
+
 @app.command("tune")
 def tune_cmd(
     folder: Annotated[Path, typer.Argument(help="Compile folder with an analysis.json (run 'analyze' first).")],
@@ -261,7 +322,8 @@ def tune_cmd(
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
     max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8 on this host.")] = None,
     float_layers: Annotated[Optional[int], typer.Option("--float-layers", help="Keep exactly the K most sensitive layers float.")] = None,
-    keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Layer name, short name or glob always kept float (repeatable).")] = None,
+    keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Always float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
+    keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Never float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
     metric: Annotated[Optional[str], typer.Option("--metric", help="Rank layers by this analysis score (default: the analysis's own).")] = None,
     latency_source: Annotated[Optional[str], typer.Option("--latency-source", help="Target whose measured layer costs price the choice (default: this host).")] = None,
@@ -288,7 +350,7 @@ def tune_cmd(
     try:
         source = _load_targets(latency_source, targets_dir)[0] if latency_source else None
         options = TuneOptions(latency_source=source, max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
-                              keep_float=list(keep_float or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
+                              keep_float=list(keep_float or []), keep_int8=list(keep_int8 or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
                               fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
                               preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
         report = tune(folder, eval_data, options, reporter)
@@ -316,7 +378,7 @@ def _print_tune(reporter: Reporter, report) -> None:
                   f"{100 * c['accuracy']:.1f} %", f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ms']:.2f}",
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
-    reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{l['short_name']}" for l in c["layers"]) or "none"))
+    reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{_one_line(l)}" for l in c["layers"]) or "none"), markup=False)
     s = report.search
     reporter.console.print(f"{s['evaluations']} model evaluations (bound {s['bound']} for {s['layers']} layers), {s['wall_time_s']:.1f} s; "
                            f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))
@@ -614,7 +676,7 @@ def _run(model: Path, calib: Path, eval_data: Path, targets, out: Path, options,
     acc = data["accuracy"]
     reporter.console.print(f"accuracy ({acc['is']}, {acc['samples']} images, host): "
                            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc["host"].items() if v is not None)
-                           + f"; float layers: {', '.join(l['short_name'] for l in data['tune']['chosen_layers']) or 'none'}")
+                           + f"; float layers: {', '.join(_one_line(l) for l in data['tune']['chosen_layers']) or 'none'}", markup=False)
     if data["device"]:
         _print_results(reporter, [ResultRow(**r) for r in data["device"]])
     cached = [s for s, v in data["stages"].items() if v.get("cached")]

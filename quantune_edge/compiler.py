@@ -33,6 +33,7 @@ CALIBRATED_MODEL = "model_calibrated.tflite"
 SAVED_MODEL = "saved_model"
 PREPARED_ONNX = "model_prepared.onnx"
 REPORT = "compile.json"
+TRACE_SAMPLES = 2  # real samples the ONNX -> TFLite trace compares values on
 ONNX2TF_SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 
@@ -308,10 +309,34 @@ def compile_model(
                 float_out = float_runner.run(calib_data, advance)
                 int8_out = TfliteRunner(stage / INT8_MODEL, options.threads).run(calib_data, advance)
 
+            task = progress.add_task("tracing TFLite ops to ONNX nodes", total=1)
+            with _stage("trace", timings, quiet_native):
+                trace = trace_or_error(original, samples.for_layout(spec.layout)[:TRACE_SAMPLES], stage / FLOAT_MODEL,
+                                       stage / INT8_MODEL, calib_data[:TRACE_SAMPLES])
+            progress.advance(task)
+            if trace.get("error"):
+                reporter.warn(f"could not trace TFLite ops to ONNX nodes: {trace['error']}")
+            elif untraced := trace["untraced"]["float32"]:
+                reporter.warn(f"{len(untraced)} float32 TFLite op(s) have no ONNX tensor of their own "
+                              f"({', '.join(sorted({u['op_type'] for u in untraced}))}); 'quantune-edge layers {out_dir}' lists them")
+
             report = _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings)
+            report.trace = trace
             write_json(stage / REPORT, report.to_dict())
             _raise_if_wrong(report, options)
     return report
+
+
+def trace_or_error(model, onnx_feed: np.ndarray, float_path: Path, int8_path: Path, tflite_feed: np.ndarray) -> dict:
+    """The ``trace`` section; a model ONNX Runtime cannot expose every tensor of gets the reason
+    instead (the compile itself stays valid)."""
+    from .tracing import trace_models
+
+    try:
+        return trace_models(model, onnx_feed, float_path, int8_path, tflite_feed)
+    except Exception as exc:  # noqa: BLE001 - any failure here only costs the ONNX names
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {"error": first[:300], "float32": [], "int8": [], "untraced": {"float32": [], "int8": []}}
 
 
 def _raise_if_wrong(report: CompileReport, options: CompileOptions) -> None:

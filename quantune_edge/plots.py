@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .sensitivity import nan_low
+from .tracing import onnx_label
 
 
 def _finite(values) -> np.ndarray:
@@ -61,10 +62,10 @@ def plot_analysis(report, path: str | Path) -> None:
         ax.set_ylabel("oracle: output SQNR gain\nif only this layer float (dB)", fontsize=8)
         rho = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(oracle["spearman"].items(), key=lambda kv: -nan_low(kv[1])))
         fig.suptitle(f"Spearman ρ vs one-layer-float oracle: {rho}", fontsize=9)
-    labels = [layer["short_name"] for layer in layers]
+    labels = [onnx_label(layer) or layer["short_name"] for layer in layers]
     step = max(1, math.ceil(len(layers) / 60))
     axes[-1].set_xticks(x[::step])
-    axes[-1].set_xticklabels([f"{i}:{labels[i][:22]}" for i in x[::step]], rotation=90, fontsize=6)
+    axes[-1].set_xticklabels([f"{i}:{labels[i][-28:]}" for i in x[::step]], rotation=90, fontsize=6)
     axes[0].set_title(f"local metrics per layer ({len(layers)} fused TFLite ops, graph order; {report.samples['count']} samples)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

@@ -123,10 +123,10 @@ def render(data: dict, compiled: Path) -> str:
         *[[f"{k.replace('_', ' ')}", f"cosine min {v.get('cosine_min', 0):.5f}, top-1 agreement {_pct(v.get('top1_agreement'))}"]
           for k, v in verify.items() if isinstance(v, dict) and "cosine_min" in v],
     ]
-    layers = [[i + 1, l["index"], l["short_name"], l["op_type"], f"{l.get('local_rmse_lsb') or 0:.2f}",
+    layers = [[i + 1, l["index"], ", ".join(l.get("onnx_nodes") or []) or "–", l["short_name"], l["op_type"], f"{l.get('local_rmse_lsb') or 0:.2f}",
                f"{l['act_sqnr_db']:.1f}" if isinstance(l["act_sqnr_db"], (int, float)) else l["act_sqnr_db"]]
               for i, l in enumerate(a.get("most_sensitive") or [])]
-    chosen = [[l["index"], l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
+    chosen = [[l["index"], ", ".join(l.get("onnx_nodes") or []) or "–", l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
     rows = [ResultRow(**r) for r in data["device"]]
     device = [[r.target + (" (emulated)" if r.emulated else ""), r.machine, r.label, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
                f"{r.p99_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–", f"{r.size_bytes / 1e6:.2f} MB"]
@@ -146,10 +146,10 @@ generated {html.escape(data['created'])}</p>
 <h2>Local metrics and sensitivity</h2>
 <p>score: {html.escape(str(a.get('metric')))}; {html.escape(json.dumps(a.get('invocations')))} invocations over {a.get('layers')} layers</p>
 {_img(compiled / 'analysis.png', 'local metrics per layer')}
-{_table(['rank', '#', 'layer', 'op', 'own error (LSB)', 'activation SQNR dB'], layers)}
+{_table(['rank', '#', 'ONNX nodes', 'TFLite', 'op', 'own error (LSB)', 'activation SQNR dB'], layers)}
 <h2>Chosen float layers</h2>
 <p>budget {html.escape(json.dumps(t.get('budget')))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
-{_table(['#', 'layer', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
+{_table(['#', 'ONNX nodes', 'TFLite', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
 <h2>Accuracy</h2><p>{html.escape(str(acc.get('is')))} on {acc.get('samples')} images (host)</p>
 {_table(['model', 'accuracy'], [[k, _pct(v)] for k, v in acc['host'].items()])}
 {_device_accuracy(acc.get('device'))}

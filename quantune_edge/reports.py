@@ -72,6 +72,7 @@ class CompileReport:
     accuracy: dict
     files: dict
     notes: list[str] = field(default_factory=list)
+    trace: dict | None = None  # TFLite op -> ONNX nodes (:mod:`tracing`); None in compiles made before it
     kind: str = "quantune-edge/compile"
     schema_version: int = SCHEMA_VERSION
     created: str = field(default_factory=now_iso)

@@ -135,14 +135,15 @@ def boundary_probe(lg: LayerGraph, size: int = 8) -> frozenset[int]:
     return frozenset(chosen)
 
 
-def grow_regions(lg: LayerGraph, float_set: Iterable[int], cost: CostModel) -> frozenset[int]:
-    """Add neighbouring layers to the float set while each addition lowers the estimated latency."""
-    current = frozenset(float_set)
+def grow_regions(lg: LayerGraph, float_set: Iterable[int], cost: CostModel, never: Iterable[int] = ()) -> frozenset[int]:
+    """Add neighbouring layers (except ``never``) to the float set while each addition lowers the
+    estimated latency."""
+    current, never = frozenset(float_set), frozenset(never)
     best = cost.latency_ms(lg, current)
     improved = True
     while improved:
         improved = False
-        frontier = sorted({n for i in current for n in lg.neighbours(i)} - current)
+        frontier = sorted({n for i in current for n in lg.neighbours(i)} - current - never)
         for candidate in frontier:
             trial = current | {candidate}
             latency = cost.latency_ms(lg, trial)
@@ -152,14 +153,14 @@ def grow_regions(lg: LayerGraph, float_set: Iterable[int], cost: CostModel) -> f
 
 
 def prefix_choices(order: Sequence[int], lg: LayerGraph, cost: CostModel | None,
-                   always: Iterable[int] = ()) -> list[frozenset[int]]:
+                   always: Iterable[int] = (), never: Iterable[int] = ()) -> list[frozenset[int]]:
     """Float set for k = 0 … n most sensitive layers (plus ``always``), fusion-aware (grown into
-    regions) when ``cost`` is given."""
+    regions, never over a layer in ``never``) when ``cost`` is given."""
     base = frozenset(always)
     choices = []
     for k in range(len(order) + 1):
         chosen = base | frozenset(order[:k])
-        choices.append(grow_regions(lg, chosen, cost) if cost is not None and chosen else chosen)
+        choices.append(grow_regions(lg, chosen, cost, never) if cost is not None and chosen else chosen)
     return choices
 
 

@@ -18,7 +18,7 @@ Every score is "higher = more sensitive" (keeping that layer float should help m
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,6 +45,8 @@ class LayerMetrics:
     weight_mse: float | None = None
     local_sqnr_db: float | None = None
     local_rmse_lsb: float | None = None
+    onnx_nodes: list[str] = field(default_factory=list)  # the ONNX nodes this fused op came from
+    onnx_ops: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

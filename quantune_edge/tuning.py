@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ class TuneOptions:
     max_latency_ratio: float | None = None  # vs full int8 on the host
     float_layers: int | None = None  # exactly the k most sensitive (grown into regions)
     keep_float: list[str] = field(default_factory=list)
+    keep_int8: list[str] = field(default_factory=list)  # never float, even to close a region
     metric: str | None = None  # rank by this analysis score instead of the analysis's own order
     latency_source: Target | None = None  # price layers with costs measured on this target, not the host
     num_eval: int = 200
@@ -75,18 +77,36 @@ class TuneReport:
         return asdict(self)
 
 
-def resolve_layer_names(patterns: list[str], layers: list[dict]) -> set[int]:
-    """Exact layer names, short names, or globs on either; unknown names list the closest matches."""
+def resolve_layer_names(patterns: list[str], layers: list[dict], option: str = "--keep-float") -> set[int]:
+    """Layers named by ONNX node names, TFLite tensor names or short names, or a glob or ``re:REGEX``
+    on any of them (like OpenVINO's ignored scope); an unknown name lists the closest matches."""
     chosen: set[int] = set()
     for pattern in patterns:
-        hits = {l["index"] for l in layers if pattern in (l["name"], l["short_name"])
-                or fnmatch.fnmatchcase(l["name"], pattern) or fnmatch.fnmatchcase(l["short_name"], pattern)}
+        if pattern.startswith("re:"):
+            try:
+                regex = re.compile(pattern[3:])
+            except re.error as exc:
+                raise InputError(f"{option} {pattern!r}: not a regular expression ({exc})") from None
+            hit = lambda name: regex.search(name) is not None  # noqa: E731
+        else:
+            hit = lambda name: name == pattern or fnmatch.fnmatchcase(name, pattern)  # noqa: E731
+        hits = {l["index"] for l in layers if any(hit(n) for n in _names(l))}
         if not hits:
-            names = [l["short_name"] for l in layers] + [l["name"] for l in layers]
-            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-            raise InputError(f"--keep-float {pattern!r} matches no layer" + (f"; closest: {', '.join(close)}" if close else ""))
+            names = sorted({n for l in layers for n in _names(l)})
+            close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3, cutoff=0.4)
+            raise InputError(f"{option} {pattern!r} matches no layer (ONNX node, TFLite tensor or short name)"
+                             + (f"; closest: {', '.join(close)}" if close else ""))
         chosen |= hits
     return chosen
+
+
+def _names(layer: dict) -> list[str]:
+    return [layer["name"], layer["short_name"], *layer.get("onnx_nodes", [])]
+
+
+def layer_summary(layer: dict) -> dict:
+    """How tune.json and the report name a layer: TFLite and ONNX names side by side."""
+    return {key: layer.get(key) for key in ("index", "name", "short_name", "op_type", "onnx_nodes", "onnx_ops")}
 
 
 def _load_analysis(compiled: CompiledModel, metric: str | None = None) -> dict:
@@ -173,6 +193,10 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     if options.float_layers is not None and not 0 <= options.float_layers <= n:
         raise InputError(f"--float-layers must be between 0 and {n}, got {options.float_layers}")
     forced = resolve_layer_names(options.keep_float, analysis["layers"])
+    pinned = resolve_layer_names(options.keep_int8, analysis["layers"], "--keep-int8")
+    if forced & pinned:
+        both = ", ".join(analysis["layers"][i]["short_name"] for i in sorted(forced & pinned))
+        raise InputError(f"--keep-float and --keep-int8 both name layer(s) {both}")
     names = {l.index: l.name for l in match.layers}
 
     samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
@@ -197,8 +221,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                              quiet=not options.verbose, log=reporter.info)
         source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
                   "measured_p50_ms": record["measured_p50_ms"]}
-    order = [i for i in analysis["order"] if i not in forced]
-    choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced)
+    order = [i for i in analysis["order"] if i not in forced | pinned]
+    choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced, never=pinned)
+    free = len(order)  # k counts the layers neither --keep-float nor --keep-int8 fixed
+    if options.float_layers is not None and options.float_layers > free:
+        raise InputError(f"--float-layers {options.float_layers}: only {free} layers are free after --keep-float/--keep-int8")
 
     start = time.perf_counter()
     results: dict[int, dict] = {}
@@ -242,7 +269,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             def meets(r: dict) -> bool:
                 return r["drop_points"] <= options.max_drop + 1e-9
 
-            found = selection.bisect_smallest(n, evaluate, meets, lambda r: r["accuracy"])
+            found = selection.bisect_smallest(free, evaluate, meets, lambda r: r["accuracy"])
             chosen_k, met = found.best_k, found.k is not None
             if met and options.latency_source is not None:
                 # Among the evaluated choices that meet the budget, the fastest on that device.
@@ -257,8 +284,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                 return latency(k)
 
             # The most float layers within the latency budget = the smallest k that breaks it, minus one.
-            over = selection.bisect_smallest(n, measured, lambda r: r["latency_ratio"] > limit, lambda r: -r["latency_ratio"])
-            chosen_k = n if over.k is None else max(over.k - 1, 0)
+            over = selection.bisect_smallest(free, measured, lambda r: r["latency_ratio"] > limit, lambda r: -r["latency_ratio"])
+            chosen_k = free if over.k is None else max(over.k - 1, 0)
             met = over.k != 0
             if chosen_k not in results:
                 measured(chosen_k)
@@ -282,22 +309,21 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             raise QuantuneError(f"the emitted model computes {sorted(float_ops - wanted)[:3]} in float beyond the choice "
                                 f"or misses {sorted(wanted - float_ops)[:3]}; not written")
         tmp_out.replace(out_path)
-        pareto = _pareto(n, choices, evaluate, latency, results) if options.pareto else None
+        pareto = _pareto(free, choices, evaluate, latency, results) if options.pareto else None
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
     report = TuneReport(
-        budget={**mode, "met": met, "keep_float": options.keep_float, "fusion_aware": options.fusion_aware,
+        budget={**mode, "met": met, "keep_float": options.keep_float, "keep_int8": options.keep_int8, "fusion_aware": options.fusion_aware,
                 "ranking_metric": analysis["metric"], "latency_source": source},
         reference={"float32_accuracy": float_acc, "accuracy_is": "top-1" if labelled else "top-1 agreement with float32",
                    "eval_samples": len(samples), "eval_source": samples.source,
                    "float32_latency_ms": lat_float["p50"], "int8_latency_ms": lat_int8["p50"],
                    "int8": {k: v for k, v in results.get(0, {}).items() if k != "float_layers"} or None,
                    "threads": options.threads},
-        chosen={**chosen, "layers": [{"index": i, "name": layer_by_index[i]["name"], "short_name": layer_by_index[i]["short_name"],
-                                      "op_type": layer_by_index[i]["op_type"]} for i in sorted(choices[chosen_k])],
+        chosen={**chosen, "layers": [layer_summary(layer_by_index[i]) for i in sorted(choices[chosen_k])],
                 "share_of_layers_float": len(choices[chosen_k]) / n},
         evaluations=[results[k] for k in sorted(results)],
-        search={"evaluations": ev.builds, "bound": selection.max_evaluations(n), "layers": n, "order": analysis["order"],
+        search={"evaluations": ev.builds, "bound": selection.max_evaluations(free), "layers": n, "order": analysis["order"],
                 "wall_time_s": round(time.perf_counter() - start, 2)},
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,
@@ -308,7 +334,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
         plot_pareto(report, compiled.folder / PARETO_PNG)
     if not met and not options.best_effort:
-        raise BudgetError(f"budget not met even with all {n} layers float (best: {_describe(chosen)}); "
+        raise BudgetError(f"budget not met even with all {free} {'free ' if free < n else ''}layers float (best: {_describe(chosen)}); "
                           f"wrote the best found to {out_path}; use --best-effort to accept it")
     return report
 

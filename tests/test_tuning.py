@@ -86,7 +86,7 @@ def test_fixed_count_naive_vs_fusion_aware_and_keep_float(folder):
     last = layers[-1]
     kept = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=0, keep_float=[last["name"]], fusion_aware=False, num_eval=8, latency_runs=3))
     assert kept.chosen["float_layers"] == [last["index"]]
-    with pytest.raises(InputError, match="matches no layer; closest: tf.nn.convolution"):
+    with pytest.raises(InputError, match="matches no layer.*closest: tf.nn.convolution"):
         tune(folder, DEMO_IMAGES, TuneOptions(keep_float=["tf.nn.convolutoin_3"], num_eval=8))
 
 
