@@ -192,7 +192,7 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     columns = ["rank", "#", "layer", "op", "params", "MMAC", "W dB", "A dB", "Δ dB", "own"] + (["score"] if show_score else []) + (["oracle"] if oracle else [])
     for col in columns:
         table.add_column(col, justify="left" if col in ("layer", "op") else "right", no_wrap=col != "layer",
-                         min_width=16 if col == "layer" else None)
+                         min_width=16 if col == "layer" else None, overflow="fold" if col == "layer" else "ellipsis")
     scores = report.scores[report.metric]
     position = {layer["index"]: i for i, layer in enumerate(report.layers)}
     for rank, layer in enumerate(report.most_sensitive(top), 1):

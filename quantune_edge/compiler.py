@@ -374,7 +374,7 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
         },
         preprocessing=prep.to_dict(),
         calibration={
-            "source": samples.source,
+            "source": str(Path(samples.source).resolve()),
             "num_samples": len(samples),
             "seed": options.seed,
             "files": samples.names,
