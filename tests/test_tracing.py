@@ -109,7 +109,8 @@ def test_analysis_and_tune_name_layers_in_both_languages(residual, tiny_images, 
 
 
 def _mixed_bytes(folder, images, **keep) -> bytes:
-    tune(folder, images, TuneOptions(float_layers=0, num_eval=4, latency_runs=2, **keep))
+    # Not fusion-aware: region growth prices layers with latencies measured in this run, so it may differ.
+    tune(folder, images, TuneOptions(float_layers=0, fusion_aware=False, num_eval=4, latency_runs=2, **keep))
     return (folder / "model_mixed.tflite").read_bytes()
 
 
