@@ -109,6 +109,11 @@ def _device_accuracy(device: dict | None) -> str:
             + _table(["target", "model", "arch", "top-1", "top-1 agrees with host"], rows))
 
 
+def _onnx_nodes(layer: dict) -> str:
+    """'name (OpType), …' of the ONNX nodes a layer came from."""
+    return ", ".join(f"{n} ({o})" for n, o in zip(layer.get("onnx_nodes") or [], layer.get("onnx_ops") or [])) or "–"
+
+
 def render(data: dict, compiled: Path) -> str:
     m, c, a, t, acc = data["model"], data["compile"], data["analysis"], data["tune"], data["accuracy"]
     sizes = c.get("sizes_bytes") or {}
@@ -123,10 +128,10 @@ def render(data: dict, compiled: Path) -> str:
         *[[f"{k.replace('_', ' ')}", f"cosine min {v.get('cosine_min', 0):.5f}, top-1 agreement {_pct(v.get('top1_agreement'))}"]
           for k, v in verify.items() if isinstance(v, dict) and "cosine_min" in v],
     ]
-    layers = [[i + 1, l["index"], ", ".join(l.get("onnx_nodes") or []) or "–", l["short_name"], l["op_type"], f"{l.get('local_rmse_lsb') or 0:.2f}",
+    layers = [[i + 1, l["index"], _onnx_nodes(l), l["short_name"], l["op_type"], f"{l.get('local_rmse_lsb') or 0:.2f}",
                f"{l['act_sqnr_db']:.1f}" if isinstance(l["act_sqnr_db"], (int, float)) else l["act_sqnr_db"]]
               for i, l in enumerate(a.get("most_sensitive") or [])]
-    chosen = [[l["index"], ", ".join(l.get("onnx_nodes") or []) or "–", l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
+    chosen = [[l["index"], _onnx_nodes(l), l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
     rows = [ResultRow(**r) for r in data["device"]]
     device = [[r.target + (" (emulated)" if r.emulated else ""), r.machine, r.label, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
                f"{r.p99_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–", f"{r.size_bytes / 1e6:.2f} MB"]
