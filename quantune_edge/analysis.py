@@ -25,7 +25,7 @@ from .layers import Layer, LayerMatch, dequantized_weights, match_layers
 from .metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
-from .runtime import TfliteRunner, dequantize
+from .runtime import TfliteRunner
 
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_CSV = "analysis.csv"
@@ -79,14 +79,6 @@ class AnalysisReport:
     def most_sensitive(self, n: int) -> list[dict]:
         by_index = {d["index"]: d for d in self.layers}
         return [by_index[i] for i in self.sensitivity_order[:n]]
-
-
-def _tensor_value(runner: TfliteRunner, graph: tflite_graph.TfliteGraph, index: int) -> np.ndarray:
-    raw = runner.interpreter.get_tensor(index)
-    t = graph.tensors[index]
-    if raw.dtype in (np.int8, np.uint8, np.int16) and t.scales:
-        return dequantize(raw, t.scales[0], t.zero_points[0] if t.zero_points else 0)
-    return raw.astype(np.float32, copy=False)
 
 
 def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph) -> tuple[float | None, float | None]:
@@ -154,11 +146,11 @@ def collect_tensor_stats(
 
         def int8_value(t: int) -> np.ndarray:
             if t not in values:
-                values[t] = _tensor_value(int8_runner, qg, t)
+                values[t] = int8_runner.tensor(t)
             return values[t]
 
         for t in needed:
-            ref = _tensor_value(float_runner, fg, match.tensor_map[t])
+            ref = float_runner.tensor(match.tensor_map[t])
             if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:

@@ -1,6 +1,7 @@
 """Running .tflite models on the host with the LiteRT interpreter (XNNPACK, fixed threads)."""
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -80,14 +81,19 @@ class TfliteRunner:
         return out.copy()
 
     def tensor(self, index: int) -> np.ndarray:
-        """Any tensor of the last invocation as float32 (dequantized); intermediate tensors need
-        ``preserve_all_tensors``."""
-        raw = self.interpreter.get_tensor(index)
-        if raw.dtype == np.float32:
-            return raw.copy()
-        detail = next(d for d in self.interpreter.get_tensor_details() if d["index"] == index)
-        scale, zp = detail["quantization"]
-        return dequantize(raw, scale, zp) if scale else raw.astype(np.float32)
+        """Any tensor of the last invocation as float32 (int8/uint8/int16 dequantized with its own
+        scale); intermediate tensors need ``preserve_all_tensors``."""
+        raw = self.interpreter.get_tensor(index)  # already a copy
+        if raw.dtype in (np.int8, np.uint8, np.int16):
+            scale, zp = self._quantization[index]
+            if scale:
+                return dequantize(raw, scale, zp)
+        return raw.astype(np.float32, copy=False)
+
+    @cached_property
+    def _quantization(self) -> dict[int, tuple[float, int]]:
+        """(scale, zero point) of every tensor, read once: the interpreter lists them all per call."""
+        return {d["index"]: d["quantization"] for d in self.interpreter.get_tensor_details()}
 
     def run(self, samples: np.ndarray, on_item: Callable[[], None] | None = None) -> np.ndarray:
         """Run every sample of (N, ...) one at a time (the models have batch 1); stacks outputs."""
