@@ -190,13 +190,16 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
         raise InputError(f"{ANALYSIS_JSON} in {compiled.folder} does not match this compile's layers; re-run analyze")
     n = len(match.layers)
-    if options.float_layers is not None and not 0 <= options.float_layers <= n:
-        raise InputError(f"--float-layers must be between 0 and {n}, got {options.float_layers}")
     forced = resolve_layer_names(options.keep_float, analysis["layers"])
     pinned = resolve_layer_names(options.keep_int8, analysis["layers"], "--keep-int8")
     if forced & pinned:
         both = ", ".join(analysis["layers"][i]["short_name"] for i in sorted(forced & pinned))
         raise InputError(f"--keep-float and --keep-int8 both name layer(s) {both}")
+    order = [i for i in analysis["order"] if i not in forced | pinned]
+    free = len(order)  # k counts the layers neither --keep-float nor --keep-int8 fixed
+    if options.float_layers is not None and not 0 <= options.float_layers <= free:
+        raise InputError(f"--float-layers must be between 0 and {free}" + (" (the layers --keep-float/--keep-int8 leave free)" if free < n else "")
+                         + f", got {options.float_layers}")
     names = {l.index: l.name for l in match.layers}
 
     samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
@@ -221,11 +224,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                              quiet=not options.verbose, log=reporter.info)
         source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
                   "measured_p50_ms": record["measured_p50_ms"]}
-    order = [i for i in analysis["order"] if i not in forced | pinned]
     choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced, never=pinned)
-    free = len(order)  # k counts the layers neither --keep-float nor --keep-int8 fixed
-    if options.float_layers is not None and options.float_layers > free:
-        raise InputError(f"--float-layers {options.float_layers}: only {free} layers are free after --keep-float/--keep-int8")
 
     start = time.perf_counter()
     results: dict[int, dict] = {}
