@@ -164,6 +164,12 @@ def _count(n: int) -> str:
 _OP_ABBREV = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "fc", "TRANSPOSE_CONV": "deconv"}
 
 
+def _op_label(layer: dict) -> str:
+    """``dwconv+relu6``: the TFLite op, short, with its fused activation."""
+    op = _OP_ABBREV.get(layer["op_type"], layer["op_type"].lower())
+    return op + (f"+{layer['fused_activation'].lower()}" if layer["fused_activation"] not in (None, "NONE") else "")
+
+
 def _both_names(layer: dict) -> str:
     """The layer's short ONNX name with its TFLite short name below (or the TFLite name alone)."""
     from rich.markup import escape
@@ -196,9 +202,7 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     scores = report.scores[report.metric]
     position = {layer["index"]: i for i, layer in enumerate(report.layers)}
     for rank, layer in enumerate(report.most_sensitive(top), 1):
-        op = _OP_ABBREV.get(layer["op_type"], layer["op_type"].lower())
-        op += f"+{layer['fused_activation'].lower()}" if layer["fused_activation"] not in (None, "NONE") else ""
-        row = [str(rank), str(layer["index"]), _both_names(layer), op, _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
+        row = [str(rank), str(layer["index"]), _both_names(layer), _op_label(layer), _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
                _db(layer["weight_sqnr_db"]), _db(layer["act_sqnr_db"]), _db(layer["sqnr_delta_db"]),
                f"{layer['local_rmse_lsb']:.2f}" if layer.get("local_rmse_lsb") is not None else "-"]
         if show_score:
@@ -300,10 +304,8 @@ def layers_cmd(
     for col in ("#", "TFLite op", "ONNX nodes", "params", "MMAC", "int8 scale"):
         table.add_column(col, justify="left" if col in ("TFLite op", "ONNX nodes") else "right", overflow="fold")
     for row in data["layers"]:
-        op = _OP_ABBREV.get(row["op_type"], row["op_type"].lower())
-        op += f"+{row['fused_activation'].lower()}" if row["fused_activation"] not in (None, "NONE") else ""
         nodes = "\n".join(f"{escape(n)} [dim]{o}[/]" for n, o in zip(row["onnx_nodes"], row["onnx_ops"])) or "[yellow]not traced[/]"
-        table.add_row(str(row["index"]), f"{op}\n[dim]{escape(row['short_name'])}[/]", nodes, _count(row["params"]),
+        table.add_row(str(row["index"]), f"{_op_label(row)}\n[dim]{escape(row['short_name'])}[/]", nodes, _count(row["params"]),
                       f"{row['macs'] / 1e6:.2f}", f"{row['int8_scale']:.4g}" if row["int8_scale"] else "-")
     reporter.console.print(table)
     if data.get("error"):

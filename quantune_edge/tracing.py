@@ -254,14 +254,14 @@ def summary(float_traces: list[OpTrace], int8_traces: list[OpTrace], onnx: OnnxG
     }
 
 
-def onnx_values(model, feed: np.ndarray) -> dict[str, np.ndarray]:
-    """Every input-dependent tensor of ``model`` on ``feed`` (N samples, one run each), stacked.
+def onnx_values(model, graph: OnnxGraph, feed: np.ndarray) -> dict[str, np.ndarray]:
+    """Every input-dependent tensor of ``model`` (whose :class:`OnnxGraph` is ``graph``) on ``feed``
+    (N samples, one run each), stacked.
 
     Graph optimisations are off so ONNX Runtime computes each node as written."""
     import onnx
     import onnxruntime as ort
 
-    graph = OnnxGraph.from_model(model)
     wanted = graph.computed_tensors()
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -278,12 +278,11 @@ def onnx_values(model, feed: np.ndarray) -> dict[str, np.ndarray]:
             if all(isinstance(r[i], np.ndarray) and r[i].dtype.kind == "f" for r in runs)}
 
 
-def tflite_values(path, feed: np.ndarray) -> dict[int, np.ndarray]:
-    """Every op output of a TFLite model on ``feed`` (all tensors kept), stacked over samples."""
-    from . import tflite_graph
+def tflite_values(path, graph: TfliteGraph, feed: np.ndarray) -> dict[int, np.ndarray]:
+    """Every op output of the TFLite model at ``path`` (parsed as ``graph``) on ``feed`` (all tensors
+    kept), stacked over samples."""
     from .runtime import TfliteRunner
 
-    graph = tflite_graph.read(path)
     runner = TfliteRunner(path, preserve_all_tensors=True)
     outputs = [t for op in graph.ops for t in op.outputs]
     per_sample = []
@@ -300,7 +299,7 @@ def trace_models(model, onnx_feed: np.ndarray, float_path, int8_path, tflite_fee
 
     onnx_graph = OnnxGraph.from_model(model)
     fg, qg = tflite_graph.read(float_path), tflite_graph.read(int8_path)
-    float_traces = trace_float_model(onnx_graph, onnx_values(model, onnx_feed), fg, tflite_values(float_path, tflite_feed))
+    float_traces = trace_float_model(onnx_graph, onnx_values(model, onnx_graph, onnx_feed), fg, tflite_values(float_path, fg, tflite_feed))
     return summary(float_traces, trace_int8_model(float_traces, qg, match_layers(fg, qg)), onnx_graph)
 
 
