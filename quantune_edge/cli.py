@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -232,6 +233,12 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
             cap = o["top_k_capture"][name]
             rho.add_row(name + (" (selected)" if name == report.metric else ""), f"{value:+.2f}", *[f"{v:.2f}" for v in cap.values()])
         con.print(rho)
+        rep = o.get("repeatability")
+        if rep and math.isfinite(rep["spearman_between_halves"]):
+            ceiling = (f"any ranking can expect ρ ≈ {rep['rho_ceiling']:.2f} at best" if math.isfinite(rep["rho_ceiling"])
+                       else "no ranking can be expected to agree with it")
+            con.print(f"oracle repeatability: its rankings on two halves of the samples ({rep['samples_per_half']} each) agree at "
+                      f"ρ {rep['spearman_between_halves']:+.2f}, so {ceiling}")
 
 
 def _analyze(folder: Path, calib: Path, options, *, top: int, quiet: bool, verbose: bool, json_out: bool):

@@ -20,7 +20,7 @@ import numpy as np
 from . import sensitivity
 from .artifacts import CompiledModel
 from .console import captured_native_output
-from .metrics import compare_outputs, top1_accuracy
+from .metrics import compare_outputs, sqnr_db, top1_accuracy
 from .runtime import TfliteRunner
 
 
@@ -55,6 +55,7 @@ def run_oracle(
     """One model per layer kept float (plus the all-int8 baseline); returns the oracle section."""
     start = time.perf_counter()
     results: list[OracleLayer] = []
+    halves: list[tuple[float, float]] = []  # each layer's gain on the first and on the second half of the samples
     with captured_native_output(quiet):
         reference = TfliteRunner(compiled.float_model, threads, logits=True)
     float_out = reference.run(inputs)
@@ -62,9 +63,12 @@ def run_oracle(
         work = Path(tmp)
         base_out = build_and_run(compiled, [], inputs, threads, work, quiet)
         base = compare_outputs(float_out, base_out)
+        h = len(inputs) // 2
+        base_halves = _half_sqnr(float_out, base_out, h)
         for layer in layers:
             out = build_and_run(compiled, [layer["name"]], inputs, threads, work, quiet)
             cmp = compare_outputs(float_out, out)
+            halves.append(tuple(a - b for a, b in zip(_half_sqnr(float_out, out, h), base_halves)))
             results.append(OracleLayer(
                 index=layer["index"], name=layer["name"], output_sqnr_db=cmp["sqnr_db"],
                 output_sqnr_gain_db=cmp["sqnr_db"] - base["sqnr_db"], top1_agreement=cmp["top1_agreement"],
@@ -77,10 +81,31 @@ def run_oracle(
                           "top1_accuracy": top1_accuracy(base_out, labels, compiled.label_offset)},
         "layers": [asdict(r) for r in results],
         "compared": "logits (the input of the final SOFTMAX)" if reference.logits_tensor is not None else "model output",
+        "repeatability": repeatability(halves, h),
         "builds": len(results) + 1,
         "invocations": (len(results) + 2) * len(inputs),  # n one-layer-float models, int8, float reference
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
+
+
+def _half_sqnr(reference: np.ndarray, approx: np.ndarray, h: int) -> tuple[float, float]:
+    return sqnr_db(reference[:h], approx[:h]), sqnr_db(reference[h:], approx[h:])
+
+
+def repeatability(halves: list[tuple[float, float]], samples_per_half: int) -> dict:
+    """How well the oracle agrees with itself: Spearman ρ between its rankings on two halves of the
+    samples, and what that allows any ranking to reach against it.
+
+    Most single-layer gains are a few hundredths of a dB, so below the head of the list the oracle's
+    order changes with the images. By the Spearman-Brown formula the full-sample ranking's reliability
+    is 2ρ/(1+ρ), and a noise-free ranking can expect a correlation of about its square root with it:
+    a metric's ρ near that ceiling is as good as the oracle can tell.
+    """
+    pairs = [(a, b) for a, b in halves if math.isfinite(a) and math.isfinite(b)]
+    rho = sensitivity.spearman([a for a, _ in pairs], [b for _, b in pairs]) if samples_per_half >= 2 and len(pairs) >= 3 else math.nan
+    reliability = 2 * rho / (1 + rho) if math.isfinite(rho) and rho > -1 else math.nan
+    return {"samples_per_half": samples_per_half, "spearman_between_halves": rho, "reliability": reliability,
+            "rho_ceiling": math.sqrt(reliability) if math.isfinite(reliability) and reliability > 0 else math.nan}
 
 
 def _aligned(metrics: list[sensitivity.LayerMetrics], oracle_layers: list[dict]) -> tuple[list[sensitivity.LayerMetrics], np.ndarray]:

@@ -61,7 +61,10 @@ def plot_analysis(report, path: str | Path) -> None:
         ax.bar(x, np.nan_to_num(gain, nan=0.0), color="black", width=0.8)
         ax.set_ylabel("oracle: output SQNR gain\nif only this layer float (dB)", fontsize=8)
         rho = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(oracle["spearman"].items(), key=lambda kv: -nan_low(kv[1])))
-        fig.suptitle(f"Spearman ρ vs one-layer-float oracle: {rho}", fontsize=9)
+        rep = oracle.get("repeatability") or {}
+        halves = rep.get("spearman_between_halves", math.nan)
+        again = f"\noracle vs itself on two halves of the samples: ρ {halves:+.2f}" if math.isfinite(halves) else ""
+        fig.suptitle(f"Spearman ρ vs one-layer-float oracle: {rho}{again}", fontsize=9)
     labels = [onnx_label(layer) or layer["short_name"] for layer in layers]
     step = max(1, math.ceil(len(layers) / 60))
     axes[-1].set_xticks(x[::step])

@@ -225,6 +225,8 @@ def test_oracle_builds_one_model_per_layer(small_compiled, tiny_images):
     conv_gains = [row["output_sqnr_gain_db"] for row, layer in zip(o["layers"], report.layers) if layer["op_type"] == "CONV_2D"]
     assert max(conv_gains) > 0.1
     assert report.invocations == {"float32": 6, "int8": 6}  # the oracle's runs are counted apart
+    rep = o["repeatability"]
+    assert rep["samples_per_half"] == 3 and -1.0 <= rep["spearman_between_halves"] <= 1.0
 
 
 def test_runner_reads_logits_before_a_final_softmax(tiny_images, save_model, tmp_path):

@@ -108,6 +108,20 @@ def test_installed_entry_points():
     assert bad.returncode == 2 and "error" in json.loads(bad.stdout)
 
 
+def test_analyze_oracle_reports_its_own_repeatability(tmp_path, tiny_images, save_model):
+    from conftest import residual_net
+
+    out = tmp_path / "out"
+    assert run_cli("compile", save_model(residual_net(batch=1), "residual_cli"), "--calib", tiny_images, "--out", out,
+                   "--num-calib", "4", "--per-tensor").returncode == 0
+    result = run_cli("analyze", out, "--calib", tiny_images, "--num-samples", "8", "--oracle")
+    assert result.returncode == 0, result.stderr
+    rep = json.loads((out / "analysis.json").read_text())["oracle"]["repeatability"]
+    assert rep["samples_per_half"] == 4
+    assert "vs the one-layer-float oracle" in result.stderr
+    assert f"agree at ρ {rep['spearman_between_halves']:+.2f}" in result.stderr.replace("\n", " ")
+
+
 def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
     from conftest import DEMO_IMAGES
 

@@ -78,3 +78,19 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_oracle_repeatability_and_its_ceiling():
+    from quantune_edge.oracle import repeatability
+
+    same = repeatability([(0.1, 0.2), (0.5, 0.9), (0.3, 0.4), (float("inf"), 0.0)], 16)
+    assert same["spearman_between_halves"] == pytest.approx(1.0)  # the non-finite pair is left out
+    assert same["reliability"] == pytest.approx(1.0) and same["rho_ceiling"] == pytest.approx(1.0)
+    half = repeatability([(1, 1), (2, 3), (3, 2), (4, 4), (5, 5)], 16)
+    r = half["spearman_between_halves"]
+    assert r == pytest.approx(0.9)
+    assert half["reliability"] == pytest.approx(2 * r / (1 + r))  # Spearman-Brown: the full sample set is twice a half
+    assert half["rho_ceiling"] == pytest.approx(math.sqrt(half["reliability"]))
+    reversed_ = repeatability([(1, 3), (2, 2), (3, 1)], 16)
+    assert reversed_["spearman_between_halves"] == pytest.approx(-1.0) and math.isnan(reversed_["rho_ceiling"])
+    assert math.isnan(repeatability([(1, 1), (2, 2), (3, 3)], 1)["spearman_between_halves"])  # one sample per half: no ranking
