@@ -9,9 +9,9 @@ the ρ goal below is only reachable where the oracle repeats at ρ ≥ 0.64.
 
     .venv/bin/python bench/analysis_vs_oracle.py [--samples 32] [--models a,b] [--modes per-channel,per-tensor]
 
-Goal (issue 4): oracle ≥ 20× the analysis' wall time, ρ ≥ 0.8 for the default score. The time ratio
-is bounded by the run counts: the oracle makes n+1 runs of K samples, the analysis 2 (without XNNPACK,
-as every tensor is kept), so with n = 40 layers (SqueezeNet) 20× needs an analysis with no overhead.
+Goal (issue 4): oracle ≥ 20× the analysis' wall time, ρ ≥ 0.8 for the default score. The oracle makes
+n+1 builds and runs, the analysis 2 runs plus reading and comparing every tensor of both; on SqueezeNet
+(40 layers, large early feature maps, quick builds) that reading is most of the analysis time.
 """
 from __future__ import annotations
 
