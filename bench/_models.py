@@ -1,6 +1,8 @@
-"""The shared real models the benchmarks run on: file, preprocessing, label offset."""
+"""The shared real models the benchmarks run on (file, preprocessing, label offset), their compile,
+and the data options the benchmarks share."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,3 +26,22 @@ def demo_models(out: Path | None = None) -> Path:
         compile_model(REPO / "demo" / "models" / "efficientnet-lite0.onnx", REPO / "demo" / "images", out,
                       CompileOptions(preprocessing=prep, num_calib=32))
     return out
+
+
+def add_data_args(parser: argparse.ArgumentParser, eval_num: int | None = None, eval_help: str | None = None) -> None:
+    """--calib/--calib-num (the compile's calibration) and, with ``eval_num``, --eval/--eval-num."""
+    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
+    parser.add_argument("--calib-num", type=int, default=100)
+    if eval_num is not None or eval_help is not None:
+        parser.add_argument("--eval", dest="eval_dir", default=str(ASSETS / "imagenet-val"))
+        parser.add_argument("--eval-num", type=int, default=eval_num, help=eval_help)
+
+
+def compile_shared(name: str, calib: str | Path, out: Path, num_calib: int = 100, per_channel: bool = True):
+    """Compile one of :data:`MODELS` with its own preprocessing and label offset; returns the compile report."""
+    from quantune_edge import CompileOptions, compile_model, make_preprocessing
+
+    file, prep_kwargs, offset = MODELS[name]
+    return compile_model(ASSETS / "models" / file, calib, out,
+                         CompileOptions(preprocessing=make_preprocessing(**prep_kwargs), num_calib=num_calib,
+                                        per_channel=per_channel, label_offset=offset))

@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, MODELS  # noqa: E402
-from quantune_edge import CompileOptions, compile_model, make_preprocessing, metrics  # noqa: E402
+from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
+from quantune_edge import make_preprocessing, metrics  # noqa: E402
 from quantune_edge.compiler import _onnxruntime_outputs  # noqa: E402
 from quantune_edge.onnx_model import input_spec, load  # noqa: E402
 from quantune_edge.preprocessing import load_samples  # noqa: E402
@@ -22,10 +22,7 @@ from quantune_edge.runtime import TfliteRunner  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
-    parser.add_argument("--calib-num", type=int, default=100)
-    parser.add_argument("--eval", dest="eval_dir", default=str(ASSETS / "imagenet-val"))
-    parser.add_argument("--eval-num", type=int, default=None, help="default: every image in the eval folder")
+    add_data_args(parser, eval_help="default: every image in the eval folder")
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
 
@@ -48,7 +45,7 @@ def main() -> None:
             for per_channel in (True, False):
                 out = Path(tmp) / f"{name}-{per_channel}"
                 console.print(f"compiling {name} ({'per-channel' if per_channel else 'per-tensor'}) ...")
-                r = compile_model(model, args.calib, out, CompileOptions(preprocessing=prep, num_calib=args.calib_num, per_channel=per_channel, label_offset=offset))
+                r = compile_shared(name, args.calib, out, args.calib_num, per_channel=per_channel)
                 f32 = metrics.top1_accuracy(TfliteRunner(out / "model_float32.tflite").run(held_out.data), held_out.labels, offset)
                 i8 = metrics.top1_accuracy(TfliteRunner(out / "model_int8.tflite").run(held_out.data), held_out.labels, offset)
                 t = r.timings_s

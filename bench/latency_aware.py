@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, MODELS  # noqa: E402
-from quantune_edge import CompileOptions, compile_model, make_preprocessing, selection, tflite_graph  # noqa: E402
+from _models import ASSETS, compile_shared  # noqa: E402
+from quantune_edge import selection, tflite_graph  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
@@ -33,13 +33,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     target = load_target(args.target)
-    file, prep_kwargs, offset = MODELS["efficientnet-lite0"]
     console = Console(width=160)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "eff-pt"
         console.print("compile (per-tensor) and analyze ...")
-        compile_model(ASSETS / "models" / file, ASSETS / "imagenet-samples", out,
-                      CompileOptions(preprocessing=make_preprocessing(**prep_kwargs), num_calib=100, per_channel=False))
+        compile_shared("efficientnet-lite0", ASSETS / "imagenet-samples", out, 100, per_channel=False)
         analysis = analyze(out, ASSETS / "imagenet-samples", AnalysisOptions(num_samples=32))
         compiled = CompiledModel.open(out)
         fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)

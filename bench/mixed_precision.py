@@ -18,8 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, MODELS  # noqa: E402
-from quantune_edge import CompileOptions, compile_model, make_preprocessing, tflite_graph  # noqa: E402
+from _models import MODELS, add_data_args, compile_shared  # noqa: E402
+from quantune_edge import tflite_graph  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
@@ -63,10 +63,7 @@ def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
-    parser.add_argument("--calib-num", type=int, default=100)
-    parser.add_argument("--eval", dest="eval_dir", default=str(ASSETS / "imagenet-val"))
-    parser.add_argument("--eval-num", type=int, default=650)
+    add_data_args(parser, eval_num=650)
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="per-channel,per-tensor")
@@ -75,8 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 200))
-    file, prep_kwargs, offset = MODELS["efficientnet-lite0"]
-    prep = make_preprocessing(**prep_kwargs)
+    offset = MODELS["efficientnet-lite0"][2]
     table = Table(title=f"EfficientNet-Lite0 mixed precision: top-1 on {args.eval_num} {Path(args.eval_dir).name} images, "
                         f"host latency p50 ({args.threads} threads), same k float layers as ours")
     for col in ("weights", "method", "float layers", "top-1 %", "drop pts", "gap recovered", "latency ms", "vs int8", "Q/DQ", "evaluations"):
@@ -90,8 +86,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             out = Path(tmp) / mode
             console.print(f"{mode}: compile, analyze, tune ...")
-            compile_model(ASSETS / "models" / file, args.calib, out,
-                          CompileOptions(preprocessing=prep, num_calib=args.calib_num, per_channel=mode == "per-channel", label_offset=offset))
+            compile_shared("efficientnet-lite0", args.calib, out, args.calib_num, per_channel=mode == "per-channel")
             analysis = analyze(out, args.calib, AnalysisOptions(num_samples=32))
             ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
                                                         best_effort=True, metric=args.metric))

@@ -23,8 +23,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from _models import ASSETS, MODELS  # noqa: E402
-from quantune_edge import CompileOptions, compile_model, make_preprocessing  # noqa: E402
+from _models import MODELS, add_data_args, compile_shared  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
@@ -35,10 +34,7 @@ from quantune_edge.tuning import TuneOptions, tune  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
-    parser.add_argument("--calib-num", type=int, default=100)
-    parser.add_argument("--eval", dest="eval_dir", default=str(ASSETS / "imagenet-val"))
-    parser.add_argument("--eval-num", type=int, default=650)
+    add_data_args(parser, eval_num=650)
     parser.add_argument("--top", type=int, default=10, help="search every k-subset of the ranking's top M layers")
     parser.add_argument("--ks", default="1,2,3")
     parser.add_argument("--threads", type=int, default=2)
@@ -46,14 +42,12 @@ def main() -> None:
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 200))
-    file, prep_kwargs, offset = MODELS["efficientnet-lite0"]
+    offset = MODELS["efficientnet-lite0"][2]
     ks = [int(k) for k in args.ks.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "per-tensor"
         console.print("compile (per-tensor), analyze ...")
-        compile_model(ASSETS / "models" / file, args.calib, out,
-                      CompileOptions(preprocessing=make_preprocessing(**prep_kwargs), num_calib=args.calib_num,
-                                     per_channel=False, label_offset=offset))
+        compile_shared("efficientnet-lite0", args.calib, out, args.calib_num, per_channel=False)
         analysis = analyze(out, args.calib, AnalysisOptions(num_samples=32))
         compiled = CompiledModel.open(out)
         samples = compiled.load_samples(args.eval_dir, args.eval_num, 1, what="evaluation")
