@@ -23,35 +23,30 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, MODELS  # noqa: E402
-from quantune_edge import CompileOptions, compile_model, make_preprocessing  # noqa: E402
+from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
-from quantune_edge.oracle import run_oracle  # noqa: E402
-from quantune_edge.sensitivity import DEFAULT_METRIC, SCORES, spearman  # noqa: E402
+from quantune_edge.oracle import correlations, rank_agreement, run_oracle  # noqa: E402
+from quantune_edge.sensitivity import DEFAULT_METRIC, SCORES  # noqa: E402
 
 
-def oracle_repeat(folder: Path, data: str, samples: int, first: dict, layers: list[dict]) -> tuple[float, float]:
+def oracle_repeat(folder: Path, data: str, samples: int, report) -> tuple[float, float]:
     """The oracle once more on the next ``samples`` images of the analysis' own seeded order (disjoint
-    from its first ``samples``); returns (ρ between the two oracle rankings, ρ of the default metric's
-    scores against the repeat)."""
+    from its first ``samples``); returns (ρ between the two oracle rankings, ρ of the default metric
+    against the repeat)."""
     compiled = CompiledModel.open(folder)
     both = compiled.load_samples(data, 2 * samples)
     if len(both) < 2 * samples:
         return math.nan, math.nan
-    second = run_oracle(compiled, layers, compiled.tflite_inputs(both)[samples:], both.labels[samples:])
-    g1 = {row["index"]: row["output_sqnr_gain_db"] for row in first["layers"]}
-    g2 = {row["index"]: row["output_sqnr_gain_db"] for row in second["layers"]}
-    keep = [l for l in layers if math.isfinite(g1[l["index"]]) and math.isfinite(g2[l["index"]])]
-    score = [l["_score"] for l in keep]
-    return (spearman([g1[l["index"]] for l in keep], [g2[l["index"]] for l in keep]),
-            spearman(score, [g2[l["index"]] for l in keep]))
+    second = run_oracle(compiled, report.layers, compiled.tflite_inputs(both)[samples:], both.labels[samples:])
+    again = {row["index"]: row["output_sqnr_gain_db"] for row in second["layers"]}
+    self_rho = rank_agreement([(row["output_sqnr_gain_db"], again[row["index"]]) for row in report.oracle["layers"]])
+    return self_rho, correlations(report.layer_metrics(), second["layers"])[DEFAULT_METRIC]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib", default=str(ASSETS / "imagenet-samples"))
-    parser.add_argument("--calib-num", type=int, default=100)
+    add_data_args(parser)
     parser.add_argument("--data", default=str(ASSETS / "imagenet-val"), help="images the analysis and the oracle run on")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -76,20 +71,16 @@ def main() -> None:
         capture.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            file, prep_kwargs, offset = MODELS[name]
-            prep = make_preprocessing(**prep_kwargs)
             for mode in args.modes.split(","):
                 out = Path(tmp) / f"{name}-{mode}"
                 console.print(f"{name} {mode}: compiling ...")
-                compile_model(ASSETS / "models" / file, args.calib, out,
-                              CompileOptions(preprocessing=prep, num_calib=args.calib_num, per_channel=mode == "per-channel", label_offset=offset))
+                compile_shared(name, args.calib, out, args.calib_num, per_channel=mode == "per-channel")
                 console.print(f"{name} {mode}: analysis + oracle ...")
                 r = analyze(out, args.data, AnalysisOptions(num_samples=args.samples, oracle=True))
                 o = r.oracle
                 best = max(row["output_sqnr_gain_db"] for row in o["layers"])
                 console.print(f"{name} {mode}: oracle again on {args.samples} other images ...")
-                layers = [{**l, "_score": r.scores[DEFAULT_METRIC][i]} for i, l in enumerate(r.layers)]
-                self_rho, rho_repeat = oracle_repeat(out, args.data, args.samples, o, layers)
+                self_rho, rho_repeat = oracle_repeat(out, args.data, args.samples, r)
                 table.add_row(
                     name, mode, str(len(r.layers)), f"{r.model_output['sqnr_db']:.1f}", f"{r.timings_s['analysis']:.2f}",
                     f"{r.invocations['float32']}+{r.invocations['int8']}", f"{o['wall_time_s']:.1f}", str(o["builds"]),

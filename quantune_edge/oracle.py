@@ -92,6 +92,13 @@ def _half_sqnr(reference: np.ndarray, approx: np.ndarray, h: int) -> tuple[float
     return sqnr_db(reference[:h], approx[:h]), sqnr_db(reference[h:], approx[h:])
 
 
+def rank_agreement(pairs: list[tuple[float, float]]) -> float:
+    """Spearman ρ between two measurements of the same layers' gains, over the layers where both are
+    finite; nan with fewer than 3 such layers."""
+    finite = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    return sensitivity.spearman([a for a, _ in finite], [b for _, b in finite]) if len(finite) >= 3 else math.nan
+
+
 def repeatability(halves: list[tuple[float, float]], samples_per_half: int) -> dict:
     """How well the oracle agrees with itself: Spearman ρ between its rankings on two halves of the
     samples, and what that allows any ranking to reach against it.
@@ -101,8 +108,7 @@ def repeatability(halves: list[tuple[float, float]], samples_per_half: int) -> d
     is 2ρ/(1+ρ), and a noise-free ranking can expect a correlation of about its square root with it:
     a metric's ρ near that ceiling is as good as the oracle can tell.
     """
-    pairs = [(a, b) for a, b in halves if math.isfinite(a) and math.isfinite(b)]
-    rho = sensitivity.spearman([a for a, _ in pairs], [b for _, b in pairs]) if samples_per_half >= 2 and len(pairs) >= 3 else math.nan
+    rho = rank_agreement(halves) if samples_per_half >= 2 else math.nan
     reliability = 2 * rho / (1 + rho) if math.isfinite(rho) and rho > -1 else math.nan
     return {"samples_per_half": samples_per_half, "spearman_between_halves": rho, "reliability": reliability,
             "rho_ceiling": math.sqrt(reliability) if math.isfinite(reliability) and reliability > 0 else math.nan}
