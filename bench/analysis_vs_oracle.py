@@ -7,11 +7,12 @@ set, and the ρ between its two rankings ("oracle self-ρ") says how far any ran
 Under classical test theory a noise-free ranking reaches about √(self-ρ) against one oracle run, so
 the ρ goal below is only reachable where the oracle repeats at ρ ≥ 0.64.
 
-    .venv/bin/python bench/analysis_vs_oracle.py [--samples 32] [--models a,b] [--modes per-channel,per-tensor]
+    .venv/bin/python bench/analysis_vs_oracle.py [--samples 32] [--local-samples 16] [--models a,b] [--modes per-channel,per-tensor]
 
 Goal (issue 4): oracle ≥ 20× the analysis' wall time, ρ ≥ 0.8 for the default score. The oracle makes
-n+1 builds and runs, the analysis 2 runs plus reading and comparing every tensor of both; on SqueezeNet
-(40 layers, large early feature maps, quick builds) that reading is most of the analysis time.
+n+1 builds and runs, the analysis 2 runs plus reading and comparing every tensor of both, plus, on
+``--local-samples`` of them, each layer's float kernel on its int8 input and one backward pass to the
+logits in numpy (the default score, ``output_share``, needs both; that numpy work is most of its time).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
-from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.analysis import LOCAL_SAMPLES, AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.oracle import correlations, rank_agreement, run_oracle  # noqa: E402
 from quantune_edge.sensitivity import DEFAULT_METRIC, SCORES  # noqa: E402
@@ -49,14 +50,15 @@ def main() -> None:
     add_data_args(parser)
     parser.add_argument("--data", default=str(ASSETS / "imagenet-val"), help="images the analysis and the oracle run on")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--local-samples", type=int, default=LOCAL_SAMPLES)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--modes", default="per-channel,per-tensor")
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 260))
     metrics = list(SCORES)
-    table = Table(title=f"local metrics vs one-layer-float oracle ({args.samples} samples of {Path(args.data).name}; "
-                        f"default score: {DEFAULT_METRIC})")
+    table = Table(title=f"local metrics vs one-layer-float oracle ({args.samples} samples of {Path(args.data).name}, "
+                        f"{args.local_samples} of them for the local error and output share; default score: {DEFAULT_METRIC})")
     for col in ("model", "weights", "layers", "int8 out SQNR dB", "analysis s", "invocations", "oracle s", "builds", "ratio"):
         table.add_column(col, justify="right")
     for m in metrics:
@@ -76,7 +78,7 @@ def main() -> None:
                 console.print(f"{name} {mode}: compiling ...")
                 compile_shared(name, args.calib, out, args.calib_num, per_channel=mode == "per-channel")
                 console.print(f"{name} {mode}: analysis + oracle ...")
-                r = analyze(out, args.data, AnalysisOptions(num_samples=args.samples, oracle=True))
+                r = analyze(out, args.data, AnalysisOptions(num_samples=args.samples, local_samples=args.local_samples, oracle=True))
                 o = r.oracle
                 best = max(row["output_sqnr_gain_db"] for row in o["layers"])
                 console.print(f"{name} {mode}: oracle again on {args.samples} other images ...")

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import reference_ops, sensitivity, tflite_graph
+from . import backprop, reference_ops, sensitivity, tflite_graph
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
@@ -25,15 +25,16 @@ from .layers import Layer, LayerMatch, dequantized_weights, match_layers
 from .metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
-from .runtime import TfliteRunner
+from .runtime import TfliteRunner, softmax_input
 
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_CSV = "analysis.csv"
 ANALYSIS_PNG = "analysis.png"
 CONSISTENCY_SAMPLES = 2
-# Samples on which each layer's own error is measured with the numpy reference kernels (the local
-# metrics converge fast; every sample costs about one float forward pass in numpy).
-LOCAL_SAMPLES = 8
+# Samples on which each layer's own error is measured with the numpy reference kernels and traced to
+# the logits by one backward pass (every sample costs about one float forward and one backward pass
+# in numpy; the output attribution keeps improving up to ~32 samples, the local metrics converge fast).
+LOCAL_SAMPLES = 16
 
 
 class AnalysisError(QuantuneError):
@@ -119,6 +120,19 @@ def _local_kernel(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.T
     return kernel
 
 
+@dataclass
+class Collected:
+    """What the two passes yield: per-int8-tensor error stats, per-layer local error stats, per-layer
+    output attribution (share of the logit error energy, first order), and both models' outputs."""
+
+    stats: dict[int, ErrorStats]
+    local: dict[int, ErrorStats]
+    attribution: dict[int, float]
+    attribution_note: str | None  # why there is no attribution, when there is none
+    float_out: np.ndarray
+    int8_out: np.ndarray
+
+
 def collect_tensor_stats(
     match: LayerMatch,
     float_runner: TfliteRunner,
@@ -128,9 +142,11 @@ def collect_tensor_stats(
     inputs: np.ndarray,
     on_item: Callable[[], None] | None = None,
     local_samples: int = LOCAL_SAMPLES,
-) -> tuple[dict[int, ErrorStats], dict[int, ErrorStats], np.ndarray, np.ndarray]:
-    """One float and one int8 invocation per sample; returns per-int8-tensor error stats, per-layer
-    local error stats (first ``local_samples`` samples), and both models' final outputs."""
+) -> Collected:
+    """One float and one int8 invocation per sample. On the first ``local_samples`` samples each
+    layer's own error is also measured (numpy reference kernel on the int8 input) and attributed to
+    the logit error by one backward pass, linearised around the int8 run (whose activations decide
+    which ReLUs let an error through)."""
     needed = {layer.int8_output for layer in match.layers}
     needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
     stats = {t: ErrorStats() for t in needed}
@@ -138,6 +154,13 @@ def collect_tensor_stats(
     kernels = {layer.index: k for layer in match.layers if (k := _local_kernel(layer, fg, qg)) is not None}
     by_index = {layer.index: layer for layer in match.layers}
     local = {i: ErrorStats() for i in kernels}
+    int8_of = {f: q for q, f in match.tensor_map.items()}
+    float_logits = softmax_input(fg)
+    float_logits = fg.outputs[0] if float_logits is None else float_logits
+    int8_logits = int8_of.get(float_logits)
+    note = None if int8_logits is not None else "the int8 model's logits are not matched to the float model's"
+    attribution = {i: 0.0 for i in kernels}
+    residual_energy = 0.0
     float_outs, int8_outs = [], []
     for n, x in enumerate(inputs):
         float_outs.append(float_runner.invoke(x[None]))
@@ -154,20 +177,40 @@ def collect_tensor_stats(
             if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:
+            errors: dict[int, np.ndarray] = {}  # float tensor -> the layer's own error on this sample
             for i, kernel in kernels.items():
                 ref = kernel(int8_value)
                 if ref is not None:
-                    local[i].add(ref, int8_value(by_index[i].int8_output))
+                    own = int8_value(by_index[i].int8_output)
+                    local[i].add(ref, own)
+                    errors[by_index[i].float_output] = own - ref
+            if note is None:
+                residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
+                residual_energy += float(np.vdot(residual, residual))
+                try:
+                    shares = backprop.output_error_attribution(
+                        fg, float_logits, residual,
+                        lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t), errors)
+                except backprop.Unsupported as exc:
+                    note = f"no backward rule for {exc} between a layer and the logits"
+                else:
+                    for i in kernels:
+                        attribution[i] += shares.get(by_index[i].float_output, math.nan)
         if on_item:
             on_item()
-    return stats, local, np.concatenate(float_outs), np.concatenate(int8_outs)
+    if note is None and residual_energy > 0:
+        attribution = {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}
+    else:
+        attribution = {}
+        note = note or "the int8 model's logits equal the float model's"
+    return Collected(stats, local, attribution, note if not attribution else None,
+                     np.concatenate(float_outs), np.concatenate(int8_outs))
 
 
-def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg,
-                  local: dict[int, ErrorStats] | None = None, sources: dict[int, dict] | None = None) -> list[sensitivity.LayerMetrics]:
+def layer_metrics(match: LayerMatch, collected: Collected, fg, qg, sources: dict[int, dict] | None = None) -> list[sensitivity.LayerMetrics]:
     """``sources``: float32 op index -> its ONNX trace entry (:meth:`CompiledModel.onnx_sources`)."""
     out = []
-    local, sources = local or {}, sources or {}
+    stats, local, sources = collected.stats, collected.local, sources or {}
     for layer in match.layers:
         source = sources.get(layer.float_op, {})
         s = stats[layer.int8_output]
@@ -188,6 +231,7 @@ def layer_metrics(match: LayerMatch, stats: dict[int, ErrorStats], fg, qg,
                 weight_sqnr_db=w_sqnr, weight_mse=w_mse,
                 local_sqnr_db=own.sqnr_db if own_ok else None,
                 local_rmse_lsb=math.sqrt(own.mse) / scale if own_ok and scale else None,
+                output_share=collected.attribution.get(layer.index),
                 onnx_nodes=list(source.get("onnx_nodes", [])), onnx_ops=list(source.get("onnx_ops", [])),
             )
         )
@@ -252,9 +296,15 @@ def analyze(
         with captured_native_output(not options.verbose):
             float_runner = TfliteRunner(compiled.float_model, options.threads, preserve_all_tensors=True)
             int8_runner = TfliteRunner(compiled.int8_model, options.threads, preserve_all_tensors=True)
-        stats, local, float_out, int8_out = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs,
-                                                                 lambda: progress.advance(task), options.local_samples)
-        metrics = layer_metrics(match, stats, fg, qg, local, _onnx_sources(compiled, reporter))
+        collected = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs,
+                                         lambda: progress.advance(task), options.local_samples)
+        float_out, int8_out = collected.float_out, collected.int8_out
+        metrics = layer_metrics(match, collected, fg, qg, _onnx_sources(compiled, reporter))
+        metric = options.metric
+        if collected.attribution_note:
+            fallback = metric == "output_share"
+            metric = "local_rmse" if fallback else metric
+            reporter.warn(f"no output_share: {collected.attribution_note}" + ("; ranking by local_rmse" if fallback else ""))
         timings["analysis"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
         with captured_native_output(not options.verbose):
@@ -285,10 +335,11 @@ def analyze(
         model={"compile_dir": str(compiled.folder.resolve()), "sha256": compiled.report.model["sha256"],
                "weights": compiled.report.quantization["weights"], "layers": len(metrics)},
         samples={"source": samples.source, "count": len(samples), "seed": options.seed, "files": samples.names,
-                 "skipped": samples.skipped, "labelled": int(np.sum(samples.labels >= 0))},
-        metric=options.metric,
+                 "skipped": samples.skipped, "labelled": int(np.sum(samples.labels >= 0)),
+                 "local": min(options.local_samples, len(samples)), "output_share_note": collected.attribution_note},
+        metric=metric,
         layers=[m.to_dict() for m in metrics],
-        sensitivity_order=sensitivity.ranking(metrics, options.metric),
+        sensitivity_order=sensitivity.ranking(metrics, metric),
         scores=scores,
         invocations={"float32": float_runner.invocations, "int8": int8_runner.invocations},
         preserve_all_tensors_check=check,
@@ -319,7 +370,7 @@ def write_csv(report: AnalysisReport, path: Path) -> None:
     oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
     columns = ["index", "rank", "name", "short_name", "onnx_nodes", "onnx_ops", "op_type", "fused_activation", "params", "macs",
                "weight_sqnr_db", "weight_mse", "act_sqnr_db", "act_mse", "act_nmse", "act_max_abs_err",
-               "act_scale", "act_zero_point", "input_sqnr_db", "sqnr_delta_db", "local_sqnr_db", "local_rmse_lsb",
+               "act_scale", "act_zero_point", "input_sqnr_db", "sqnr_delta_db", "local_sqnr_db", "local_rmse_lsb", "output_share",
                f"score_{report.metric}"]
     if oracle:
         columns += ["oracle_output_sqnr_gain_db", "oracle_top1_agreement"]

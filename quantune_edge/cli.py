@@ -12,6 +12,7 @@ from rich import box
 from rich.table import Table
 
 from . import __version__
+from .analysis import LOCAL_SAMPLES
 from .console import Reporter
 from .errors import QuantuneError
 from .reports import _jsonable
@@ -193,10 +194,11 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     oracle = {row["index"]: row for row in (report.oracle or {}).get("layers", [])}
     table = Table(title=f"{min(top, len(report.layers))} most sensitive of {len(report.layers)} layers (score: {report.metric})",
                   header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), caption="layer: ONNX node, TFLite op below; W/A dB: SQNR of weights/activation vs float; "
-                  "Δ: SQNR the layer itself loses; own: RMS error of the layer on its own int8 input, in output LSBs"
+                  "Δ: SQNR the layer itself loses; own: RMS error of the layer on its own int8 input, in output LSBs; "
+                  "out %: share of the int8 logit error that own error accounts for"
                   + ("; oracle: output SQNR gain with only this layer float" if oracle else ""))
-    show_score = report.metric not in ("sqnr_delta", "local_rmse")
-    columns = ["rank", "#", "layer", "op", "params", "MMAC", "W dB", "A dB", "Δ dB", "own"] + (["score"] if show_score else []) + (["oracle"] if oracle else [])
+    show_score = report.metric not in ("sqnr_delta", "local_rmse", "output_share")
+    columns = ["rank", "#", "layer", "op", "params", "MMAC", "W dB", "A dB", "Δ dB", "own", "out %"] + (["score"] if show_score else []) + (["oracle"] if oracle else [])
     for col in columns:
         table.add_column(col, justify="left" if col in ("layer", "op") else "right", no_wrap=col != "layer",
                          min_width=16 if col == "layer" else None, overflow="fold" if col == "layer" else "ellipsis")
@@ -205,7 +207,8 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     for rank, layer in enumerate(report.most_sensitive(top), 1):
         row = [str(rank), str(layer["index"]), _both_names(layer), _op_label(layer), _count(layer["params"]), f"{layer['macs'] / 1e6:.1f}",
                _db(layer["weight_sqnr_db"]), _db(layer["act_sqnr_db"]), _db(layer["sqnr_delta_db"]),
-               f"{layer['local_rmse_lsb']:.2f}" if layer.get("local_rmse_lsb") is not None else "-"]
+               f"{layer['local_rmse_lsb']:.2f}" if layer.get("local_rmse_lsb") is not None else "-",
+               f"{100 * layer['output_share']:.1f}" if layer.get("output_share") is not None else "-"]
         if show_score:
             row.append(f"{scores[position[layer['index']]]:.3g}")
         if oracle:
@@ -263,7 +266,8 @@ def analyze_cmd(
     calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the one float + one int8 pass.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
-    metric: Annotated[str, typer.Option("--metric", help="Sensitivity score: local_rmse (default), sqnr_delta, act_sqnr, weight_sqnr, act_nmse, act_mse, weight_mse, quantune.")] = DEFAULT_METRIC,
+    local_samples: Annotated[int, typer.Option("--local-samples", help="Of those, samples on which each layer's own error is measured and traced to the logits (numpy; about one forward and one backward pass each).")] = LOCAL_SAMPLES,
+    metric: Annotated[str, typer.Option("--metric", help="Sensitivity score: output_share (default), local_rmse, sqnr_delta, act_sqnr, weight_sqnr, act_nmse, act_mse, weight_mse, quantune.")] = DEFAULT_METRIC,
     oracle: Annotated[bool, typer.Option("--oracle", help="Also build and run one model per layer kept float (n+1 builds) and correlate.")] = False,
     top: Annotated[int, typer.Option("--top", help="Rows of the most-sensitive table.")] = 10,
     threads: Annotated[int, typer.Option("--threads", help="Interpreter threads.")] = 2,
@@ -282,6 +286,7 @@ def analyze_cmd(
 
     try:
         options = AnalysisOptions(num_samples=num_samples, seed=seed, threads=threads, metric=metric, oracle=oracle, verbose=verbose,
+                                  local_samples=local_samples,
                                   preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
     except QuantuneError as exc:
         _fail(exc)

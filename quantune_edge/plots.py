@@ -31,6 +31,7 @@ def plot_analysis(report, path: str | Path) -> None:
         ("activation SQNR (dB)", "act_sqnr_db", "tab:green"),
         ("SQNR delta (dB): error the layer adds", "sqnr_delta_db", "tab:red"),
         ("own error on its int8 input (LSB)", "local_rmse_lsb", "tab:orange"),
+        ("share of the logit error its own error accounts for", "output_share", "tab:olive"),
         ("activation NMSE (log)", "act_nmse", "tab:purple"),
         ("weight MSE (log)", "weight_mse", "tab:brown"),
     ]

@@ -29,15 +29,18 @@ def activation(y: np.ndarray, name: str | None) -> np.ndarray:
     raise NotImplementedError(name)
 
 
-def _pad_same(x: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
-    """TFLite SAME padding (the extra row/column goes at the end)."""
-    h, w = x.shape[1:3]
+def pad_same_amounts(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """TFLite SAME padding ((top, bottom), (left, right)): the extra row/column goes at the end."""
     ph = max((-(-h // sh) - 1) * sh + kh - h, 0)
     pw = max((-(-w // sw) - 1) * sw + kw - w, 0)
-    return np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    return (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
 
 
-def _patches(x: np.ndarray, kh: int, kw: int, options: dict) -> np.ndarray:
+def _pad_same(x: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
+    return np.pad(x, ((0, 0), *pad_same_amounts(*x.shape[1:3], kh, kw, sh, sw), (0, 0)))
+
+
+def patches(x: np.ndarray, kh: int, kw: int, options: dict) -> np.ndarray:
     """(N, OH, OW, C, KH, KW) windows of an NHWC input, honouring stride, dilation and padding."""
     sh, sw = options.get("strideH", 1), options.get("strideW", 1)
     dh, dw = options.get("dilationHFactor", 1), options.get("dilationWFactor", 1)
@@ -51,9 +54,10 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options: dict) ->
     """x (N,H,W,I), w (O,KH,KW,I) -> (N,OH,OW,O)."""
     _, kh, kw, _ = w.shape
     if kh == kw == 1 and options.get("padding", SAME) in (SAME, VALID):
-        y = x[:, :: options.get("strideH", 1), :: options.get("strideW", 1), :] @ w[:, 0, 0, :].T
+        x = x[:, :: options.get("strideH", 1), :: options.get("strideW", 1), :]
+        y = (x.reshape(-1, x.shape[-1]) @ w[:, 0, 0, :].T).reshape(*x.shape[:-1], w.shape[0])
     else:
-        y = np.einsum("nhwcij,oijc->nhwo", _patches(x, kh, kw, options), w, optimize=True)
+        y = np.einsum("nhwcij,oijc->nhwo", patches(x, kh, kw, options), w, optimize=True)
     return y if b is None else y + b
 
 
@@ -61,7 +65,7 @@ def depthwise_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options
     """x (N,H,W,C), w (1,KH,KW,C*M) -> (N,OH,OW,C*M); output channel o reads input channel o // M."""
     _, kh, kw, out_c = w.shape
     mult = out_c // x.shape[3]
-    p = _patches(x, kh, kw, options)
+    p = patches(x, kh, kw, options)
     if mult > 1:
         p = np.repeat(p, mult, axis=3)
     y = np.einsum("nhwcij,ijc->nhwc", p, w[0])

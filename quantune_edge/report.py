@@ -129,6 +129,7 @@ def render(data: dict, compiled: Path) -> str:
           for k, v in verify.items() if isinstance(v, dict) and "cosine_min" in v],
     ]
     layers = [[i + 1, l["index"], _onnx_nodes(l), l["short_name"], l["op_type"], f"{l.get('local_rmse_lsb') or 0:.2f}",
+               f"{100 * l['output_share']:.1f} %" if l.get("output_share") is not None else "–",
                f"{l['act_sqnr_db']:.1f}" if isinstance(l["act_sqnr_db"], (int, float)) else l["act_sqnr_db"]]
               for i, l in enumerate(a.get("most_sensitive") or [])]
     chosen = [[l["index"], _onnx_nodes(l), l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
@@ -151,7 +152,7 @@ generated {html.escape(data['created'])}</p>
 <h2>Local metrics and sensitivity</h2>
 <p>score: {html.escape(str(a.get('metric')))}; {html.escape(json.dumps(a.get('invocations')))} invocations over {a.get('layers')} layers</p>
 {_img(compiled / 'analysis.png', 'local metrics per layer')}
-{_table(['rank', '#', 'ONNX nodes', 'TFLite', 'op', 'own error (LSB)', 'activation SQNR dB'], layers)}
+{_table(['rank', '#', 'ONNX nodes', 'TFLite', 'op', 'own error (LSB)', 'share of logit error', 'activation SQNR dB'], layers)}
 <h2>Chosen float layers</h2>
 <p>budget {html.escape(json.dumps(t.get('budget')))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
 {_table(['#', 'ONNX nodes', 'TFLite', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}

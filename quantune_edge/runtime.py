@@ -21,15 +21,18 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (q.astype(np.float32) - zero_point) * np.float32(scale)
 
 
-def _softmax_input(path: Path) -> int | None:
+def softmax_input(graph) -> int | None:
     """The tensor a model's final SOFTMAX reads (through a DEQUANTIZE hand-over), or None."""
-    from . import tflite_graph
-
-    graph = tflite_graph.read(path)
     op = graph.producer(graph.outputs[0])
     if op is not None and op.type == "DEQUANTIZE":
         op = graph.producer(op.inputs[0])
     return op.inputs[0] if op is not None and op.type == "SOFTMAX" else None
+
+
+def _softmax_input(path: Path) -> int | None:
+    from . import tflite_graph
+
+    return softmax_input(tflite_graph.read(path))
 
 
 class TfliteRunner:

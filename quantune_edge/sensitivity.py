@@ -12,6 +12,11 @@ Every score is "higher = more sensitive" (keeping that layer float should help m
   dequantized input vs the int8 op's output), RMS in units of the output's quantization step. This
   is the quantity TF's QuantizationDebugger ranks by (RMSE/scale), obtained here from the same two
   runs with a numpy kernel instead of a separate debug model; ops without a kernel rank last.
+- ``output_share`` (default): the share of the int8 model's logit error energy that the layer's own
+  error (``local_rmse``'s error, before scaling) accounts for, to first order: its local error
+  projected onto the logit error through the layers after it, from one backward pass per sample
+  linearised around the int8 run (:mod:`backprop`). Where ``local_rmse`` asks how large a layer's
+  error is, this asks how much of it reaches the output, which the one-layer-float oracle measures.
 - ``quantune``: QuantuneV2's reference score: weight SQNR, activation SQNR, weight MSE and
   activation MSE, each rank-normalised to [0, 1] and combined with a ratio (default 1:1:1:1).
 """
@@ -45,6 +50,7 @@ class LayerMetrics:
     weight_mse: float | None = None
     local_sqnr_db: float | None = None
     local_rmse_lsb: float | None = None
+    output_share: float | None = None
     onnx_nodes: list[str] = field(default_factory=list)  # the ONNX nodes this fused op came from
     onnx_ops: list[str] = field(default_factory=list)
 
@@ -109,9 +115,10 @@ SCORES: dict[str, Callable[[list[LayerMetrics]], np.ndarray]] = {
     "act_mse": _pos("act_mse"),
     "weight_mse": _pos("weight_mse"),
     "local_rmse": _pos("local_rmse_lsb"),
+    "output_share": _pos("output_share"),
 }
 SCORES["quantune"] = quantune_score
-DEFAULT_METRIC = "local_rmse"
+DEFAULT_METRIC = "output_share"
 
 
 def score(metrics: list[LayerMetrics], metric: str = DEFAULT_METRIC) -> np.ndarray:

@@ -132,12 +132,15 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
     rows = [line for line in result.stderr.splitlines() if re.match(r"\s+[123]\s+\d+\s+\S+\s+(conv|dwconv|fc|add)", line)]
     assert len(rows) == 3
     data = json.loads((effnet_compiled / "analysis.json").read_text())
-    assert data["samples"]["count"] == 4 and data["metric"] == "local_rmse"
+    assert data["samples"]["count"] == 4 and data["metric"] == "output_share" and data["samples"]["local"] == 4
     assert sum(l["local_rmse_lsb"] is not None for l in data["layers"]) >= 55
-    as_json = run_cli("analyze", effnet_compiled, "--calib", DEMO_IMAGES, "--num-samples", "2", "--metric", "weight_sqnr", "--json")
+    assert sum(l["output_share"] is not None for l in data["layers"]) >= 55
+    as_json = run_cli("analyze", effnet_compiled, "--calib", DEMO_IMAGES, "--num-samples", "2", "--local-samples", "1",
+                      "--metric", "weight_sqnr", "--json")
     assert as_json.returncode == 0
     parsed = json.loads(as_json.stdout)
     assert parsed["metric"] == "weight_sqnr" and parsed["invocations"] == {"float32": 2, "int8": 2}
+    assert parsed["samples"]["local"] == 1
 
 
 @pytest.mark.parametrize("args,message", [

@@ -56,14 +56,14 @@ def _layer(i, **kw):
     base = dict(index=i, name=f"l{i}", short_name=f"l{i}", op_type="CONV_2D", params=10, macs=100, fused_activation=None,
                 act_sqnr_db=20.0, act_mse=0.1, act_nmse=0.01, act_max_abs_err=0.5, act_scale=0.1, act_zero_point=0,
                 input_sqnr_db=25.0, sqnr_delta_db=5.0, weight_sqnr_db=40.0, weight_mse=1e-4, local_sqnr_db=30.0,
-                local_rmse_lsb=0.5)
+                local_rmse_lsb=0.5, output_share=0.02)
     base.update(kw)
     return LayerMetrics(**base)
 
 
 def test_every_score_ranks_the_obviously_bad_layer_first():
     layers = [_layer(0), _layer(1, act_sqnr_db=5.0, act_mse=2.0, act_nmse=0.5, sqnr_delta_db=20.0, weight_sqnr_db=10.0, weight_mse=1e-2,
-                     local_rmse_lsb=6.0),
+                     local_rmse_lsb=6.0, output_share=0.6),
               _layer(2, op_type="ADD", weight_sqnr_db=None, weight_mse=None, sqnr_delta_db=math.inf)]
     for metric in SCORES:
         if metric == "sqnr_delta":

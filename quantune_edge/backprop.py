@@ -1,0 +1,211 @@
+"""Vector-Jacobian products through a float TFLite graph, in numpy (pure: graph and arrays in, arrays out).
+
+The analysis measures the error each layer adds on its own input (its local error). What the model's
+output suffers from that error depends on everything after the layer: a ReLU may cut it, a wide
+1×1 conv may amplify it, a residual Add may dilute it. One backward pass from a probe vector at the
+logits, linearised around the activations of one run (ReLU masks, max-pool routing), tells for every
+layer at once how its output maps onto that probe — so the output error caused by each layer's local
+error can be estimated without one model run per layer. The rules compute in float32, as the models do.
+
+Ops without a rule here stop the pass for what lies before them (:class:`Unsupported`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .reference_ops import SAME, VALID, pad_same_amounts, patches
+from .tflite_graph import OpInfo, TfliteGraph
+
+SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
+             "CONCATENATION", "RESHAPE", "SQUEEZE")
+
+
+class Unsupported(ValueError):
+    """An op on the backward path that has no vector-Jacobian rule here."""
+
+
+def _activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
+    """Derivative of the fused activation at its float output ``y`` (None = identity)."""
+    if name in (None, "NONE"):
+        return None
+    if name == "RELU":
+        return (y > 0).astype(np.float32)
+    if name == "RELU6":
+        return ((y > 0) & (y < 6)).astype(np.float32)
+    if name == "RELU_N1_TO_1":
+        return ((y > -1) & (y < 1)).astype(np.float32)
+    if name == "TANH":
+        return (1 - y * y).astype(np.float32)
+    raise Unsupported(f"fused activation {name}")
+
+
+def _window_geometry(in_hw: tuple[int, int], kh: int, kw: int, options: dict) -> tuple[int, int, int, int, int, int, int, int]:
+    """(pad_top, pad_left, padded_h, padded_w, sh, sw, dh, dw) of a windowed op."""
+    sh, sw = options.get("strideH", 1), options.get("strideW", 1)
+    dh, dw = options.get("dilationHFactor", 1), options.get("dilationWFactor", 1)
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    h, w = in_hw
+    if options.get("padding", SAME) == SAME:
+        (top, bottom), (left, right) = pad_same_amounts(h, w, ekh, ekw, sh, sw)
+    else:
+        top = bottom = left = right = 0
+    return top, left, h + top + bottom, w + left + right, sh, sw, dh, dw
+
+
+def _scatter_windows(g_patches: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
+    """Adjoint of the (N, OH, OW, C, KH, KW) window view: add each window's gradient back to its input pixels."""
+    return _accumulate_taps(lambda i, j: g_patches[..., i, j], g_patches.shape[:3], in_shape, kh, kw, options)
+
+
+def _accumulate_taps(tap: Callable[[int, int], np.ndarray], out_shape: tuple[int, ...], in_shape: tuple[int, ...],
+                     kh: int, kw: int, options: dict) -> np.ndarray:
+    """Sum over kernel taps (i, j) of ``tap(i, j)`` (N, OH, OW, C), each added to the input pixels it
+    read (strided, dilated, padding cropped): the input gradient of any windowed op, one tap at a time."""
+    n, oh, ow = out_shape[:3]
+    top, left, ph, pw, sh, sw, dh, dw = _window_geometry(in_shape[1:3], kh, kw, options)
+    gx = np.zeros((n, ph, pw, in_shape[3]), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :] += tap(i, j)
+    return gx[:, top: top + in_shape[1], left: left + in_shape[2], :]
+
+
+def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(..., K) @ (K, M) as one 2-D BLAS call (a 4-D @ runs one small product per image row)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
+
+
+def _conv_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
+    _, kh, kw, _ = w.shape
+    if kh == kw == 1 and options.get("strideH", 1) == options.get("strideW", 1) == 1:
+        return _matmul(g, w[:, 0, 0, :]).reshape(in_shape)
+    return _accumulate_taps(lambda i, j: _matmul(g, w[:, i, j, :]), g.shape, in_shape, kh, kw, options)
+
+
+def _depthwise_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
+    _, kh, kw, out_c = w.shape
+    in_c = in_shape[3]
+    if out_c == in_c:
+        return _accumulate_taps(lambda i, j: g * w[0, i, j], g.shape, in_shape, kh, kw, options)
+    # depth multiplier M: output channel o reads input channel o // M
+    grouped = g.reshape(*g.shape[:3], in_c, out_c // in_c)
+    return _accumulate_taps(lambda i, j: (grouped * w[0, i, j].reshape(in_c, -1)).sum(axis=-1), g.shape, in_shape, kh, kw, options)
+
+
+def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:
+    """Route each window's gradient to the window's (first) maximum, as the float op does."""
+    kh, kw = options["filterHeight"], options["filterWidth"]
+    xp = x
+    if options.get("padding", SAME) == SAME:
+        (top, bottom), (left, right) = pad_same_amounts(x.shape[1], x.shape[2], kh, kw, options.get("strideH", 1), options.get("strideW", 1))
+        xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-np.inf)
+        options = {**options, "padding": VALID}
+    windows = patches(xp, kh, kw, options)[:, : g.shape[1], : g.shape[2]]
+    flat = windows.reshape(*windows.shape[:4], kh * kw)
+    onehot = (np.arange(kh * kw) == flat.argmax(axis=-1)[..., None]).reshape(windows.shape)
+    g_patches = onehot * g[..., None, None]
+    if xp is not x:
+        g_padded = _scatter_windows(g_patches, xp.shape, kh, kw, options)
+        return g_padded[:, top: top + x.shape[1], left: left + x.shape[2], :]
+    return _scatter_windows(g_patches, x.shape, kh, kw, options)
+
+
+def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[[int], np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """(input tensor, gradient) pairs for the activation inputs of ``op``, given the gradient at its output."""
+    t = graph.tensors
+    acts = [i for i in op.inputs if i >= 0 and not t[i].is_constant]
+    probes = g.shape[0]
+
+    def shape_of(i: int) -> tuple[int, ...]:
+        return (probes, *t[i].shape[1:])
+
+    if op.type == "CONV_2D":
+        return [(acts[0], _conv_input_grad(g, t[op.inputs[1]].data.astype(np.float32), shape_of(acts[0]), op.options))]
+    if op.type == "DEPTHWISE_CONV_2D":
+        return [(acts[0], _depthwise_input_grad(g, t[op.inputs[1]].data.astype(np.float32), shape_of(acts[0]), op.options))]
+    if op.type == "FULLY_CONNECTED":
+        w = t[op.inputs[1]].data.astype(np.float32)
+        return [(acts[0], _matmul(g.reshape(-1, w.shape[0]), w).reshape(shape_of(acts[0])))]
+    if op.type == "ADD":
+        return [(i, _unbroadcast(g, shape_of(i))) for i in acts]
+    if op.type in ("RESHAPE", "SQUEEZE"):
+        return [(acts[0], g.reshape(shape_of(acts[0])))]
+    if op.type == "MEAN":
+        axes = tuple(int(a) % len(t[acts[0]].shape) for a in np.atleast_1d(t[op.inputs[1]].data))
+        shape = shape_of(acts[0])
+        count = int(np.prod([shape[a] for a in axes]))
+        keep = [1 if a in axes else s for a, s in enumerate(shape)]
+        return [(acts[0], np.broadcast_to(g.reshape(keep) / count, shape).astype(np.float32))]
+    if op.type == "AVERAGE_POOL_2D":
+        kh, kw = op.options["filterHeight"], op.options["filterWidth"]
+        return [(acts[0], _avg_pool_input_grad(g, shape_of(acts[0]), kh, kw, op.options))]
+    if op.type == "MAX_POOL_2D":
+        return [(acts[0], _max_pool_input_grad(g, np.broadcast_to(value(acts[0]), shape_of(acts[0])), op.options))]
+    if op.type == "CONCATENATION":
+        axis = op.options.get("axis", -1) % len(t[op.outputs[0]].shape)
+        sizes = [t[i].shape[axis] for i in op.inputs]
+        parts = np.split(g, np.cumsum(sizes)[:-1], axis=axis)
+        return [(i, p) for i, p in zip(op.inputs, parts) if not t[i].is_constant]
+    raise Unsupported(op.type)
+
+
+def _avg_pool_input_grad(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
+    """TFLite's average pool divides by the number of in-bounds pixels of each window."""
+    ones = np.ones((1, *in_shape[1:3], 1), np.float32)
+    valid = patches(ones, kh, kw, options).sum(axis=(-1, -2))  # SAME pads with zeros: in-bounds pixels per window
+    g_patches = np.broadcast_to((g / valid)[..., None, None], (*g.shape, kh, kw))
+    return _scatter_windows(np.ascontiguousarray(g_patches), in_shape, kh, kw, options)
+
+
+def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``g`` over the axes an operand of ``shape`` was broadcast along."""
+    if g.shape == shape:
+        return g
+    axes = tuple(a for a, (gs, s) in enumerate(zip(g.shape, shape)) if s == 1 and gs != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int], np.ndarray], wanted: set[int]) -> dict[int, np.ndarray]:
+    """Backward pass of ``probes`` (P, *shape of tensor ``start``) to every tensor in ``wanted``.
+
+    ``value(t)`` is tensor t's (dequantized) value in the run being linearised (batch 1); it is read for
+    activation masks and max-pool routing. Returns tensor -> (P, *shape) gradient for the wanted
+    tensors the pass reached. Ops after ``start`` are ignored; ops before it must be in
+    :data:`SUPPORTED` or the pass raises :class:`Unsupported`.
+    """
+    grads: dict[int, np.ndarray] = {start: probes.astype(np.float32)}
+    out: dict[int, np.ndarray] = {}
+    for op in reversed(graph.ops):
+        g = grads.pop(op.outputs[0], None)
+        if g is None:
+            continue
+        if op.outputs[0] in wanted:
+            out[op.outputs[0]] = g
+        mask = _activation_mask(value(op.outputs[0]), op.fused_activation)
+        if mask is not None:
+            g = g * mask
+        if op.type == "SOFTMAX":
+            raise Unsupported("SOFTMAX inside the backward path (start at its input)")
+        if all(i in graph.inputs and i not in wanted for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant):
+            continue  # reads only the model input, which nobody asked for: the costliest rule, skipped
+        for tensor, gi in _input_grads(op, graph, g, value):
+            grads[tensor] = grads[tensor] + gi if tensor in grads else gi
+    out.update({t: g for t, g in grads.items() if t in wanted})  # graph inputs: produced by no op
+    return out
+
+
+def output_error_attribution(graph: TfliteGraph, logits: int, residual: np.ndarray, value: Callable[[int], np.ndarray],
+                             local_errors: dict[int, np.ndarray]) -> dict[int, float]:
+    """How much of ||residual||² each layer's own error accounts for, to first order, all layers at once.
+
+    ``residual`` r is the int8 model's logit error (int8 − float) on one sample; ``local_errors`` maps
+    a float tensor to the error e its layer adds on its own input (same shape). Through the layer's
+    Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e comes from one backward pass of
+    r for every layer together. Removing e (keeping the layer float) lowers ||r||² by
+    2·r·J·e − ||J·e||²; when the layers' errors are independent r·J·e ≈ ||J·e||², so r·J·e alone
+    ranks layers as that drop does, without the one pass per layer ||J·e||² would need.
+    """
+    back = vjp(graph, logits, residual[None], value, set(local_errors))
+    return {t: float(np.vdot(back[t], e)) for t, e in local_errors.items() if t in back}
