@@ -25,7 +25,7 @@ from .layers import Layer, LayerMatch, dequantized_weights, match_layers
 from .metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
-from .runtime import TfliteRunner, softmax_input
+from .runtime import TfliteRunner, dequantize, quantize, softmax_input
 
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_CSV = "analysis.csv"
@@ -133,6 +133,16 @@ class Collected:
     int8_out: np.ndarray
 
 
+def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Rounding (and clipping) to the int8 grid of ``tensor``, when an int8 op reads it (not only a
+    DEQUANTIZE to the model output); None when the value leaves the model unrounded."""
+    info = qg.tensors[tensor]
+    if not info.scales or info.dtype.lower() != "int8" or all(op.type == "DEQUANTIZE" for op in qg.consumers(tensor)):
+        return None
+    scale, zero_point = info.scales[0], info.zero_points[0]
+    return lambda y: dequantize(quantize(y, scale, zero_point, np.int8), scale, zero_point)
+
+
 def collect_tensor_stats(
     match: LayerMatch,
     float_runner: TfliteRunner,
@@ -144,9 +154,9 @@ def collect_tensor_stats(
     local_samples: int = LOCAL_SAMPLES,
 ) -> Collected:
     """One float and one int8 invocation per sample. On the first ``local_samples`` samples each
-    layer's own error is also measured (numpy reference kernel on the int8 input) and attributed to
-    the logit error by one backward pass, linearised around the int8 run (whose activations decide
-    which ReLUs let an error through)."""
+    layer's own error is also measured (numpy reference kernel on the int8 input), and the part of it
+    that keeping the layer float would remove is attributed to the logit error by one backward pass,
+    linearised around the int8 run (whose activations decide which ReLUs let an error through)."""
     needed = {layer.int8_output for layer in match.layers}
     needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
     stats = {t: ErrorStats() for t in needed}
@@ -161,6 +171,11 @@ def collect_tensor_stats(
     note = None if int8_logits is not None else "the int8 model's logits are not matched to the float model's"
     attribution = {i: 0.0 for i in kernels}
     residual_energy = 0.0
+    # What keeping a layer float removes: it reads the float model input where the int8 model reads
+    # its quantized copy, and its output is re-quantized to the same grid wherever an int8 op reads it.
+    quantized_inputs = {t for t, f in match.tensor_map.items() if f in fg.inputs}
+    reads_model_input = {i for i in kernels if quantized_inputs & set(by_index[i].int8_inputs)}
+    regrid = {i: g for i in kernels if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
     float_outs, int8_outs = [], []
     for n, x in enumerate(inputs):
         float_outs.append(float_runner.invoke(x[None]))
@@ -177,13 +192,16 @@ def collect_tensor_stats(
             if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:
+            float_input = float_runner.tensor(fg.inputs[0])
             errors: dict[int, np.ndarray] = {}  # float tensor -> the layer's own error on this sample
             for i, kernel in kernels.items():
                 ref = kernel(int8_value)
                 if ref is not None:
                     own = int8_value(by_index[i].int8_output)
                     local[i].add(ref, own)
-                    errors[by_index[i].float_output] = own - ref
+                    if i in reads_model_input:
+                        ref = kernel(lambda t: float_input if t in quantized_inputs else int8_value(t))
+                    errors[by_index[i].float_output] = own - regrid.get(i, lambda y: y)(ref)
             if note is None:
                 residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
                 residual_energy += float(np.vdot(residual, residual))
@@ -270,6 +288,8 @@ def analyze(
         raise InputError(f"unknown metric {options.metric!r}; choose one of {', '.join(sensitivity.SCORES)}")
     if options.num_samples <= 0:
         raise InputError(f"--num-samples must be positive, got {options.num_samples}")
+    if options.local_samples <= 0:
+        raise InputError(f"--local-samples must be positive, got {options.local_samples}")
     compiled = CompiledModel.open(compile_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Vector-Jacobian products through a float TFLite graph, in numpy (pure: graph and arrays in, arrays out).
 
 The analysis measures the error each layer adds on its own input (its local error). What the model's
-output suffers from that error depends on everything after the layer: a ReLU may cut it, a wide
+output gains when that error is removed depends on everything after the layer: a ReLU may cut it, a wide
 1×1 conv may amplify it, a residual Add may dilute it. One backward pass from a probe vector at the
 logits, linearised around the activations of one run (ReLU masks, max-pool routing), tells for every
 layer at once how its output maps onto that probe — so the output error caused by each layer's local
@@ -198,14 +198,14 @@ def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int
 
 def output_error_attribution(graph: TfliteGraph, logits: int, residual: np.ndarray, value: Callable[[int], np.ndarray],
                              local_errors: dict[int, np.ndarray]) -> dict[int, float]:
-    """How much of ||residual||² each layer's own error accounts for, to first order, all layers at once.
+    """How much of ||residual||² each layer's removable error accounts for, to first order, all layers at once.
 
     ``residual`` r is the int8 model's logit error (int8 − float) on one sample; ``local_errors`` maps
-    a float tensor to the error e its layer adds on its own input (same shape). Through the layer's
-    Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e comes from one backward pass of
-    r for every layer together. Removing e (keeping the layer float) lowers ||r||² by
-    2·r·J·e − ||J·e||²; when the layers' errors are independent r·J·e ≈ ||J·e||², so r·J·e alone
-    ranks layers as that drop does, without the one pass per layer ||J·e||² would need.
+    a float tensor to the error e that keeping its layer float would remove (same shape). Through the
+    layer's Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e comes from one backward
+    pass of r for every layer together. Removing e lowers ||r||² by 2·r·J·e − ||J·e||²; when the
+    layers' errors are independent r·J·e ≈ ||J·e||², so r·J·e alone ranks layers as that drop does,
+    without the one pass per layer ||J·e||² would need.
     """
     back = vjp(graph, logits, residual[None], value, set(local_errors))
     return {t: float(np.vdot(back[t], e)) for t, e in local_errors.items() if t in back}

@@ -12,11 +12,14 @@ Every score is "higher = more sensitive" (keeping that layer float should help m
   dequantized input vs the int8 op's output), RMS in units of the output's quantization step. This
   is the quantity TF's QuantizationDebugger ranks by (RMSE/scale), obtained here from the same two
   runs with a numpy kernel instead of a separate debug model; ops without a kernel rank last.
-- ``output_share`` (default): the share of the int8 model's logit error energy that the layer's own
-  error (``local_rmse``'s error, before scaling) accounts for, to first order: its local error
-  projected onto the logit error through the layers after it, from one backward pass per sample
-  linearised around the int8 run (:mod:`backprop`). Where ``local_rmse`` asks how large a layer's
-  error is, this asks how much of it reaches the output, which the one-layer-float oracle measures.
+- ``output_share`` (default): the share of the int8 model's logit error energy that keeping the
+  layer float would remove, to first order. The removable error is ``local_rmse``'s error with the
+  float model input for layers that read it, minus the rounding to the output's int8 grid where an
+  int8 op reads the output (a float layer's output is re-quantized there, so an int8 ADD, whose
+  error is all rounding, removes nothing); it is projected onto the logit error through the layers
+  after it by one backward pass per sample linearised around the int8 run (:mod:`backprop`). Where
+  ``local_rmse`` asks how large a layer's error is, this asks how much of it the output would get
+  back, which is what the one-layer-float oracle measures.
 - ``quantune``: QuantuneV2's reference score: weight SQNR, activation SQNR, weight MSE and
   activation MSE, each rank-normalised to [0, 1] and combined with a ratio (default 1:1:1:1).
 """
