@@ -42,7 +42,10 @@ def plot_analysis(report, path: str | Path) -> None:
         y = _finite([layer[key] for layer in layers])
         if "log" in title:
             y = np.where(y > 0, y, np.nan)
-            ax.set_yscale("log")
+            if np.any(y > 0):
+                ax.set_yscale("log")
+        if np.all(np.isnan(y)):
+            ax.text(0.5, 0.5, "not measured for any layer", transform=ax.transAxes, ha="center", va="center", fontsize=8, color="grey")
         ax.bar(x, np.nan_to_num(y, nan=0.0), color=color, width=0.8)
         ax.set_ylabel(title, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
