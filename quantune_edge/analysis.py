@@ -25,7 +25,7 @@ from .layers import Layer, LayerMatch, dequantized_weights, match_layers
 from .metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
-from .runtime import TfliteRunner, dequantize, quantize, softmax_input
+from .runtime import TfliteRunner, softmax_input
 
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_CSV = "analysis.csv"
@@ -139,8 +139,15 @@ def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndar
     info = qg.tensors[tensor]
     if not info.scales or info.dtype.lower() != "int8" or all(op.type == "DEQUANTIZE" for op in qg.consumers(tensor)):
         return None
-    scale, zero_point = info.scales[0], info.zero_points[0]
-    return lambda y: dequantize(quantize(y, scale, zero_point, np.int8), scale, zero_point)
+    scale, zero_point = np.float32(info.scales[0]), np.float32(info.zero_points[0])
+
+    def regrid(y: np.ndarray) -> np.ndarray:  # runtime.quantize + dequantize, in float32 without an int8 copy
+        q = np.round(y / scale + zero_point)
+        np.clip(q, -128, 127, out=q)
+        q -= zero_point
+        return q * scale
+
+    return regrid
 
 
 def collect_tensor_stats(
