@@ -200,7 +200,7 @@ def collect_tensor_stats(
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:
             float_input = float_runner.tensor(fg.inputs[0])
-            errors: dict[int, np.ndarray] = {}  # float tensor -> the layer's own error on this sample
+            errors: dict[int, np.ndarray] = {}  # float tensor -> what keeping its layer float removes
             for i, kernel in kernels.items():
                 ref = kernel(int8_value)
                 if ref is not None:
@@ -223,13 +223,12 @@ def collect_tensor_stats(
                         attribution[i] += shares.get(by_index[i].float_output, math.nan)
         if on_item:
             on_item()
-    if note is None and residual_energy > 0:
-        attribution = {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}
-    else:
-        attribution = {}
-        note = note or "the int8 model's logits equal the float model's"
-    return Collected(stats, local, attribution, note if not attribution else None,
-                     np.concatenate(float_outs), np.concatenate(int8_outs))
+    if note is None and residual_energy == 0:
+        note = "the int8 model's logits equal the float model's"
+    attribution = {} if note else {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}
+    if not attribution and note is None:
+        note = "no layer with a reference kernel reaches the logits"
+    return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs))
 
 
 def layer_metrics(match: LayerMatch, collected: Collected, fg, qg, sources: dict[int, dict] | None = None) -> list[sensitivity.LayerMetrics]:
