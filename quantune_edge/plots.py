@@ -27,20 +27,20 @@ def plot_analysis(report, path: str | Path) -> None:
     layers = report.layers
     x = np.arange(len(layers))
     panels = [
-        ("weight SQNR (dB)", "weight_sqnr_db", "tab:blue"),
-        ("activation SQNR (dB)", "act_sqnr_db", "tab:green"),
-        ("SQNR delta (dB): error the layer adds", "sqnr_delta_db", "tab:red"),
-        ("own error on its int8 input (LSB)", "local_rmse_lsb", "tab:orange"),
-        ("share of the logit error its own error accounts for", "output_share", "tab:olive"),
-        ("activation NMSE (log)", "act_nmse", "tab:purple"),
-        ("weight MSE (log)", "weight_mse", "tab:brown"),
+        ("weight SQNR (dB)", "weight_sqnr_db", "tab:blue", False),
+        ("activation SQNR (dB)", "act_sqnr_db", "tab:green", False),
+        ("SQNR delta (dB): error the layer adds", "sqnr_delta_db", "tab:red", False),
+        ("own error on its int8 input (LSB)", "local_rmse_lsb", "tab:orange", False),
+        ("output share: int8 logit\nerror float removes", "output_share", "tab:olive", False),
+        ("activation NMSE (log)", "act_nmse", "tab:purple", True),
+        ("weight MSE (log)", "weight_mse", "tab:brown", True),
     ]
     oracle = report.oracle or {}
     n_panels = len(panels) + 1 + (1 if oracle else 0)
     fig, axes = plt.subplots(n_panels, 1, figsize=(max(10, 0.18 * len(layers) + 4), 2.1 * n_panels), sharex=True)
-    for ax, (title, key, color) in zip(axes, panels):
-        y = _finite([layer[key] for layer in layers])
-        if "log" in title:
+    for ax, (title, key, color, log) in zip(axes, panels):
+        y = _finite([layer.get(key) for layer in layers])
+        if log:
             y = np.where(y > 0, y, np.nan)
             if np.any(y > 0):
                 ax.set_yscale("log")
