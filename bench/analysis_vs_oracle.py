@@ -58,7 +58,7 @@ def oracle_on_more(folder: Path, data: str, samples: int, report) -> list[str]:
     oracle = run_oracle(compiled, report.layers, compiled.tflite_inputs(more), more.labels)
     rho = correlations(report.layer_metrics(), oracle["layers"])
     ceiling = oracle["repeatability"]["rho_ceiling"]
-    return [f"{rho['local_rmse']:+.2f} / {rho[DEFAULT_METRIC]:+.2f}", f"{ceiling:.2f}" if isinstance(ceiling, float) and math.isfinite(ceiling) else "-"]
+    return [f"{rho['local_rmse']:+.2f} / {rho[DEFAULT_METRIC]:+.2f}", f"{ceiling:.2f}" if math.isfinite(ceiling) else "-"]
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndar
     """Rounding (and clipping) to the int8 grid of ``tensor``, when an int8 op reads it (not only a
     DEQUANTIZE to the model output); None when the value leaves the model unrounded."""
     info = qg.tensors[tensor]
-    if not info.scales or info.dtype.lower() != "int8" or all(op.type == "DEQUANTIZE" for op in qg.consumers(tensor)):
+    if not info.scales or info.dtype != "int8" or all(op.type == "DEQUANTIZE" for op in qg.consumers(tensor)):
         return None
     scale, zero_point = np.float32(info.scales[0]), np.float32(info.zero_points[0])
 
@@ -199,7 +199,7 @@ def collect_tensor_stats(
             if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:
-            float_input = float_runner.tensor(fg.inputs[0])
+            float_input = x[None]  # what the float model read
             errors: dict[int, np.ndarray] = {}  # float tensor -> what keeping its layer float removes
             for i, kernel in kernels.items():
                 ref = kernel(int8_value)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .reference_ops import SAME, VALID, pad_same_amounts, patches
+from .reference_ops import patches, strides_dilations, window_padding
 from .tflite_graph import OpInfo, TfliteGraph
 
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
@@ -41,19 +41,6 @@ def _activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
     raise Unsupported(f"fused activation {name}")
 
 
-def _window_geometry(in_hw: tuple[int, int], kh: int, kw: int, options: dict) -> tuple[int, int, int, int, int, int, int, int]:
-    """(pad_top, pad_left, padded_h, padded_w, sh, sw, dh, dw) of a windowed op."""
-    sh, sw = options.get("strideH", 1), options.get("strideW", 1)
-    dh, dw = options.get("dilationHFactor", 1), options.get("dilationWFactor", 1)
-    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    h, w = in_hw
-    if options.get("padding", SAME) == SAME:
-        (top, bottom), (left, right) = pad_same_amounts(h, w, ekh, ekw, sh, sw)
-    else:
-        top = bottom = left = right = 0
-    return top, left, h + top + bottom, w + left + right, sh, sw, dh, dw
-
-
 def _scatter_windows(g_patches: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
     """Adjoint of the (N, OH, OW, C, KH, KW) window view: add each window's gradient back to its input pixels."""
     return _accumulate_taps(lambda i, j: g_patches[..., i, j], g_patches.shape[:3], in_shape, kh, kw, options)
@@ -64,8 +51,9 @@ def _accumulate_taps(tap: Callable[[int, int], np.ndarray], out_shape: tuple[int
     """Sum over kernel taps (i, j) of ``tap(i, j)`` (N, OH, OW, C), each added to the input pixels it
     read (strided, dilated, padding cropped): the input gradient of any windowed op, one tap at a time."""
     n, oh, ow = out_shape[:3]
-    top, left, ph, pw, sh, sw, dh, dw = _window_geometry(in_shape[1:3], kh, kw, options)
-    gx = np.zeros((n, ph, pw, in_shape[3]), np.float32)
+    sh, sw, dh, dw = strides_dilations(options)
+    (top, bottom), (left, right) = window_padding(*in_shape[1:3], kh, kw, options) or ((0, 0), (0, 0))
+    gx = np.zeros((n, in_shape[1] + top + bottom, in_shape[2] + left + right, in_shape[3]), np.float32)
     for i in range(kh):
         for j in range(kw):
             gx[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :] += tap(i, j)
@@ -97,19 +85,10 @@ def _depthwise_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...
 def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:
     """Route each window's gradient to the window's (first) maximum, as the float op does."""
     kh, kw = options["filterHeight"], options["filterWidth"]
-    xp = x
-    if options.get("padding", SAME) == SAME:
-        (top, bottom), (left, right) = pad_same_amounts(x.shape[1], x.shape[2], kh, kw, options.get("strideH", 1), options.get("strideW", 1))
-        xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-np.inf)
-        options = {**options, "padding": VALID}
-    windows = patches(xp, kh, kw, options)[:, : g.shape[1], : g.shape[2]]
+    windows = patches(x, kh, kw, options, pad_value=-np.inf)
     flat = windows.reshape(*windows.shape[:4], kh * kw)
     onehot = (np.arange(kh * kw) == flat.argmax(axis=-1)[..., None]).reshape(windows.shape)
-    g_patches = onehot * g[..., None, None]
-    if xp is not x:
-        g_padded = _scatter_windows(g_patches, xp.shape, kh, kw, options)
-        return g_padded[:, top: top + x.shape[1], left: left + x.shape[2], :]
-    return _scatter_windows(g_patches, x.shape, kh, kw, options)
+    return _scatter_windows(onehot * g[..., None, None], x.shape, kh, kw, options)
 
 
 def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[[int], np.ndarray]) -> list[tuple[int, np.ndarray]]:
@@ -152,11 +131,11 @@ def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[
 
 
 def _avg_pool_input_grad(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
-    """TFLite's average pool divides by the number of in-bounds pixels of each window."""
-    ones = np.ones((1, *in_shape[1:3], 1), np.float32)
-    valid = patches(ones, kh, kw, options).sum(axis=(-1, -2))  # SAME pads with zeros: in-bounds pixels per window
-    g_patches = np.broadcast_to((g / valid)[..., None, None], (*g.shape, kh, kw))
-    return _scatter_windows(np.ascontiguousarray(g_patches), in_shape, kh, kw, options)
+    """TFLite's average pool divides by the number of in-bounds pixels of each window; every tap
+    of a window gets the same share."""
+    valid = patches(np.ones((1, *in_shape[1:3], 1), np.float32), kh, kw, options).sum(axis=(-1, -2))
+    share = g / valid
+    return _accumulate_taps(lambda i, j: share, g.shape, in_shape, kh, kw, options)
 
 
 def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

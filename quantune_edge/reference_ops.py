@@ -36,18 +36,27 @@ def pad_same_amounts(h: int, w: int, kh: int, kw: int, sh: int, sw: int) -> tupl
     return (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
 
 
-def _pad_same(x: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
-    return np.pad(x, ((0, 0), *pad_same_amounts(*x.shape[1:3], kh, kw, sh, sw), (0, 0)))
+def strides_dilations(options: dict) -> tuple[int, int, int, int]:
+    """(stride H, stride W, dilation H, dilation W) of a windowed op."""
+    return (options.get("strideH", 1), options.get("strideW", 1),
+            options.get("dilationHFactor", 1), options.get("dilationWFactor", 1))
 
 
-def patches(x: np.ndarray, kh: int, kw: int, options: dict) -> np.ndarray:
-    """(N, OH, OW, C, KH, KW) windows of an NHWC input, honouring stride, dilation and padding."""
-    sh, sw = options.get("strideH", 1), options.get("strideW", 1)
-    dh, dw = options.get("dilationHFactor", 1), options.get("dilationWFactor", 1)
-    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    if options.get("padding", SAME) == SAME:
-        x = _pad_same(x, ekh, ekw, sh, sw)
-    return sliding_window_view(x, (ekh, ekw), axis=(1, 2))[:, ::sh, ::sw, :, ::dh, ::dw]
+def window_padding(h: int, w: int, kh: int, kw: int, options: dict) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((top, bottom), (left, right)) a windowed op pads an h×w input with (dilated kernel), None for VALID."""
+    if options.get("padding", SAME) != SAME:
+        return None
+    sh, sw, dh, dw = strides_dilations(options)
+    return pad_same_amounts(h, w, (kh - 1) * dh + 1, (kw - 1) * dw + 1, sh, sw)
+
+
+def patches(x: np.ndarray, kh: int, kw: int, options: dict, pad_value: float = 0.0) -> np.ndarray:
+    """(N, OH, OW, C, KH, KW) windows of an NHWC input, honouring stride, dilation and padding
+    (filled with ``pad_value``)."""
+    sh, sw, dh, dw = strides_dilations(options)
+    if (pad := window_padding(*x.shape[1:3], kh, kw, options)) is not None:
+        x = np.pad(x, ((0, 0), *pad, (0, 0)), constant_values=pad_value)
+    return sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))[:, ::sh, ::sw, :, ::dh, ::dw]
 
 
 def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options: dict) -> np.ndarray:

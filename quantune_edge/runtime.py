@@ -29,12 +29,6 @@ def softmax_input(graph) -> int | None:
     return op.inputs[0] if op is not None and op.type == "SOFTMAX" else None
 
 
-def _softmax_input(path: Path) -> int | None:
-    from . import tflite_graph
-
-    return softmax_input(tflite_graph.read(path))
-
-
 class TfliteRunner:
     """One interpreter on one model; quantizes inputs and dequantizes outputs of int8-I/O models,
     so callers always pass and get float32.
@@ -47,8 +41,10 @@ class TfliteRunner:
     def __init__(self, path: str | Path, num_threads: int = 2, preserve_all_tensors: bool = False, logits: bool = False) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        from . import tflite_graph
+
         self.path = Path(path)
-        self.logits_tensor = _softmax_input(self.path) if logits else None
+        self.logits_tensor = softmax_input(tflite_graph.read(self.path)) if logits else None
         preserve_all_tensors = preserve_all_tensors or self.logits_tensor is not None
         try:
             self.interpreter = Interpreter(
