@@ -126,7 +126,9 @@ def _load_analysis(compiled: CompiledModel, metric: str | None = None) -> dict:
         raise InputError(f"{path} is not a quantune-edge analysis ({exc})") from None
     if sha != compiled.report.model["sha256"]:
         raise InputError(f"{path} was made for another model (sha256 {sha[:12]}…, compile has {compiled.report.model['sha256'][:12]}…); re-run analyze")
-    return {"layers": layers, "order": order, "metric": used, "weights": data["model"].get("weights")}
+    share = data["scores"].get("output_share")
+    gain = None if share is None else {layer["index"]: g for layer, g in zip(layers, share)}
+    return {"layers": layers, "order": order, "metric": used, "weights": data["model"].get("weights"), "predicted_gain": gain}
 
 
 class _Evaluator:
@@ -224,7 +226,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                              quiet=not options.verbose, log=reporter.info)
         source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
                   "measured_p50_ms": record["measured_p50_ms"]}
-    choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced, never=pinned)
+    choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced, never=pinned,
+                                       predicted_gain=analysis["predicted_gain"])
 
     start = time.perf_counter()
     results: dict[int, dict] = {}

@@ -160,6 +160,19 @@ def test_boundaries_count_crossings_once_per_tensor_and_precision():
     assert selection.boundaries(lg, grown) == 2  # input QUANTIZE, t2 DEQUANTIZE; the output is float already
 
 
+def test_growth_skips_layers_predicted_to_hurt_and_unmeasurable_savings():
+    lg, cost = _toy_graph(), selection.CostModel(1.0, 2.0, 1.0)
+    full_int8 = cost.latency_ms(lg, ())
+    saving = cost.latency_ms(lg, {1, 2}) - cost.latency_ms(lg, {1, 2, 3})
+    assert 0 < saving < 0.1 * full_int8
+    assert 3 not in selection.grow_regions(lg, {1, 2}, cost, predicted_gain={3: -0.01, 1: 0.5})
+    assert 3 in selection.grow_regions(lg, {1, 2}, cost, predicted_gain={3: 0.0, 1: 0.5})
+    assert 3 in selection.grow_regions(lg, {1, 2}, cost, predicted_gain={3: None})  # no estimate: latency decides
+    assert 3 not in selection.grow_regions(lg, {1, 2}, cost, min_saving=1.01 * saving / full_int8)
+    choices = selection.prefix_choices([1, 2], lg, cost, predicted_gain={3: -1.0})
+    assert choices[2] == {1, 2}
+
+
 def test_cost_model_fit_recovers_device_costs():
     lg = _toy_graph()
     probe = selection.boundary_probe(lg, size=4)
