@@ -22,7 +22,7 @@ from quantune_edge.device_costs import device_cost_model, profile_on_device  # n
 from quantune_edge.layers import match_layers  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, measure_latency_ms, paired_latency_ms  # noqa: E402
 from quantune_edge.targets import load_target  # noqa: E402
-from quantune_edge.tuning import _Evaluator  # noqa: E402
+from quantune_edge.tuning import predicted_gain, _Evaluator  # noqa: E402
 
 
 def main() -> None:
@@ -54,12 +54,12 @@ def main() -> None:
         console.print(f"measuring layer costs on {target.name} ...")
         device_cost, record = device_cost_model(compiled, lg, names, target, Path(tmp), log=console.print)
         ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
-        rows, models = [], []
+        rows, models, gain = [], [], predicted_gain(analysis.to_dict())
         for k in (int(x) for x in args.ks.split(",")):
             order = analysis.sensitivity_order
             pair = []
             for cost in (host_cost, device_cost):
-                chosen = selection.prefix_choices(order[:k], lg, cost)[k]
+                chosen = selection.prefix_choices(order[:k], lg, cost, predicted_gain=gain)[k]
                 result, path = ev.evaluate(chosen)
                 with captured_native_output(True):
                     mixed, int8 = paired_latency_ms(path, compiled.int8_model, inputs[0], args.threads, runs=20)

@@ -126,9 +126,15 @@ def _load_analysis(compiled: CompiledModel, metric: str | None = None) -> dict:
         raise InputError(f"{path} is not a quantune-edge analysis ({exc})") from None
     if sha != compiled.report.model["sha256"]:
         raise InputError(f"{path} was made for another model (sha256 {sha[:12]}…, compile has {compiled.report.model['sha256'][:12]}…); re-run analyze")
-    share = data["scores"].get("output_share")
-    gain = None if share is None else {layer["index"]: g for layer, g in zip(layers, share)}
-    return {"layers": layers, "order": order, "metric": used, "weights": data["model"].get("weights"), "predicted_gain": gain}
+    return {"layers": layers, "order": order, "metric": used, "weights": data["model"].get("weights"),
+            "predicted_gain": predicted_gain(data)}
+
+
+def predicted_gain(analysis: dict) -> dict[int, float | None] | None:
+    """Layer index -> its output share in an analysis (as a dict): the analysis's signed first-order
+    estimate of what keeping the layer float does to the logit error; None when it has none."""
+    share = analysis["scores"].get("output_share")
+    return None if share is None else {layer["index"]: g for layer, g in zip(analysis["layers"], share)}
 
 
 class _Evaluator:

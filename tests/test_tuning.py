@@ -11,10 +11,11 @@ import pytest
 from conftest import DEMO_IMAGES, DEMO_MODEL
 from quantune_edge import CompileOptions, compile_model, make_preprocessing, selection, tflite_graph
 from quantune_edge.analysis import AnalysisOptions, analyze
+from quantune_edge.artifacts import CompiledModel
 from quantune_edge.errors import InputError
 from quantune_edge.layers import match_layers, tensor_key
 from quantune_edge.runtime import TfliteRunner
-from quantune_edge.tuning import BudgetError, TuneOptions, tune
+from quantune_edge.tuning import BudgetError, TuneOptions, predicted_gain, tune
 
 NUM_EVAL = 24
 
@@ -171,6 +172,23 @@ def test_growth_skips_layers_predicted_to_hurt_and_unmeasurable_savings():
     assert 3 not in selection.grow_regions(lg, {1, 2}, cost, min_saving=1.01 * saving / full_int8)
     choices = selection.prefix_choices([1, 2], lg, cost, predicted_gain={3: -1.0})
     assert choices[2] == {1, 2}
+
+
+def test_growth_on_a_real_graph_never_adds_a_layer_expected_to_hurt(folder):
+    compiled = CompiledModel.open(folder)
+    qg = tflite_graph.read(compiled.int8_model)
+    match = match_layers(tflite_graph.read(compiled.float_model), qg, tflite_graph.read(compiled.calibrated_model))
+    lg = selection.LayerGraph.build(qg, match.layers)
+    analysis = json.loads((folder / "analysis.json").read_text())
+    gain = predicted_gain(analysis)
+    hurts = {i for i, g in gain.items() if g is not None and g < 0}
+    order = [i for i in analysis["sensitivity_order"] if i not in hurts][:10]
+    costly_crossings = selection.CostModel(1e-9, 2e-9, 1e-3)  # conversions dominate: growth wants whole regions
+    blind = selection.prefix_choices(order, lg, costly_crossings)
+    aware = selection.prefix_choices(order, lg, costly_crossings, predicted_gain=gain)
+    assert any(c & hurts for c in blind)  # without the estimate, growth takes such layers
+    assert not any(c & hurts for c in aware)
+    assert all(set(order[:k]) <= c for k, c in enumerate(aware))
 
 
 def test_cost_model_fit_recovers_device_costs():
