@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .reference_ops import patches, strides_dilations, window_padding
+from .reference_ops import VALID, patches, strides_dilations, window_padding
 from .tflite_graph import OpInfo, TfliteGraph
 
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
@@ -41,11 +41,6 @@ def _activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
     raise Unsupported(f"fused activation {name}")
 
 
-def _scatter_windows(g_patches: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
-    """Adjoint of the (N, OH, OW, C, KH, KW) window view: add each window's gradient back to its input pixels."""
-    return _accumulate_taps(lambda i, j: g_patches[..., i, j], g_patches.shape[:3], in_shape, kh, kw, options)
-
-
 def _accumulate_taps(tap: Callable[[int, int], np.ndarray], out_shape: tuple[int, ...], in_shape: tuple[int, ...],
                      kh: int, kw: int, options: dict) -> np.ndarray:
     """Sum over kernel taps (i, j) of ``tap(i, j)`` (N, OH, OW, C), each added to the input pixels it
@@ -66,29 +61,57 @@ def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _conv_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
-    _, kh, kw, _ = w.shape
+    out_c, kh, kw, in_c = w.shape
     if kh == kw == 1 and options.get("strideH", 1) == options.get("strideW", 1) == 1:
         return _matmul(g, w[:, 0, 0, :]).reshape(in_shape)
-    return _accumulate_taps(lambda i, j: _matmul(g, w[:, i, j, :]), g.shape, in_shape, kh, kw, options)
+    # One GEMM to every tap's contribution (a wide product runs far faster than kh·kw narrow ones).
+    cols = _matmul(g, w.reshape(out_c, kh * kw * in_c)).reshape(*g.shape[:3], kh, kw, in_c)
+    return _accumulate_taps(lambda i, j: cols[..., i, j, :], g.shape, in_shape, kh, kw, options)
+
+
+def _transposed_windows(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
+    """(N, H, W, C, KH, KW) windows over ``g`` such that a windowed op's input gradient is their
+    correlation with the kernel flipped in both axes: ``g`` spread out by the stride, framed so every
+    input pixel sees the outputs that read it (the adjoint as a forward correlation, which numpy's
+    einsum runs faster than kh·kw scattered adds)."""
+    n, oh, ow, c = g.shape
+    sh, sw, dh, dw = strides_dilations(options)
+    (top, _), (left, _) = window_padding(*in_shape[1:3], kh, kw, options) or ((0, 0), (0, 0))
+    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
+    rows = max(reach_h + (oh - 1) * sh + 1, top + in_shape[1] + reach_h)
+    cols = max(reach_w + (ow - 1) * sw + 1, left + in_shape[2] + reach_w)
+    spread = np.zeros((n, rows, cols, c), np.float32)
+    spread[:, reach_h: reach_h + (oh - 1) * sh + 1: sh, reach_w: reach_w + (ow - 1) * sw + 1: sw] = g
+    frame = spread[:, top: top + in_shape[1] + reach_h, left: left + in_shape[2] + reach_w]
+    return patches(frame, kh, kw, {"padding": VALID, "dilationHFactor": dh, "dilationWFactor": dw})
 
 
 def _depthwise_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
     _, kh, kw, out_c = w.shape
     in_c = in_shape[3]
+    flipped = w[0, ::-1, ::-1]
     if out_c == in_c:
-        return _accumulate_taps(lambda i, j: g * w[0, i, j], g.shape, in_shape, kh, kw, options)
+        return np.einsum("nhwcij,ijc->nhwc", _transposed_windows(g, in_shape, kh, kw, options), flipped)
     # depth multiplier M: output channel o reads input channel o // M
-    grouped = g.reshape(*g.shape[:3], in_c, out_c // in_c)
-    return _accumulate_taps(lambda i, j: (grouped * w[0, i, j].reshape(in_c, -1)).sum(axis=-1), g.shape, in_shape, kh, kw, options)
+    windows = _transposed_windows(g, in_shape, kh, kw, options)
+    grouped = windows.reshape(*windows.shape[:3], in_c, out_c // in_c, kh, kw)
+    return np.einsum("nhwcmij,ijcm->nhwc", grouped, flipped.reshape(kh, kw, in_c, -1))
 
 
 def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:
-    """Route each window's gradient to the window's (first) maximum, as the float op does."""
+    """Route each window's gradient to the window's (first) maximum, as the float op does; tap by tap,
+    without materialising the windows."""
     kh, kw = options["filterHeight"], options["filterWidth"]
     windows = patches(x, kh, kw, options, pad_value=-np.inf)
-    flat = windows.reshape(*windows.shape[:4], kh * kw)
-    onehot = (np.arange(kh * kw) == flat.argmax(axis=-1)[..., None]).reshape(windows.shape)
-    return _scatter_windows(onehot * g[..., None, None], x.shape, kh, kw, options)
+    peak = windows.max(axis=(-2, -1))
+    taken = np.zeros(peak.shape, bool)
+    routes = {}
+    for i in range(kh):
+        for j in range(kw):
+            hit = (windows[..., i, j] == peak) & ~taken
+            taken |= hit
+            routes[i, j] = hit
+    return _accumulate_taps(lambda i, j: g * routes[i, j], g.shape, x.shape, kh, kw, options)
 
 
 def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[[int], np.ndarray]) -> list[tuple[int, np.ndarray]]:
