@@ -231,6 +231,22 @@ def collect_tensor_stats(
     return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs))
 
 
+def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, threads: int = 2, quiet: bool = True) -> dict[str, float]:
+    """Output shares of the layers still int8 in ``model`` (a mixed model from this compile), by layer
+    name: what keeping each of them float too would take off that model's own logit error, to first
+    order. Every sample of ``inputs`` is local (one float, one mixed invocation and one backward pass
+    each). Raises AnalysisError when the attribution cannot be made (the reason is in the message)."""
+    fg, mg = tflite_graph.read(compiled.float_model), tflite_graph.read(model)
+    match = match_layers(fg, mg, tflite_graph.read(compiled.calibrated_model))
+    with captured_native_output(quiet):
+        float_runner = TfliteRunner(compiled.float_model, threads, preserve_all_tensors=True)
+        mixed_runner = TfliteRunner(model, threads, preserve_all_tensors=True)
+    collected = collect_tensor_stats(match, float_runner, mixed_runner, fg, mg, inputs, local_samples=len(inputs))
+    if collected.attribution_note:
+        raise AnalysisError(f"no output shares for {model.name}: {collected.attribution_note}")
+    return {layer.name: collected.attribution[layer.index] for layer in match.layers if layer.index in collected.attribution}
+
+
 def layer_metrics(match: LayerMatch, collected: Collected, fg, qg, sources: dict[int, dict] | None = None) -> list[sensitivity.LayerMetrics]:
     """``sources``: float32 op index -> its ONNX trace entry (:meth:`CompiledModel.onnx_sources`)."""
     out = []

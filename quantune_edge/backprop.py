@@ -87,15 +87,12 @@ def _transposed_windows(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: i
 
 
 def _depthwise_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
+    """Output channel o reads input channel o // M (depth multiplier M), so its gradient goes back there."""
     _, kh, kw, out_c = w.shape
     in_c = in_shape[3]
-    flipped = w[0, ::-1, ::-1]
-    if out_c == in_c:
-        return np.einsum("nhwcij,ijc->nhwc", _transposed_windows(g, in_shape, kh, kw, options), flipped)
-    # depth multiplier M: output channel o reads input channel o // M
     windows = _transposed_windows(g, in_shape, kh, kw, options)
     grouped = windows.reshape(*windows.shape[:3], in_c, out_c // in_c, kh, kw)
-    return np.einsum("nhwcmij,ijcm->nhwc", grouped, flipped.reshape(kh, kw, in_c, -1))
+    return np.einsum("nhwcmij,ijcm->nhwc", grouped, w[0, ::-1, ::-1].reshape(kh, kw, in_c, -1))
 
 
 def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:

@@ -340,6 +340,7 @@ def tune_cmd(
     keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Never float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
     metric: Annotated[Optional[str], typer.Option("--metric", help="Rank layers by this analysis score (default: the analysis's own).")] = None,
+    rerank: Annotated[int, typer.Option("--rerank", help="Pick the first R layers one at a time, each from a fresh analysis of the mixed model so far.")] = 0,
     latency_source: Annotated[Optional[str], typer.Option("--latency-source", help="Target whose measured layer costs price the choice (default: this host).")] = None,
     targets_dir: TargetsDir = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
@@ -365,7 +366,7 @@ def tune_cmd(
         source = _load_targets(latency_source, targets_dir)[0] if latency_source else None
         options = TuneOptions(latency_source=source, max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
                               keep_float=list(keep_float or []), keep_int8=list(keep_int8 or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
-                              fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
+                              rerank=rerank, fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
                               preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
         report = tune(folder, eval_data, options, reporter)
     except QuantuneError as exc:
@@ -394,6 +395,10 @@ def _print_tune(reporter: Reporter, report) -> None:
     reporter.console.print(table)
     reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{_one_line(l)}" for l in c["layers"]) or "none"), markup=False)
     s = report.search
+    if s.get("rerank"):
+        r = s["rerank"]
+        reporter.console.print(f"re-ranked with {r['rounds']} analysis round(s), each of the mixed model so far "
+                               f"({r['samples']} images, {r['wall_time_s']:.1f} s)")
     reporter.console.print(f"{s['evaluations']} model evaluations (bound {s['bound']} for {s['layers']} layers), {s['wall_time_s']:.1f} s; "
                            f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))
 

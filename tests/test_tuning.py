@@ -10,7 +10,7 @@ import pytest
 
 from conftest import DEMO_IMAGES, DEMO_MODEL
 from quantune_edge import CompileOptions, compile_model, make_preprocessing, selection, tflite_graph
-from quantune_edge.analysis import AnalysisOptions, analyze
+from quantune_edge.analysis import AnalysisOptions, analyze, output_shares
 from quantune_edge.artifacts import CompiledModel
 from quantune_edge.errors import InputError
 from quantune_edge.layers import match_layers, tensor_key
@@ -174,6 +174,27 @@ def test_growth_skips_layers_predicted_to_hurt_and_unmeasurable_savings():
     assert choices[2] == {1, 2}
 
 
+def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp_path):
+    r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=2, rerank=2, fusion_aware=False, num_eval=8, latency_runs=3))
+    rerank = r.search["rerank"]
+    assert rerank["rounds"] == 2 and rerank["samples"] == 8
+    assert rerank["picked"][0] == r.search["analysis_order"][0]
+    assert r.search["order"][:2] == rerank["picked"] and sorted(r.search["order"]) == sorted(r.search["analysis_order"])
+    assert r.chosen["float_layers"] == sorted(rerank["picked"])
+
+    compiled = CompiledModel.open(folder)
+    layers = json.loads((folder / "analysis.json").read_text())["layers"]
+    first = rerank["picked"][0]
+    mixed = tmp_path / "first_float.tflite"
+    mixed.write_bytes(compiled.requantize([layers[first]["name"]]))
+    inputs = compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, 8, 1, what="evaluation"))
+    shares = {next(l["index"] for l in layers if l["name"] == name): v for name, v in output_shares(compiled, mixed, inputs).items()}
+    assert abs(shares[first]) < 1e-3 * max(abs(v) for v in shares.values())  # float already: nothing left to remove
+    assert rerank["picked"][1] == max((i for i in shares if i != first), key=shares.get)
+    with pytest.raises(InputError, match="--rerank must be 0 or more"):
+        tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, rerank=-1, num_eval=8))
+
+
 def test_growth_on_a_real_graph_never_adds_a_layer_expected_to_hurt(folder):
     compiled = CompiledModel.open(folder)
     qg = tflite_graph.read(compiled.int8_model)
@@ -240,15 +261,16 @@ def test_bisection_bound_and_non_monotonic_accuracy():
 def test_cli_tune(folder):
     from test_cli import run_cli
 
-    ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--float-layers", "3", "--num-eval", "8", "--pareto")
+    ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--float-layers", "3", "--num-eval", "8", "--pareto", "--rerank", "1")
     assert ok.returncode == 0, ok.stderr
-    assert "mixed (chosen)" in ok.stderr and "model evaluations" in ok.stderr
+    assert "mixed (chosen)" in ok.stderr and "model evaluations" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     points = json.loads((folder / "tune.json").read_text())["pareto"]
     assert points[0]["k"] == 0 and points[-1]["k"] == 60 and len(points) >= 10
     before = (folder / "model_mixed.tflite").read_bytes()
     for args, message in ((["--keep-float", "nonexistent_layer"], "matches no layer"),
-                          (["--max-drop", "1", "--float-layers", "2"], "one of --max-drop")):
+                          (["--max-drop", "1", "--float-layers", "2"], "one of --max-drop"),
+                          (["--float-layers", "2", "--rerank", "-2"], "--rerank must be 0 or more")):
         bad = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "4", *args)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode != 0 and len(lines) == 1 and message in lines[0], bad.stderr
