@@ -2,8 +2,11 @@
 
 Per weight scheme (per-channel, per-tensor): float32, full int8, ours (`tune --max-drop`), the TFLite
 QuantizationDebugger heuristic (deny the top-k layers by RMSE/scale), random choice (mean of 5
-seeds) and the naive sensitivity prefix without fusion-aware regions. Columns: top-1, drop vs
-float, share of the int8→float gap recovered, host latency ratio to full int8, Q/DQ ops, evaluations.
+seeds) and the naive sensitivity prefix without fusion-aware regions. Ours is `tune`'s default
+(re-ranked: each of the first picks from a fresh analysis of the mixed model so far); beside it
+`tune --rerank 0`, which takes the analysis order as it is. Columns:
+top-1, drop vs float, share of the int8→float gap recovered, host latency ratio to full int8, Q/DQ ops,
+evaluations, logit SQNR vs float32.
 
     .venv/bin/python bench/mixed_precision.py [--eval-num 650] [--max-drop 1.0]
 """
@@ -75,11 +78,11 @@ def main() -> None:
     offset = MODELS["efficientnet-lite0"][2]
     table = Table(title=f"EfficientNet-Lite0 mixed precision: top-1 on {args.eval_num} {Path(args.eval_dir).name} images, "
                         f"host latency p50 ({args.threads} threads), same k float layers as ours")
-    for col in ("weights", "method", "float layers", "top-1 %", "drop pts", "gap recovered", "latency ms", "vs int8", "Q/DQ", "evaluations"):
+    for col in ("weights", "method", "float layers", "top-1 %", "drop pts", "gap recovered", "latency ms", "vs int8", "Q/DQ", "evaluations", "logit SQNR dB"):
         table.add_column(col, justify="right")
     ks = [int(k) for k in args.ks.split(",")]
-    methods = ("ours (fusion-aware)", "naive prefix", "TF debugger RMSE/scale", "random (mean of 5)")
-    equal_k = Table(title="equal k: top-1 % / latency vs full int8 / Q+DQ ops (random: mean of 5 seeds)")
+    methods = ("ours (re-ranked, fusion-aware)", "ours, analysis order", "naive prefix", "TF debugger RMSE/scale", "random (mean of 5)")
+    equal_k = Table(title="equal k: top-1 % / latency vs full int8 / Q+DQ ops / logit SQNR dB (random: mean of 5 seeds)")
     for col in ("weights", "k", "share of layers", *methods):
         equal_k.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,34 +111,40 @@ def main() -> None:
             with captured_native_output(True):
                 float_ms, int8_ms = paired_latency_ms(compiled.float_model, compiled.int8_model, inputs[0], args.threads)
             table.add_row(mode, "float32", str(n), f"{100 * f_acc:.1f}", "0.00", "100 %", f"{float_ms:.2f}",
-                          f"{float_ms / int8_ms:.2f}x", "0", "-")
+                          f"{float_ms / int8_ms:.2f}x", "0", "-", "inf")
             table.add_row(mode, "full int8", "0", f"{100 * i8_acc:.1f}", f"{100 * gap:.2f}", "0 %", f"{int8_ms:.2f}",
-                          "1.00x", str(ref["int8"]["quantize_ops"]), "-")
-            c = ours.chosen
-            table.add_row(mode, "ours (fusion-aware)", str(len(c["float_layers"])), f"{100 * c['accuracy']:.1f}",
-                          f"{100 * (f_acc - c['accuracy']):.2f}", f"{100 * (c['accuracy'] - i8_acc) / gap:.0f} %" if gap > 0 else "-",
-                          f"{c['latency_ms']:.2f}", f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]),
-                          f"{ours.search['evaluations']} (≤{ours.search['bound']})")
+                          "1.00x", str(ref["int8"]["quantize_ops"]), "-", f"{ref['int8']['output_sqnr_db']:.1f}")
+            unranked = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
+                                                            best_effort=True, metric=args.metric, rerank=0))
+            for label, r in (("ours (re-ranked, fusion-aware)", ours), ("ours, analysis order (--rerank 0)", unranked)):
+                c = r.chosen
+                table.add_row(mode, label, str(len(c["float_layers"])), f"{100 * c['accuracy']:.1f}",
+                              f"{100 * (f_acc - c['accuracy']):.2f}", f"{100 * (c['accuracy'] - i8_acc) / gap:.0f} %" if gap > 0 else "-",
+                              f"{c['latency_ms']:.2f}", f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]),
+                              f"{r.search['evaluations']} (≤{r.search['bound']})", f"{c['output_sqnr_db']:.1f}")
             if gap <= 0:
                 continue
             console.print(f"{mode}: equal-k comparison at k = {ks} ...")
-            order = ours.search.get("order") or analysis.sensitivity_order
+            order = unranked.search["order"]
             debugger = debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)
 
             def measure(float_set) -> tuple[float, float, int]:
                 result, path = ev.evaluate(frozenset(int(i) for i in float_set))
                 with captured_native_output(True):
                     mixed, int8 = paired_latency_ms(path, compiled.int8_model, inputs[0], args.threads)
-                return result["accuracy"], mixed / int8, result["quantize_ops"]
+                return result["accuracy"], mixed / int8, result["quantize_ops"], result["output_sqnr_db"]
 
             for k in ks:
-                fixed = tune(out, args.eval_dir, TuneOptions(float_layers=k, num_eval=args.eval_num, threads=args.threads, metric=args.metric))
-                runs = [(fixed.chosen["accuracy"], fixed.chosen["latency_ratio"], fixed.chosen["quantize_ops"]),
-                        measure(order[:k]), measure(debugger[:k])]
+                runs = []
+                for rerank in (None, 0):
+                    fixed = tune(out, args.eval_dir, TuneOptions(float_layers=k, num_eval=args.eval_num, threads=args.threads,
+                                                                 metric=args.metric, rerank=rerank)).chosen
+                    runs.append((fixed["accuracy"], fixed["latency_ratio"], fixed["quantize_ops"], fixed["output_sqnr_db"]))
+                runs += [measure(order[:k]), measure(debugger[:k])]
                 rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False)) for seed in range(5)]
-                runs.append(tuple(float(np.mean([r[j] for r in rand])) for j in range(3)))
+                runs.append(tuple(float(np.mean([r[j] for r in rand])) for j in range(4)))
                 equal_k.add_row(mode, str(k), f"{100 * k / n:.0f} %",
-                                *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f}" for a, lat, q in runs])
+                                *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f} / {db:.1f}" for a, lat, q, db in runs])
     console.print(table)
     console.print(equal_k)
 

@@ -340,7 +340,7 @@ def tune_cmd(
     keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Never float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
     metric: Annotated[Optional[str], typer.Option("--metric", help="Rank layers by this analysis score (default: the analysis's own).")] = None,
-    rerank: Annotated[int, typer.Option("--rerank", help="Pick the first R layers one at a time, each from a fresh analysis of the mixed model so far.")] = 0,
+    rerank: Annotated[Optional[int], typer.Option("--rerank", help="Re-analyse the mixed model after each of the first R picks and take the next from it (0: the analysis order; default 10 when ranking by output share).")] = None,
     latency_source: Annotated[Optional[str], typer.Option("--latency-source", help="Target whose measured layer costs price the choice (default: this host).")] = None,
     targets_dir: TargetsDir = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,

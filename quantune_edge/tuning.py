@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from .targets import Target
 
 MIXED_MODEL = "model_mixed.tflite"
 RERANK_SAMPLES = LOCAL_SAMPLES  # evaluation images each re-ranking analysis runs on
+# On per-tensor EfficientNet-Lite0 (500 images) re-ranking 10 picks met --max-drop 1 with 7 float layers
+# at 0.84x int8 latency, where the analysis order needed 44 at 1.37x (bench/mixed_precision.py).
+DEFAULT_RERANK = 10
 TUNE_JSON = "tune.json"
 PARETO_PNG = "pareto.png"
 
@@ -50,7 +54,8 @@ class TuneOptions:
     keep_float: list[str] = field(default_factory=list)
     keep_int8: list[str] = field(default_factory=list)  # never float, even to close a region
     metric: str | None = None  # rank by this analysis score instead of the analysis's own order
-    rerank: int = 0  # pick the first R layers one at a time, each from a fresh analysis of the mixed model so far
+    rerank: int | None = None  # analyses of the mixed model so far, one per pick after the first (0: the
+    # analysis order; default DEFAULT_RERANK when ranking by output share, else 0)
     latency_source: Target | None = None  # price layers with costs measured on this target, not the host
     num_eval: int = 200
     seed: int = 1
@@ -194,7 +199,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         options.max_drop = 1.0
     if options.num_eval <= 0:
         raise InputError(f"--num-eval must be positive, got {options.num_eval}")
-    if options.rerank < 0:
+    if options.rerank is not None and options.rerank < 0:
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
     compiled = CompiledModel.open(compile_dir)
     analysis = _load_analysis(compiled, options.metric)
@@ -226,11 +231,6 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         lat_float = measure_latency_ms(compiled.float_model, inputs[0], options.threads, runs=options.latency_runs)
     float_acc = top1_accuracy(float_out, samples.labels, compiled.label_offset) if labelled else 1.0
 
-    rerank = None
-    if options.rerank:
-        rerank = _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], min(options.rerank, free), options, reporter)
-        order = rerank["order"]
-
     lg = selection.LayerGraph.build(qg, match.layers)
     cost = selection.CostModel.from_measurements(lg, lat_int8["p50"], lat_float["p50"])
     source: dict = {"kind": "host", "cost_model": asdict(cost)}
@@ -242,13 +242,19 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                              quiet=not options.verbose, log=reporter.info)
         source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
                   "measured_p50_ms": record["measured_p50_ms"]}
-    choices = selection.prefix_choices(order, lg, cost if options.fusion_aware else None, always=forced, never=pinned,
-                                       predicted_gain=analysis["predicted_gain"])
+    wanted = options.rerank if options.rerank is not None else DEFAULT_RERANK if analysis["metric"] == "output_share" else 0
+    rounds = min(wanted, free, free if options.float_layers is None else max(options.float_layers - 1, 0))
+
+    def prefixes(ranking: list[int]) -> list[frozenset[int]]:
+        return selection.prefix_choices(ranking, lg, cost if options.fusion_aware else None, always=forced, never=pinned,
+                                        predicted_gain=analysis["predicted_gain"])
 
     start = time.perf_counter()
     results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress:
         ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
+        choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
+                                                               options, reporter, progress) if rounds else None)
         task = progress.add_task("evaluating candidates", total=None)
         paths: dict[int, Path] = {}
 
@@ -341,8 +347,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         chosen={**chosen, "layers": [layer_summary(layer_by_index[i]) for i in sorted(choices[chosen_k])],
                 "share_of_layers_float": len(choices[chosen_k]) / n},
         evaluations=[results[k] for k in sorted(results)],
-        search={"evaluations": ev.builds, "bound": selection.max_evaluations(free), "layers": n, "order": order,
-                "analysis_order": analysis["order"], "rerank": rerank and {k: v for k, v in rerank.items() if k != "order"},
+        search={"evaluations": ev.builds, "bound": selection.max_evaluations(free), "layers": n, "order": choices.order,
+                "analysis_order": analysis["order"], "rerank": choices.rerank,
                 "wall_time_s": round(time.perf_counter() - start, 2)},
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,
@@ -358,8 +364,31 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     return report
 
 
+class _Candidates:
+    """Float set for each k, from the analysis order, re-ranked (``rerank()``) the first time a k
+    between 0 and n (exclusive) is asked for: full int8 and all-float need no order, so a budget met
+    by the one or missed by the other costs no re-ranking analysis."""
+
+    def __init__(self, order: list[int], prefixes: Callable[[list[int]], list[frozenset[int]]],
+                 rerank: Callable[[], dict | None]) -> None:
+        self.order, self._prefixes, self._rerank = order, prefixes, rerank
+        self.rerank: dict | None = None
+        self._choices: list[frozenset[int]] | None = None
+        self._settled = False
+
+    def __getitem__(self, k: int) -> frozenset[int]:
+        if 0 < k < len(self.order) and not self._settled:
+            self._settled = True
+            self.rerank = self._rerank()
+            if self.rerank is not None:
+                self.order, self._choices = self.rerank.pop("order"), None
+        if self._choices is None:
+            self._choices = self._prefixes(self.order)
+        return self._choices[k]
+
+
 def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: dict[int, str], inputs: np.ndarray,
-            rounds: int, options: TuneOptions, reporter: Reporter) -> dict:
+            rounds: int, options: TuneOptions, reporter: Reporter, progress) -> dict:
     """The first ``rounds`` layers of the order picked one at a time, each the top output share in a
     fresh analysis of the mixed model with the layers picked so far float.
 
@@ -374,7 +403,7 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
     rest = list(order)
     index_of = {name: i for i, name in names.items()}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="quantune-rerank-") as tmp, reporter.progress() as progress:
+    with tempfile.TemporaryDirectory(prefix="quantune-rerank-") as tmp:
         task = progress.add_task(f"re-ranking: {rounds} analyses of the mixed model", total=rounds)
         for r in range(rounds):
             picked.append(rest.pop(0))
