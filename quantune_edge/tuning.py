@@ -1,7 +1,9 @@
 """Mixed precision: pick the float layers from the sensitivity list to meet a budget, emit the model.
 
 Candidates for k = 0 … n are the k most sensitive layers grown into fusion-aware float regions
-(:mod:`selection`); each evaluation re-quantizes the calibrated model with that float set (TF
+(:mod:`selection`). The first picks are re-ranked: each after the first is the top output share in an
+analysis of the mixed model with the earlier picks float, because which error matters next depends on
+what is float already. Each evaluation re-quantizes the calibrated model with that float set (TF
 selective quantization, same calibration ranges) and runs it on the evaluation images. The accuracy
 budget is met by bisection over k (≤ ⌈log2 n⌉ + 2 evaluations); the latency budget by bisection over
 measured host latency.
