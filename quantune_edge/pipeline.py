@@ -9,7 +9,9 @@ stages in place and is named in the error.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -67,8 +69,20 @@ def data_fingerprint(source: str | Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of the host SDK's and the device agent's source: a stage cached by other code (say, an
+    older tune) is run again, not reused."""
+    digest = hashlib.sha256()
+    for package in ("quantune_edge", "device_agent"):
+        spec = importlib.util.find_spec(package)
+        for path in sorted(Path(spec.origin).parent.rglob("*.py")) if spec and spec.origin else ():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(parts), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_jsonable((code_fingerprint(), *parts)), sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _Stages:

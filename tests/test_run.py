@@ -99,3 +99,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     with Image.open(shot) as im:
         assert im.size == (1200, 2400) and len(np.unique(np.asarray(im.convert("L").resize((60, 120))))) > 20  # not a blank page
+
+
+def test_stage_keys_change_with_the_code(monkeypatch):
+    from quantune_edge import pipeline
+
+    assert len(pipeline.code_fingerprint()) == 64 and pipeline.code_fingerprint() == pipeline.code_fingerprint()
+    same_inputs = pipeline._key("tune", "analyze-key", 1.0)
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "another version of the code")
+    assert pipeline._key("tune", "analyze-key", 1.0) != same_inputs
