@@ -397,7 +397,7 @@ def _print_tune(reporter: Reporter, report) -> None:
     s = report.search
     if s.get("rerank"):
         r = s["rerank"]
-        reporter.console.print(f"re-ranked with {r['rounds']} analysis round(s), each of the mixed model so far "
+        reporter.console.print(f"re-ranked with {r['analyses']} analysis round(s), each of the mixed model so far "
                                f"({r['samples']} images, {r['wall_time_s']:.1f} s)")
     reporter.console.print(f"{s['evaluations']} model evaluations (bound {s['bound']} for {s['layers']} layers), {s['wall_time_s']:.1f} s; "
                            f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))

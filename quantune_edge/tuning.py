@@ -256,7 +256,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress:
         ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
-                                                               options, reporter, progress) if rounds else None)
+                                                               options, reporter, progress) if rounds or (forced and wanted) else None)
         task = progress.add_task("evaluating candidates", total=None)
         paths: dict[int, Path] = {}
 
@@ -399,28 +399,41 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
     theirs can become the next best (on EfficientNet-Lite0 per-tensor, block 2's depthwise conv goes
     from a negative share to the second-largest once the stem, block 0 and block 8 are float). Each
     round costs one model build and one float + one mixed pass over ``inputs`` — not an evaluation,
-    and not one run per layer. After the last round the rest follow its shares.
+    and not one run per layer. After the last round the rest follow its shares. With ``forced``
+    (--keep-float) layers, one analysis more comes first, so the first pick answers their residual too.
     """
     picked: list[int] = []
     rest = list(order)
     index_of = {name: i for i, name in names.items()}
+    analyses = 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quantune-rerank-") as tmp:
-        task = progress.add_task(f"re-ranking: {rounds} analyses of the mixed model", total=rounds)
-        for r in range(rounds):
-            picked.append(rest.pop(0))
-            path = Path(tmp) / f"mixed_{r}.tflite"
+        task = progress.add_task(f"re-ranking: {rounds + bool(forced)} analyses of the mixed model", total=rounds + bool(forced))
+
+        def reorder() -> bool:
+            """Sort the rest by an analysis of the model with ``forced`` and the picks float."""
+            nonlocal analyses
+            path = Path(tmp) / f"mixed_{analyses}.tflite"
             with captured_native_output(not options.verbose):
                 path.write_bytes(compiled.requantize([names[i] for i in sorted(forced | set(picked))]))
             try:
                 shares = {index_of[name]: v for name, v in output_shares(compiled, path, inputs, options.threads,
                                                                           not options.verbose).items()}
             except AnalysisError as exc:
-                reporter.warn(f"re-ranking stopped after {len(picked)} layer(s): {exc}")
-                break
+                reporter.warn(f"re-ranking stopped after {len(picked)} pick(s): {exc}")
+                return False
             rest.sort(key=lambda i: -shares.get(i, -math.inf))
+            analyses += 1
             progress.advance(task)
-    return {"order": picked + rest, "rounds": len(picked), "samples": len(inputs), "picked": picked,
+            return True
+
+        # Layers kept float by --keep-float already change the residual the first pick should answer.
+        if not forced or reorder():
+            for _ in range(rounds):
+                picked.append(rest.pop(0))
+                if not reorder():
+                    break
+    return {"order": picked + rest, "rounds": len(picked), "analyses": analyses, "samples": len(inputs), "picked": picked,
             "wall_time_s": round(time.perf_counter() - start, 2)}
 
 

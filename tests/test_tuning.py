@@ -177,7 +177,7 @@ def test_growth_skips_layers_predicted_to_hurt_and_unmeasurable_savings():
 def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp_path):
     r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=2, rerank=5, fusion_aware=False, num_eval=8, latency_runs=3))
     rerank = r.search["rerank"]
-    assert rerank["rounds"] == 1 and rerank["samples"] == 8  # the second of two picks needs one analysis, no more
+    assert rerank["rounds"] == rerank["analyses"] == 1 and rerank["samples"] == 8  # the second of two picks needs one analysis
     first, second = r.search["order"][:2]
     assert rerank["picked"] == [first] == [r.search["analysis_order"][0]]
     assert sorted(r.search["order"]) == sorted(r.search["analysis_order"])
@@ -191,6 +191,11 @@ def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp
     shares = {next(l["index"] for l in layers if l["name"] == name): v for name, v in output_shares(compiled, mixed, inputs).items()}
     assert abs(shares[first]) < 1e-3 * max(abs(v) for v in shares.values())  # float already: nothing left to remove
     assert second == max((i for i in shares if i != first), key=shares.get)
+    # --keep-float: the first free pick already comes from an analysis with the kept layer float
+    kept = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, keep_float=[layers[first]["name"]], rerank=5, fusion_aware=False,
+                                                 num_eval=8, latency_runs=3))
+    assert kept.search["rerank"]["analyses"] == 1 and kept.search["rerank"]["picked"] == []
+    assert kept.chosen["float_layers"] == sorted([first, second])
     int8_enough = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=100, rerank=5, num_eval=8, latency_runs=3))
     assert int8_enough.chosen["float_layers"] == [] and int8_enough.search["rerank"] is None  # no pick, no analysis
     with pytest.raises(InputError, match="--rerank must be 0 or more"):
