@@ -244,8 +244,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                              quiet=not options.verbose, log=reporter.info)
         source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
                   "measured_p50_ms": record["measured_p50_ms"]}
-    wanted = options.rerank if options.rerank is not None else DEFAULT_RERANK if analysis["metric"] == "output_share" else 0
-    rounds = min(wanted, free, free if options.float_layers is None else max(options.float_layers - 1, 0))
+    rerank = options.rerank if options.rerank is not None else DEFAULT_RERANK if analysis["metric"] == "output_share" else 0
+    rounds = min(rerank, free if options.float_layers is None else max(options.float_layers - 1, 0))
+    reranks = rounds > 0 or (rerank > 0 and bool(forced))  # with --keep-float, one analysis before the first pick
 
     def prefixes(ranking: list[int]) -> list[frozenset[int]]:
         return selection.prefix_choices(ranking, lg, cost if options.fusion_aware else None, always=forced, never=pinned,
@@ -256,7 +257,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress:
         ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
-                                                               options, reporter, progress) if rounds or (forced and wanted) else None)
+                                                               options, reporter, progress) if reranks else None)
         task = progress.add_task("evaluating candidates", total=None)
         paths: dict[int, Path] = {}
 

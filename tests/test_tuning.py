@@ -196,6 +196,10 @@ def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp
                                                  num_eval=8, latency_runs=3))
     assert kept.search["rerank"]["analyses"] == 1 and kept.search["rerank"]["picked"] == []
     assert kept.chosen["float_layers"] == sorted([first, second])
+    # --rerank 0 holds for every k asked, --pareto's too, with or without --keep-float
+    plain = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=100, keep_float=[layers[first]["name"]], rerank=0, pareto=True,
+                                                  num_eval=8, latency_runs=1))
+    assert plain.search["rerank"] is None and plain.search["order"] == [i for i in plain.search["analysis_order"] if i != first]
     int8_enough = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=100, rerank=5, num_eval=8, latency_runs=3))
     assert int8_enough.chosen["float_layers"] == [] and int8_enough.search["rerank"] is None  # no pick, no analysis
     with pytest.raises(InputError, match="--rerank must be 0 or more"):
