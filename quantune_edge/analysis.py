@@ -2,7 +2,10 @@
 
 Both interpreters keep every intermediate tensor; each sample goes through the float model once
 and the int8 model once, and every matched layer's output (and its inputs) is compared on the fly,
-so the cost is 2·K invocations whatever the number of layers. A small separate check confirms
+so the cost is 2·K invocations whatever the number of layers. On the first samples each layer's own
+error is measured too: a kernel model holding one copy of every layer's float op runs them all on the
+int8 model's tensors in one invocation per sample (a float pass's work, counted apart as
+``layer_kernels``). A small separate check confirms
 that keeping all tensors did not change the models' outputs (google-ai-edge/LiteRT#413); its
 invocations are counted apart.
 """
@@ -17,11 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import backprop, reference_ops, sensitivity, tflite_graph
+from . import backprop, kernel_model, sensitivity, tflite_graph
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
-from .layers import Layer, LayerMatch, dequantized_weights, match_layers
+from .layers import WEIGHTED_OPS, Layer, LayerMatch, dequantized_weights, match_layers
 from .metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
@@ -31,9 +34,11 @@ ANALYSIS_JSON = "analysis.json"
 ANALYSIS_CSV = "analysis.csv"
 ANALYSIS_PNG = "analysis.png"
 CONSISTENCY_SAMPLES = 2
-# Samples on which each layer's own error is measured with the numpy reference kernels and traced to
-# the logits by one backward pass (every sample costs about one float forward and one backward pass
-# in numpy; the output attribution keeps improving up to ~32 samples, the local metrics converge fast).
+# Layers whose own error is measured: weighted ops and ops that join tensors.
+LOCAL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "CONCATENATION")
+# Samples on which each layer's own error is measured (its float op on the int8 input, all layers in
+# one kernel-model invocation) and traced to the logits by one backward pass (numpy); the output
+# attribution keeps improving up to ~32 samples, the local metrics converge fast.
 LOCAL_SAMPLES = 16
 
 
@@ -95,29 +100,15 @@ def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph
     return sqnr_db(w_float, approx), float(np.mean((w_float.astype(np.float64) - approx) ** 2))
 
 
-def _local_kernel(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph):
-    """A function (int8 tensor -> its dequantized value in this run) -> the layer's float output on the
-    int8 model's own input; None when the op has no reference kernel."""
-    if layer.op_type not in reference_ops.SUPPORTED or not layer.int8_inputs:
-        return None
-    fop, qop = fg.ops[layer.float_op], qg.ops[layer.int8_op]
-    weight = bias = None
-    if layer.op_type in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-        weight = fg.tensors[fop.inputs[1]].data
-        if weight is None:
-            return None
-        weight = weight.astype(np.float32)
-        if len(fop.inputs) > 2 and fop.inputs[2] >= 0 and fg.tensors[fop.inputs[2]].data is not None:
-            bias = fg.tensors[fop.inputs[2]].data.astype(np.float32)
-    elif len(layer.int8_inputs) != len([t for t in qop.inputs if t >= 0]):
-        return None  # a constant operand: not handled
-    shape = qg.tensors[layer.int8_output].shape
-
-    def kernel(int8_value: Callable[[int], np.ndarray]) -> np.ndarray | None:
-        inputs = [int8_value(t) for t in layer.int8_inputs]
-        return reference_ops.run(layer.op_type, qop.options, inputs, weight, bias, layer.fused_activation, shape)
-
-    return kernel
+def _kernel_jobs(match: LayerMatch, fg: tflite_graph.TfliteGraph) -> dict[int, int]:
+    """Layer index -> its float op, for the layers whose own error is measured: the ops with weights or
+    several activation inputs, where the int8 op reads exactly the float op's activation inputs."""
+    jobs = {}
+    for layer in match.layers:
+        if layer.op_type in LOCAL_OPS and layer.int8_inputs and len(layer.int8_inputs) == len(layer.float_inputs):
+            if layer.op_type not in WEIGHTED_OPS or fg.tensors[fg.ops[layer.float_op].inputs[1]].is_constant:
+                jobs[layer.index] = layer.float_op
+    return jobs
 
 
 @dataclass
@@ -131,6 +122,7 @@ class Collected:
     attribution_note: str | None  # why there is no attribution, when there is none
     float_out: np.ndarray
     int8_out: np.ndarray
+    kernel_invocations: int = 0  # of the layer-kernel model (one per local sample)
 
 
 def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -161,28 +153,34 @@ def collect_tensor_stats(
     local_samples: int = LOCAL_SAMPLES,
 ) -> Collected:
     """One float and one int8 invocation per sample. On the first ``local_samples`` samples each
-    layer's own error is also measured (numpy reference kernel on the int8 input), and the part of it
-    that keeping the layer float would remove is attributed to the logit error by one backward pass,
-    linearised around the int8 run (whose activations decide which ReLUs let an error through)."""
+    layer's own error is also measured (its float op, run by a kernel model on the int8 model's
+    input), and the part of it that keeping the layer float would remove is attributed to the logit
+    error by one backward pass, linearised around the int8 run (whose activations decide which ReLUs
+    let an error through)."""
     needed = {layer.int8_output for layer in match.layers}
     needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
     stats = {t: ErrorStats() for t in needed}
     names = {layer.int8_output: layer.name for layer in match.layers}
-    kernels = {layer.index: k for layer in match.layers if (k := _local_kernel(layer, fg, qg)) is not None}
     by_index = {layer.index: layer for layer in match.layers}
-    local = {i: ErrorStats() for i in kernels}
+    jobs = _kernel_jobs(match, fg)
+    local = {i: ErrorStats() for i in jobs}
     int8_of = {f: q for q, f in match.tensor_map.items()}
     float_logits = softmax_input(fg)
     float_logits = fg.outputs[0] if float_logits is None else float_logits
     int8_logits = int8_of.get(float_logits)
     note = None if int8_logits is not None else "the int8 model's logits are not matched to the float model's"
-    attribution = {i: 0.0 for i in kernels}
+    attribution = {i: 0.0 for i in jobs}
     residual_energy = 0.0
     # What keeping a layer float removes: it reads the float model input where the int8 model reads
-    # its quantized copy, and its output is re-quantized to the same grid wherever an int8 op reads it.
+    # its quantized copy (a second copy of its op, job -1 - i, is fed that), and its output is
+    # re-quantized to the same grid wherever an int8 op reads it.
     quantized_inputs = {t for t, f in match.tensor_map.items() if f in fg.inputs}
-    reads_model_input = {i for i in kernels if quantized_inputs & set(by_index[i].int8_inputs)}
-    regrid = {i: g for i in kernels if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
+    reads_model_input = {i for i in jobs if quantized_inputs & set(by_index[i].int8_inputs)}
+    regrid = {i: g for i in jobs if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
+    kernels = None
+    if jobs and local_samples > 0:
+        model = kernel_model.build(float_runner.path, {**jobs, **{-1 - i: jobs[i] for i in reads_model_input}})
+        kernels = kernel_model.KernelRunner(model, float_runner.threads)
     float_outs, int8_outs = [], []
     for n, x in enumerate(inputs):
         float_outs.append(float_runner.invoke(x[None]))
@@ -199,16 +197,15 @@ def collect_tensor_stats(
             if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
         if n < local_samples:
-            float_input = x[None]  # what the float model read
+            feeds = {i: [int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
+            feeds.update({-1 - i: [x[None] if t in quantized_inputs else int8_value(t) for t in by_index[i].int8_inputs]
+                          for i in reads_model_input})
+            refs = kernels.run(feeds) if kernels else {}
             errors: dict[int, np.ndarray] = {}  # float tensor -> what keeping its layer float removes
-            for i, kernel in kernels.items():
-                ref = kernel(int8_value)
-                if ref is not None:
-                    own = int8_value(by_index[i].int8_output)
-                    local[i].add(ref, own)
-                    if i in reads_model_input:
-                        ref = kernel(lambda t: float_input if t in quantized_inputs else int8_value(t))
-                    errors[by_index[i].float_output] = own - regrid.get(i, lambda y: y)(ref)
+            for i in jobs:
+                own = int8_value(by_index[i].int8_output)
+                local[i].add(refs[i], own)
+                errors[by_index[i].float_output] = own - regrid.get(i, lambda y: y)(refs.get(-1 - i, refs[i]))
             if note is None:
                 residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
                 residual_energy += float(np.vdot(residual, residual))
@@ -219,7 +216,7 @@ def collect_tensor_stats(
                 except backprop.Unsupported as exc:
                     note = f"no backward rule for {exc} between a layer and the logits"
                 else:
-                    for i in kernels:
+                    for i in jobs:
                         attribution[i] += shares.get(by_index[i].float_output, math.nan)
         if on_item:
             on_item()
@@ -228,7 +225,8 @@ def collect_tensor_stats(
     attribution = {} if note else {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}
     if not attribution and note is None:
         note = "no layer with a reference kernel reaches the logits"
-    return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs))
+    return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs),
+                     kernels.invocations if kernels else 0)
 
 
 def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, threads: int = 2, quiet: bool = True) -> dict[str, float]:
@@ -383,7 +381,7 @@ def analyze(
         layers=[m.to_dict() for m in metrics],
         sensitivity_order=sensitivity.ranking(metrics, metric),
         scores=scores,
-        invocations={"float32": float_runner.invocations, "int8": int8_runner.invocations},
+        invocations={"float32": float_runner.invocations, "int8": int8_runner.invocations, "layer_kernels": collected.kernel_invocations},
         preserve_all_tensors_check=check,
         timings_s=timings,
         unmatched={"float32": match.unmatched_float, "int8": match.unmatched_int8},

@@ -220,7 +220,8 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB, top-1 agreement {100 * out['top1_agreement']:.1f} %"
               + (f", top-1 float {100 * out['float32_top1']:.1f} % / int8 {100 * out['int8_top1']:.1f} %" if "int8_top1" in out else ""))
     con.print(f"cost: {inv['float32']} float32 + {inv['int8']} int8 invocations, {report.timings_s['analysis']:.2f} s "
-              f"(+{report.preserve_all_tensors_check['invocations']} to check that keeping all tensors changes nothing)")
+              f"(+{inv.get('layer_kernels', 0)} of the layer-kernel model for the local errors, "
+              f"+{report.preserve_all_tensors_check['invocations']} to check that keeping all tensors changes nothing)")
     unmatched = report.unmatched
     if unmatched["int8"] or unmatched["float32"]:
         con.print(f"[yellow]unmatched ops: int8 {len(unmatched['int8'])}, float32 {len(unmatched['float32'])} (listed in analysis.json)[/]")

@@ -1,10 +1,9 @@
-"""Float reference kernels of the common fused TFLite ops, in numpy (pure: arrays in, array out).
+"""Float kernels of the common fused TFLite ops in numpy (pure: arrays in, array out), and the window
+geometry (TFLite SAME padding, strides, dilations) that ``backprop`` shares.
 
-They let the analysis ask, from the two runs it already has, what a layer alone does to the error:
-run the layer's float op (float weights and bias, fused activation) on the int8 model's own
-dequantized input and compare it with the int8 op's output. That is the error the layer adds on
-its own input, without running any extra model (TF's QuantizationDebugger measures the same
-quantity with a separate debug model).
+The kernels are the numpy twins of the TFLite ops the backward rules differentiate: the rules'
+tests check them against finite differences of these kernels, and these kernels against TFLite's
+own. (The analysis runs the real TFLite kernels, see ``kernel_model``.)
 """
 from __future__ import annotations
 

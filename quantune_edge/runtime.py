@@ -44,6 +44,7 @@ class TfliteRunner:
         from . import tflite_graph
 
         self.path = Path(path)
+        self.threads = num_threads
         self.logits_tensor = softmax_input(tflite_graph.read(self.path)) if logits else None
         preserve_all_tensors = preserve_all_tensors or self.logits_tensor is not None
         try:

@@ -82,18 +82,24 @@ def _enum_names(enum_cls) -> dict[int, str]:
 
 def read(path: str | Path) -> TfliteGraph:
     """Parse the first subgraph of a .tflite file."""
-    from ai_edge_litert import schema_py_generated as schema
-
     path = Path(path)
     try:
         raw = path.read_bytes()
-        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     except FileNotFoundError:
         raise InputError(f"TFLite model not found: {path}") from None
+    return parse(raw, str(path))
+
+
+def parse(raw: bytes, label: str = "model") -> TfliteGraph:
+    """Parse the first subgraph of .tflite bytes (``label`` names them in errors)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    try:
+        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     except Exception as exc:  # flatbuffers raises assorted errors on garbage
-        raise InputError(f"{path}: not a valid .tflite model ({type(exc).__name__})") from None
+        raise InputError(f"{label}: not a valid .tflite model ({type(exc).__name__})") from None
     if not model.subgraphs:
-        raise InputError(f"{path}: .tflite model has no subgraph")
+        raise InputError(f"{label}: .tflite model has no subgraph")
     op_names = _enum_names(schema.BuiltinOperator)
     type_names = _enum_names(schema.TensorType)
     act_names = _enum_names(schema.ActivationFunctionType)

@@ -129,6 +129,7 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""  # human output goes to stderr; stdout is kept for --json
     assert "3 most sensitive of" in result.stderr and "4 float32 + 4 int8 invocations" in result.stderr
+    assert "+4 of the layer-kernel model" in result.stderr
     rows = [line for line in result.stderr.splitlines() if re.match(r"\s+[123]\s+\d+\s+\S+\s+(conv|dwconv|fc|add)", line)]
     assert len(rows) == 3
     data = json.loads((effnet_compiled / "analysis.json").read_text())
@@ -139,7 +140,7 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
                       "--metric", "weight_sqnr", "--json")
     assert as_json.returncode == 0
     parsed = json.loads(as_json.stdout)
-    assert parsed["metric"] == "weight_sqnr" and parsed["invocations"] == {"float32": 2, "int8": 2}
+    assert parsed["metric"] == "weight_sqnr" and parsed["invocations"] == {"float32": 2, "int8": 2, "layer_kernels": 1}
     assert parsed["samples"]["local"] == 1
 
 
