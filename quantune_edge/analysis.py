@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import backprop, kernel_model, sensitivity, tflite_graph
+from . import adjoint_model, backprop, kernel_model, sensitivity, tflite_graph
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
@@ -123,6 +123,7 @@ class Collected:
     float_out: np.ndarray
     int8_out: np.ndarray
     kernel_invocations: int = 0  # of the layer-kernel model (one per local sample)
+    backward_engine: str | None = None  # what ran the backward passes: "tflite" or "numpy"
 
 
 def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -177,10 +178,12 @@ def collect_tensor_stats(
     quantized_inputs = {t for t, f in match.tensor_map.items() if f in fg.inputs}
     reads_model_input = {i for i in jobs if quantized_inputs & set(by_index[i].int8_inputs)}
     regrid = {i: g for i in jobs if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
-    kernels = None
+    kernels, engine = None, None
     if jobs and local_samples > 0:
         model = kernel_model.build(float_runner.path, {**jobs, **{-1 - i: jobs[i] for i in reads_model_input}})
         kernels = kernel_model.KernelRunner(model, float_runner.threads)
+        if note is None:
+            backward, engine = adjoint_model.backward_pass(fg, float_logits, {by_index[i].float_output for i in jobs}, float_runner.threads)
     float_outs, int8_outs = [], []
     for n, x in enumerate(inputs):
         float_outs.append(float_runner.invoke(x[None]))
@@ -210,9 +213,8 @@ def collect_tensor_stats(
                 residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
                 residual_energy += float(np.vdot(residual, residual))
                 try:
-                    shares = backprop.output_error_attribution(
-                        fg, float_logits, residual,
-                        lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t), errors)
+                    back = backward(residual, lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t))
+                    shares = backprop.output_error_attribution(back, errors)
                 except backprop.Unsupported as exc:
                     note = f"no backward rule for {exc} between a layer and the logits"
                 else:
@@ -226,7 +228,7 @@ def collect_tensor_stats(
     if not attribution and note is None:
         note = "no layer with a reference kernel reaches the logits"
     return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs),
-                     kernels.invocations if kernels else 0)
+                     kernels.invocations if kernels else 0, engine)
 
 
 def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, threads: int = 2, quiet: bool = True) -> dict[str, float]:
@@ -376,7 +378,8 @@ def analyze(
                "weights": compiled.report.quantization["weights"], "layers": len(metrics)},
         samples={"source": samples.source, "count": len(samples), "seed": options.seed, "files": samples.names,
                  "skipped": samples.skipped, "labelled": int(np.sum(samples.labels >= 0)),
-                 "local": min(options.local_samples, len(samples)), "output_share_note": collected.attribution_note},
+                 "local": min(options.local_samples, len(samples)), "output_share_note": collected.attribution_note,
+                 "backward_pass": collected.backward_engine},
         metric=metric,
         layers=[m.to_dict() for m in metrics],
         sensitivity_order=sensitivity.ranking(metrics, metric),

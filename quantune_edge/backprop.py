@@ -26,7 +26,7 @@ class Unsupported(ValueError):
     """An op on the backward path that has no vector-Jacobian rule here."""
 
 
-def _activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
+def activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
     """Derivative of the fused activation at its float output ``y`` (None = identity)."""
     if name in (None, "NONE"):
         return None
@@ -95,9 +95,9 @@ def _depthwise_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...
     return np.einsum("nhwcmij,ijcm->nhwc", grouped, w[0, ::-1, ::-1].reshape(kh, kw, in_c, -1))
 
 
-def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:
-    """Route each window's gradient to the window's (first) maximum, as the float op does; tap by tap,
-    without materialising the windows."""
+def max_pool_routes(x: np.ndarray, options: dict) -> dict[tuple[int, int], np.ndarray]:
+    """Per kernel tap (i, j): which outputs took their value from that tap — each window's (first)
+    maximum, as the float op picks it."""
     kh, kw = options["filterHeight"], options["filterWidth"]
     windows = patches(x, kh, kw, options, pad_value=-np.inf)
     peak = windows.max(axis=(-2, -1))
@@ -108,6 +108,13 @@ def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndar
             hit = (windows[..., i, j] == peak) & ~taken
             taken |= hit
             routes[i, j] = hit
+    return routes
+
+
+def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:
+    """Route each window's gradient to the window's maximum; tap by tap, without materialising the windows."""
+    routes = max_pool_routes(x, options)
+    kh, kw = options["filterHeight"], options["filterWidth"]
     return _accumulate_taps(lambda i, j: g * routes[i, j], g.shape, x.shape, kh, kw, options)
 
 
@@ -182,7 +189,7 @@ def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int
             continue
         if op.outputs[0] in wanted:
             out[op.outputs[0]] = g
-        mask = _activation_mask(value(op.outputs[0]), op.fused_activation)
+        mask = activation_mask(value(op.outputs[0]), op.fused_activation)
         if mask is not None:
             g = g * mask
         if op.type == "SOFTMAX":
@@ -195,16 +202,15 @@ def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int
     return out
 
 
-def output_error_attribution(graph: TfliteGraph, logits: int, residual: np.ndarray, value: Callable[[int], np.ndarray],
-                             local_errors: dict[int, np.ndarray]) -> dict[int, float]:
+def output_error_attribution(back: dict[int, np.ndarray], local_errors: dict[int, np.ndarray]) -> dict[int, float]:
     """How much of ||residual||² each layer's removable error accounts for, to first order, all layers at once.
 
-    ``residual`` r is the int8 model's logit error (int8 − float) on one sample; ``local_errors`` maps
-    a float tensor to the error e that keeping its layer float would remove (same shape). Through the
-    layer's Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e comes from one backward
-    pass of r for every layer together. Removing e lowers ||r||² by 2·r·J·e − ||J·e||²; when the
-    layers' errors are independent r·J·e ≈ ||J·e||², so r·J·e alone ranks layers as that drop does,
-    without the one pass per layer ||J·e||² would need.
+    ``back`` holds Jᵀr at every layer's float tensor: one backward pass (:func:`vjp`, or its TFLite
+    form in ``adjoint_model``) of the int8 model's logit error r (int8 − float) on one sample.
+    ``local_errors`` maps a float tensor to the error e that keeping its layer float would remove (same
+    shape). Through the layer's Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e.
+    Removing e lowers ||r||² by 2·r·J·e − ||J·e||²; when the layers' errors are independent
+    r·J·e ≈ ||J·e||², so r·J·e alone ranks layers as that drop does, without the one pass per layer
+    ||J·e||² would need.
     """
-    back = vjp(graph, logits, residual[None], value, set(local_errors))
     return {t: float(np.vdot(back[t], e)) for t, e in local_errors.items() if t in back}

@@ -103,9 +103,9 @@ class ErrorStats:
         self.count += ref.size
         self.signal += signal
         self.noise += noise
-        self.total += float(ref.sum(dtype=np.float64))
+        self.total += float(ref.sum())  # float32 pairwise summation: ample for a variance
         if err.size:
-            self.max_abs = max(self.max_abs, float(err.max()), -float(err.min()))
+            self.max_abs = max(self.max_abs, float(np.abs(err, out=err).max()))
         return True
 
     @property

@@ -55,6 +55,7 @@ def test_exactly_one_float_and_one_int8_pass(effnet_analysis):
     # one layer-kernel invocation per local sample (all K here) runs every layer's float op at once
     assert r.invocations == {"float32": K, "int8": K, "layer_kernels": K}
     assert r.samples["count"] == K
+    assert r.samples["backward_pass"] == "tflite"  # every op of the model has a TFLite adjoint rule
     assert r.model["layers"] == len(r.layers) >= 60
     assert r.unmatched == {"float32": [], "int8": []}
     assert r.preserve_all_tensors_check["identical"] is True
