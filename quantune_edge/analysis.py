@@ -135,10 +135,14 @@ def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndar
     scale, zero_point = np.float32(info.scales[0]), np.float32(info.zero_points[0])
 
     def regrid(y: np.ndarray) -> np.ndarray:  # runtime.quantize + dequantize, in float32 without an int8 copy
-        q = np.round(y / scale + zero_point)
-        np.clip(q, -128, 127, out=q)
+        q = y / scale
+        q += zero_point
+        np.round(q, out=q)
+        np.minimum(q, 127, out=q)
+        np.maximum(q, -128, out=q)
         q -= zero_point
-        return q * scale
+        q *= scale
+        return q
 
     return regrid
 

@@ -18,7 +18,10 @@ def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    return (q.astype(np.float32) - zero_point) * np.float32(scale)
+    x = q.astype(np.float32)
+    x -= zero_point
+    x *= np.float32(scale)
+    return x
 
 
 def softmax_input(graph) -> int | None:
