@@ -16,8 +16,9 @@ more about them than the ρ against the K-image oracle (its own ceiling comes fr
 
 Goal (issue 4): oracle ≥ 20× the analysis' wall time, ρ ≥ 0.8 for the default score. The oracle makes
 n+1 builds and runs, the analysis 2 runs plus reading and comparing every tensor of both, plus, on
-``--local-samples`` of them, each layer's float kernel on its int8 input and one backward pass to the
-logits in numpy (the default score, ``output_share``, needs both; that numpy work is most of its time).
+``--local-samples`` of them, each layer's float kernel on its int8 input (one kernel-model invocation)
+and one backward pass to the logits (one adjoint-model invocation); the default score,
+``output_share``, needs both.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backprop import Unsupported, activation_mask, max_pool_routes, vjp
+from .backprop import Unsupported, activation_mask, has_mask, max_pool_routes, vjp
 from .reference_ops import SAME, VALID, strides_dilations, window_padding
 from .tflite_graph import OpInfo, TfliteGraph
 
@@ -285,8 +285,7 @@ def build(graph: TfliteGraph, start: int, wanted: set[int]) -> AdjointModel:
             gradients[op.outputs[0]] = g
         if op.type == "SOFTMAX":
             raise Unsupported("SOFTMAX inside the backward path (start at its input)")
-        if op.fused_activation not in (None, "NONE"):
-            activation_mask(np.zeros(1, np.float32), op.fused_activation)  # raises for an activation without a rule
+        if has_mask(op.fused_activation):
             mask = w.input(w.shapes[g], f"mask_{op.index}")
             masks.append((mask, op.outputs[0], op.fused_activation))
             g = w.op("MUL", [g, mask], [w.shapes[g]], "MulOptions")[0]

@@ -124,6 +124,7 @@ class Collected:
     int8_out: np.ndarray
     kernel_invocations: int = 0  # of the layer-kernel model (one per local sample)
     backward_engine: str | None = None  # what ran the backward passes: "tflite" or "numpy"
+    backward_passes: int = 0
 
 
 def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -182,7 +183,7 @@ def collect_tensor_stats(
     quantized_inputs = {t for t, f in match.tensor_map.items() if f in fg.inputs}
     reads_model_input = {i for i in jobs if quantized_inputs & set(by_index[i].int8_inputs)}
     regrid = {i: g for i in jobs if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
-    kernels, engine = None, None
+    kernels, engine, passes = None, None, 0
     if jobs and local_samples > 0:
         model = kernel_model.build(float_runner.path, {**jobs, **{-1 - i: jobs[i] for i in reads_model_input}})
         kernels = kernel_model.KernelRunner(model, float_runner.threads)
@@ -217,6 +218,7 @@ def collect_tensor_stats(
                 residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
                 residual_energy += float(np.vdot(residual, residual))
                 try:
+                    passes += 1
                     back = backward(residual, lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t))
                     shares = backprop.output_error_attribution(back, errors)
                 except backprop.Unsupported as exc:
@@ -232,7 +234,7 @@ def collect_tensor_stats(
     if not attribution and note is None:
         note = "no layer with a reference kernel reaches the logits"
     return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs),
-                     kernels.invocations if kernels else 0, engine)
+                     kernels.invocations if kernels else 0, engine, passes)
 
 
 def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, threads: int = 2, quiet: bool = True) -> dict[str, float]:
@@ -388,7 +390,8 @@ def analyze(
         layers=[m.to_dict() for m in metrics],
         sensitivity_order=sensitivity.ranking(metrics, metric),
         scores=scores,
-        invocations={"float32": float_runner.invocations, "int8": int8_runner.invocations, "layer_kernels": collected.kernel_invocations},
+        invocations={"float32": float_runner.invocations, "int8": int8_runner.invocations, "layer_kernels": collected.kernel_invocations,
+                     "backward": collected.backward_passes if collected.backward_engine == "tflite" else 0},
         preserve_all_tensors_check=check,
         timings_s=timings,
         unmatched={"float32": match.unmatched_float, "int8": match.unmatched_int8},

@@ -26,19 +26,26 @@ class Unsupported(ValueError):
     """An op on the backward path that has no vector-Jacobian rule here."""
 
 
+_DERIVATIVES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "RELU": lambda y: y > 0,
+    "RELU6": lambda y: (y > 0) & (y < 6),
+    "RELU_N1_TO_1": lambda y: (y > -1) & (y < 1),
+    "TANH": lambda y: 1 - y * y,
+}
+
+
+def has_mask(name: str | None) -> bool:
+    """Whether a fused activation multiplies the gradient by a mask; raises Unsupported for one without a rule."""
+    if name in (None, "NONE"):
+        return False
+    if name not in _DERIVATIVES:
+        raise Unsupported(f"fused activation {name}")
+    return True
+
+
 def activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
     """Derivative of the fused activation at its float output ``y`` (None = identity)."""
-    if name in (None, "NONE"):
-        return None
-    if name == "RELU":
-        return (y > 0).astype(np.float32)
-    if name == "RELU6":
-        return ((y > 0) & (y < 6)).astype(np.float32)
-    if name == "RELU_N1_TO_1":
-        return ((y > -1) & (y < 1)).astype(np.float32)
-    if name == "TANH":
-        return (1 - y * y).astype(np.float32)
-    raise Unsupported(f"fused activation {name}")
+    return _DERIVATIVES[name](y).astype(np.float32) if has_mask(name) else None
 
 
 def _accumulate_taps(tap: Callable[[int, int], np.ndarray], out_shape: tuple[int, ...], in_shape: tuple[int, ...],

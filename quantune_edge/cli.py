@@ -221,6 +221,7 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
               + (f", top-1 float {100 * out['float32_top1']:.1f} % / int8 {100 * out['int8_top1']:.1f} %" if "int8_top1" in out else ""))
     con.print(f"cost: {inv['float32']} float32 + {inv['int8']} int8 invocations, {report.timings_s['analysis']:.2f} s "
               f"(+{inv.get('layer_kernels', 0)} of the layer-kernel model for the local errors, "
+              f"+{inv.get('backward', 0)} of the adjoint model for the backward passes, "
               f"+{report.preserve_all_tensors_check['invocations']} to check that keeping all tensors changes nothing)")
     unmatched = report.unmatched
     if unmatched["int8"] or unmatched["float32"]:

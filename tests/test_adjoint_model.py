@@ -99,6 +99,7 @@ def test_each_rule_equals_the_numpy_rule(case):
     (_single("AVERAGE_POOL_2D", [(1, 6, 6, 3)], (1, 3, 3, 3),
              options={"padding": VALID, "filterHeight": 2, "filterWidth": 2, "strideH": 2, "strideW": 2}), "AVERAGE_POOL_2D other than global"),
     (_single("LOGISTIC", [(1, 4)], (1, 4)), "LOGISTIC"),
+    (_single("ADD", [(1, 4), (1, 4)], (1, 4), activation="SIGN_BIT"), "fused activation SIGN_BIT"),
 ])
 def test_ops_without_a_tflite_rule_fall_back_to_numpy(graph, why):
     with pytest.raises(backprop.Unsupported, match=why):

@@ -52,8 +52,9 @@ def _int8_value(runner, graph, index) -> np.ndarray:
 
 def test_exactly_one_float_and_one_int8_pass(effnet_analysis):
     r = effnet_analysis
-    # one layer-kernel invocation per local sample (all K here) runs every layer's float op at once
-    assert r.invocations == {"float32": K, "int8": K, "layer_kernels": K}
+    # per local sample (all K here): one layer-kernel invocation runs every layer's float op, one adjoint-model
+    # invocation the backward pass
+    assert r.invocations == {"float32": K, "int8": K, "layer_kernels": K, "backward": K}
     assert r.samples["count"] == K
     assert r.samples["backward_pass"] == "tflite"  # every op of the model has a TFLite adjoint rule
     assert r.model["layers"] == len(r.layers) >= 60
@@ -143,7 +144,7 @@ def test_multi_input_add_pools_its_inputs_and_exact_input_gives_finite_delta(eff
 def test_outputs_written(effnet_analysis, effnet_compiled):
     data = json.loads((effnet_compiled / "analysis.json").read_text())
     assert data["kind"] == "quantune-edge/analysis" and data["schema_version"] >= 1
-    assert data["invocations"] == {"float32": K, "int8": K, "layer_kernels": K}
+    assert data["invocations"] == {"float32": K, "int8": K, "layer_kernels": K, "backward": K}
     rows = (effnet_compiled / "analysis.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(effnet_analysis.layers) and rows[0].startswith("index,rank,name")
     png = (effnet_compiled / "analysis.png").read_bytes()
@@ -228,7 +229,7 @@ def test_oracle_builds_one_model_per_layer(small_compiled, tiny_images):
     # Per-tensor weights: keeping a conv float must change (and here improve) the model output.
     conv_gains = [row["output_sqnr_gain_db"] for row, layer in zip(o["layers"], report.layers) if layer["op_type"] == "CONV_2D"]
     assert max(conv_gains) > 0.1
-    assert report.invocations == {"float32": 6, "int8": 6, "layer_kernels": 6}  # the oracle's runs are counted apart
+    assert report.invocations == {"float32": 6, "int8": 6, "layer_kernels": 6, "backward": 6}  # the oracle's runs are counted apart
     rep = o["repeatability"]
     assert rep["samples_per_half"] == 3 and -1.0 <= rep["spearman_between_halves"] <= 1.0
 

@@ -140,7 +140,7 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
                       "--metric", "weight_sqnr", "--json")
     assert as_json.returncode == 0
     parsed = json.loads(as_json.stdout)
-    assert parsed["metric"] == "weight_sqnr" and parsed["invocations"] == {"float32": 2, "int8": 2, "layer_kernels": 1}
+    assert parsed["metric"] == "weight_sqnr" and parsed["invocations"] == {"float32": 2, "int8": 2, "layer_kernels": 1, "backward": 1}
     assert parsed["samples"]["local"] == 1
 
 

@@ -49,7 +49,7 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert machines[("arm", "mixed")] == "aarch64" and machines[("loop", "float32")] == "x86_64"
     assert len(report["device"]) == 6 and all(r["p50_ms"] > 0 for r in report["device"])
     assert set(report["accuracy"]["host"]) == {"float32", "int8", "mixed"} and report["accuracy"]["is"] == "top-1"
-    assert report["analysis"]["invocations"] == {"float32": 8, "int8": 8, "layer_kernels": 8} and len(report["analysis"]["most_sensitive"]) == 10
+    assert report["analysis"]["invocations"] == {"float32": 8, "int8": 8, "layer_kernels": 8, "backward": 8} and len(report["analysis"]["most_sensitive"]) == 10
     assert {p["label"] for p in report["pareto"]["device"]} == {"float32", "int8", "mixed"}
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
