@@ -37,8 +37,8 @@ CONSISTENCY_SAMPLES = 2
 # Layers whose own error is measured: weighted ops and ops that join tensors.
 LOCAL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "CONCATENATION")
 # Samples on which each layer's own error is measured (its float op on the int8 input, all layers in
-# one kernel-model invocation) and traced to the logits by one backward pass (numpy); the output
-# attribution keeps improving up to ~32 samples, the local metrics converge fast.
+# one kernel-model invocation) and traced to the logits by one backward pass (one adjoint-model
+# invocation); the output attribution keeps improving up to ~32 samples, the local metrics converge fast.
 LOCAL_SAMPLES = 16
 
 

@@ -268,7 +268,7 @@ def analyze_cmd(
     calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the one float + one int8 pass.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
-    local_samples: Annotated[int, typer.Option("--local-samples", help="Of those, samples on which each layer's own error is measured and traced to the logits (numpy; about one forward and one backward pass each).")] = LOCAL_SAMPLES,
+    local_samples: Annotated[int, typer.Option("--local-samples", help="Of those, samples on which each layer's own error is measured and traced to the logits (one kernel-model and one adjoint-model invocation each).")] = LOCAL_SAMPLES,
     metric: Annotated[str, typer.Option("--metric", help="Sensitivity score: output_share (default), local_rmse, sqnr_delta, act_sqnr, weight_sqnr, act_nmse, act_mse, weight_mse, quantune.")] = DEFAULT_METRIC,
     oracle: Annotated[bool, typer.Option("--oracle", help="Also build and run one model per layer kept float (n+1 builds) and correlate.")] = False,
     top: Annotated[int, typer.Option("--top", help="Rows of the most-sensitive table.")] = 10,
