@@ -115,7 +115,7 @@ def _padding(code: int) -> int:
 
 
 def _conv(w: _Writer, op: OpInfo, graph: TfliteGraph, g: int, in_shape: tuple[int, ...]) -> int:
-    """The transposed conv as a plain one (XNNPACK runs CONV_2D far faster than TRANSPOSE_CONV): the
+    """The transposed conv as a plain one (measured faster here than TRANSPOSE_CONV): the
     stride-spread gradient, framed, correlated with the kernel flipped and its channel axes swapped."""
     weight = graph.tensors[op.inputs[1]].data.astype(np.float32)  # (O, KH, KW, I)
     _, kh, kw, in_c = weight.shape
