@@ -381,17 +381,19 @@ def tune_cmd(
 
 def _print_tune(reporter: Reporter, report) -> None:
     ref, c = report.reference, report.chosen
-    table = Table(title=f"mixed precision ({ref['accuracy_is']}, {ref['eval_samples']} images; host, {ref['threads']} threads)",
+    table = Table(title=f"mixed precision, chosen: accuracy = {ref['accuracy_is']} on {ref['eval_samples']} images; "
+                        f"latency on the host, {ref['threads']} threads; SQNR of the model output",
                   box=box.SIMPLE_HEAD, header_style="bold")
-    for col in ("model", "float layers", "accuracy", "drop (pts)", "out SQNR dB", "latency ms", "vs int8", "Q/DQ ops"):
-        table.add_column(col, justify="right")
+    # Short headers: the table must fit 80 columns (rich's width when stderr is not a terminal).
+    for col in ("model", "float layers", "accuracy", "drop pts", "SQNR dB", "ms", "vs int8", "Q/DQ"):
+        table.add_column(col, justify="right", no_wrap=True)
     int8 = ref.get("int8")
     table.add_row("float32", "all", f"{100 * ref['float32_accuracy']:.1f} %", "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
                   f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0")
     if int8:
-        table.add_row("full int8", "0", f"{100 * int8['accuracy']:.1f} %", f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
+        table.add_row("int8", "0", f"{100 * int8['accuracy']:.1f} %", f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
                       f"{ref['int8_latency_ms']:.2f}", "1.00x", str(int8["quantize_ops"]))
-    table.add_row("[bold]mixed (chosen)[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
+    table.add_row("[bold]mixed[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
                   f"{100 * c['accuracy']:.1f} %", f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ms']:.2f}",
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)

@@ -20,11 +20,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+# Width when the output goes to a file or pipe (CI logs, `2> log`): rich's default there, 80 columns,
+# cuts the layer tables' columns to "…". A terminal keeps its own width; COLUMNS still wins.
+LOG_WIDTH = 120
+
+
 def _terminal_stream():
     try:
         return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
     except (OSError, ValueError, AttributeError):
         return sys.stderr
+
+
+def _console() -> Console:
+    stream = _terminal_stream()
+    width = None if "COLUMNS" in os.environ or (hasattr(stream, "isatty") and stream.isatty()) else LOG_WIDTH
+    return Console(file=stream, highlight=False, width=width)
 
 
 @dataclass
@@ -34,7 +45,7 @@ class Reporter:
 
     quiet: bool = False
     verbose: bool = False
-    console: Console = field(default_factory=lambda: Console(file=_terminal_stream(), highlight=False))
+    console: Console = field(default_factory=_console)
 
     def info(self, message: str) -> None:
         if not self.quiet:

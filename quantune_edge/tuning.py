@@ -325,7 +325,6 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             (mixed_ms, int8_ms), _facts = profile_on_device(options.latency_source, [paths[chosen_k], compiled.int8_model],
                                                            log=reporter.info)
             chosen.update(device_latency_ms=mixed_ms, device_latency_ratio=mixed_ms / int8_ms)
-        progress.update(task, total=len(results), completed=len(results))
         out_path = compiled.folder / MIXED_MODEL
         tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
         tmp_out.write_bytes(paths[chosen_k].read_bytes())
@@ -337,6 +336,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                 f"or misses {sorted(wanted - float_ops)[:3]}; not written")
         tmp_out.replace(out_path)
         pareto = _pareto(free, choices, evaluate, latency, results) if options.pareto else None
+        progress.update(task, total=len(results), completed=len(results))
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
     report = TuneReport(

@@ -132,6 +132,7 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
     assert "+4 of the layer-kernel model" in result.stderr
     rows = [line for line in result.stderr.splitlines() if re.match(r"\s+[123]\s+\d+\s+\S+\s+(conv|dwconv|fc|add)", line)]
     assert len(rows) == 3
+    assert "…" not in result.stderr  # a piped stderr gets 120 columns: no column of the table is cut
     data = json.loads((effnet_compiled / "analysis.json").read_text())
     assert data["samples"]["count"] == 4 and data["metric"] == "output_share" and data["samples"]["local"] == 4
     assert sum(l["local_rmse_lsb"] is not None for l in data["layers"]) >= 55

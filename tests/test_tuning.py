@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -274,7 +275,11 @@ def test_cli_tune(folder):
 
     ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--float-layers", "3", "--num-eval", "8", "--pareto", "--rerank", "1")
     assert ok.returncode == 0, ok.stderr
-    assert "mixed (chosen)" in ok.stderr and "model evaluations" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
+    # The mixed row is whole and no header is cut.
+    assert re.search(r"^\s+mixed\s+3 \(5 %\)\s+[\d.]+ %\s+-?[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+\d+\s*$", ok.stderr, re.M), ok.stderr
+    assert "accuracy" in ok.stderr and "…" not in ok.stderr
+    assert re.search(r"evaluating candidates\s+\S+\s+(\d+)/\1\s", ok.stderr)  # the count includes the Pareto sweep
+    assert "model evaluations" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     points = json.loads((folder / "tune.json").read_text())["pareto"]
     assert points[0]["k"] == 0 and points[-1]["k"] == 60 and len(points) >= 10
