@@ -327,8 +327,9 @@ class AdjointRunner:
 def backward_pass(graph: TfliteGraph, start: int, wanted: set[int], num_threads: int = 2
                   ) -> tuple[Callable[[np.ndarray, Callable[[int], np.ndarray]], dict[int, np.ndarray]], str]:
     """(probe, value) -> gradients at the wanted tensors, and which engine runs it: this module's
-    TFLite model when every op on the path has a rule here, else ``backprop.vjp`` in numpy."""
+    TFLite model when every op on the path has a rule here (and the runtime loads it), else
+    ``backprop.vjp`` in numpy."""
     try:
         return AdjointRunner(build(graph, start, wanted), num_threads).vjp, "tflite"
-    except Unsupported:
+    except (Unsupported, ValueError, RuntimeError):  # the runtime's refusals are ValueError/RuntimeError
         return (lambda probe, value: vjp(graph, start, probe, value, wanted)), "numpy"

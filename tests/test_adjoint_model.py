@@ -124,3 +124,17 @@ def test_through_the_shipped_model(effnet_compiled):
     assert set(got) == set(want) and len(got) >= 50
     for t in want:
         np.testing.assert_allclose(got[t].reshape(want[t].shape), want[t], rtol=1e-4, atol=1e-5 * float(np.abs(want[t]).max()))
+
+
+def test_a_model_the_runtime_refuses_falls_back_to_numpy(monkeypatch):
+    graph = CASES["conv 3x3 s2 SAME odd"]
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Didn't find op for builtin opcode 'CONV_2D' version '9'")
+
+    monkeypatch.setattr(adjoint_model, "AdjointRunner", refuse)
+    backward, engine = adjoint_model.backward_pass(graph, graph.outputs[0], set(graph.inputs), 1)
+    assert engine == "numpy"
+    probe = RNG.normal(size=graph.tensors[2].shape).astype(np.float32)
+    values = {t: RNG.normal(size=graph.tensors[t].shape).astype(np.float32) for t in (0, 2)}
+    assert backward(probe, values.__getitem__)[0].shape == graph.tensors[0].shape
