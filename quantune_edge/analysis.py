@@ -125,6 +125,7 @@ class Collected:
     kernel_invocations: int = 0  # of the layer-kernel model (one per local sample)
     backward_engine: str | None = None  # what ran the backward passes: "tflite" or "numpy"
     backward_passes: int = 0
+    clock: dict[str, float] = field(default_factory=dict)  # seconds spent per part of the loop
 
 
 def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -146,6 +147,12 @@ def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndar
         return q
 
     return regrid
+
+
+def _lap(clock: dict[str, float], part: str, since: float) -> float:
+    now = time.perf_counter()
+    clock[part] += now - since
+    return now
 
 
 def collect_tensor_stats(
@@ -190,9 +197,12 @@ def collect_tensor_stats(
         if note is None:
             backward, engine = adjoint_model.backward_pass(fg, float_logits, {by_index[i].float_output for i in jobs}, float_runner.threads)
     float_outs, int8_outs = [], []
+    clock = dict.fromkeys(("invocations", "compare", "local_errors", "backward"), 0.0)  # where the time goes, seconds
     for n, x in enumerate(inputs):
+        mark = time.perf_counter()
         float_outs.append(float_runner.invoke(x[None]))
         int8_outs.append(int8_runner.invoke(x[None]))
+        mark = _lap(clock, "invocations", mark)
         values: dict[int, np.ndarray] = {}  # dequantized int8 tensors of this sample, each computed once
 
         def int8_value(t: int) -> np.ndarray:
@@ -204,6 +214,7 @@ def collect_tensor_stats(
             ref = float_runner.tensor(match.tensor_map[t])
             if not stats[t].add(ref, int8_value(t)):
                 raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
+        mark = _lap(clock, "compare", mark)
         if n < local_samples:
             feeds = {i: [int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
             feeds.update({-1 - i: [x[None] if t in quantized_inputs else int8_value(t) for t in by_index[i].int8_inputs]
@@ -214,6 +225,7 @@ def collect_tensor_stats(
                 own = int8_value(by_index[i].int8_output)
                 local[i].add(refs[i], own)
                 errors[by_index[i].float_output] = own - regrid.get(i, lambda y: y)(refs.get(-1 - i, refs[i]))
+            mark = _lap(clock, "local_errors", mark)
             if note is None:
                 residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
                 residual_energy += float(np.vdot(residual, residual))
@@ -226,6 +238,7 @@ def collect_tensor_stats(
                 else:
                     for i in jobs:
                         attribution[i] += shares.get(by_index[i].float_output, math.nan)
+            _lap(clock, "backward", mark)
         if on_item:
             on_item()
     if note is None and residual_energy == 0:
@@ -234,7 +247,7 @@ def collect_tensor_stats(
     if not attribution and note is None:
         note = "no layer with a reference kernel reaches the logits"
     return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs),
-                     kernels.invocations if kernels else 0, engine, passes)
+                     kernels.invocations if kernels else 0, engine, passes, {k: round(v, 3) for k, v in clock.items()})
 
 
 def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, threads: int = 2, quiet: bool = True) -> dict[str, float]:
@@ -354,6 +367,7 @@ def analyze(
             metric = "local_rmse" if fallback else metric
             reporter.warn(f"no output_share: {collected.attribution_note}" + ("; ranking by local_rmse" if fallback else ""))
         timings["analysis"] = round(time.perf_counter() - start, 3)
+        timings["analysis_parts"] = collected.clock
         start = time.perf_counter()
         with captured_native_output(not options.verbose):
             check = _consistency_check(compiled, inputs, float_out, int8_out, options.threads)

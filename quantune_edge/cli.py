@@ -223,6 +223,9 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
               f"(+{inv.get('layer_kernels', 0)} of the layer-kernel model for the local errors, "
               f"+{inv.get('backward', 0)} of the adjoint model for the backward passes, "
               f"+{report.preserve_all_tensors_check['invocations']} to check that keeping all tensors changes nothing)")
+    parts = report.timings_s.get("analysis_parts") or {}
+    if parts:
+        con.print("of which " + ", ".join(f"{name.replace('_', ' ')} {seconds:.2f} s" for name, seconds in parts.items()))
     unmatched = report.unmatched
     if unmatched["int8"] or unmatched["float32"]:
         con.print(f"[yellow]unmatched ops: int8 {len(unmatched['int8'])}, float32 {len(unmatched['float32'])} (listed in analysis.json)[/]")

@@ -57,6 +57,9 @@ def test_exactly_one_float_and_one_int8_pass(effnet_analysis):
     assert r.invocations == {"float32": K, "int8": K, "layer_kernels": K, "backward": K}
     assert r.samples["count"] == K
     assert r.samples["backward_pass"] == "tflite"  # every op of the model has a TFLite adjoint rule
+    parts = r.timings_s["analysis_parts"]
+    assert set(parts) == {"invocations", "compare", "local_errors", "backward"} and all(v > 0 for v in parts.values())
+    assert sum(parts.values()) <= r.timings_s["analysis"]
     assert r.model["layers"] == len(r.layers) >= 60
     assert r.unmatched == {"float32": [], "int8": []}
     assert r.preserve_all_tensors_check["identical"] is True

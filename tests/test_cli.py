@@ -130,6 +130,7 @@ def test_analyze_table_files_and_json(effnet_compiled, tmp_path):
     assert result.stdout == ""  # human output goes to stderr; stdout is kept for --json
     assert "3 most sensitive of" in result.stderr and "4 float32 + 4 int8 invocations" in result.stderr
     assert "+4 of the layer-kernel model" in result.stderr
+    assert re.search(r"of which invocations [\d.]+ s, compare [\d.]+ s, local errors [\d.]+ s, backward [\d.]+ s", result.stderr)
     rows = [line for line in result.stderr.splitlines() if re.match(r"\s+[123]\s+\d+\s+\S+\s+(conv|dwconv|fc|add)", line)]
     assert len(rows) == 3
     assert "…" not in result.stderr  # a piped stderr gets 120 columns: no column of the table is cut
