@@ -92,18 +92,21 @@ class ErrorStats:
         a non-finite sum is re-checked in float64 so only real NaN/Inf values are refused.
         """
         ref = np.asarray(reference, np.float32).ravel()
-        err = ref - np.asarray(approx, np.float32).ravel()
+        with np.errstate(over="ignore"):  # an overflow here sends the sample to the float64 path below
+            err = ref - np.asarray(approx, np.float32).ravel()
         signal, noise = float(np.dot(ref, ref)), float(np.dot(err, err))
-        if not (math.isfinite(signal) and math.isfinite(noise)):
+        if math.isfinite(signal) and math.isfinite(noise):
+            total = float(ref.sum())  # float32 pairwise summation: ample for a variance, and |sum|² ≤ n·signal is finite
+        else:  # huge finite values overflow float32 sums: float64 decides
             ref64 = np.asarray(reference, np.float64).ravel()
-            err64 = ref64 - np.asarray(approx, np.float64).ravel()
-            if not (np.all(np.isfinite(ref64)) and np.all(np.isfinite(err64))):
+            err = ref64 - np.asarray(approx, np.float64).ravel()
+            if not (np.all(np.isfinite(ref64)) and np.all(np.isfinite(err))):
                 return False
-            signal, noise = float(ref64 @ ref64), float(err64 @ err64)
+            signal, noise, total = float(ref64 @ ref64), float(err @ err), float(ref64.sum())
         self.count += ref.size
         self.signal += signal
         self.noise += noise
-        self.total += float(ref.sum())  # float32 pairwise summation: ample for a variance
+        self.total += total
         if err.size:
             self.max_abs = max(self.max_abs, float(np.abs(err, out=err).max()))
         return True

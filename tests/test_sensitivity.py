@@ -1,5 +1,6 @@
 """The pure parts: streaming error statistics, SQNR delta rules, scores and rank correlation."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -43,6 +44,13 @@ def test_nan_and_inf_are_refused_not_accumulated():
     assert stats.count == 0
     big = ErrorStats()  # finite values whose float32 squares overflow are still accepted
     assert big.add(np.array([3e20, 1.0]), np.array([3e20, 0.0])) and big.noise == pytest.approx(1.0)
+    huge = ErrorStats()  # near float32's limit: sums and differences overflow float32, not float64
+    ref, approx = np.array([3e38, 3e38, -1e38], np.float32), np.array([-3e38, 3e38, -1e38], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert huge.add(ref, approx)
+    assert huge.total == pytest.approx(float(np.sum(ref, dtype=np.float64)), rel=1e-6)
+    assert huge.max_abs == pytest.approx(6e38, rel=1e-6) and math.isfinite(huge.variance)
 
 
 def test_sqnr_delta_rules():
