@@ -1,14 +1,17 @@
 """The backward pass of a float TFLite graph, written as a TFLite model of its own.
 
-``backprop`` states the vector-Jacobian rules in numpy; numpy runs them an order of magnitude slower
-than XNNPACK runs a forward pass. Every rule the common mobile nets need is itself a TFLite op:
-a conv's input gradient is a conv (a depthwise conv's, a depthwise conv) with the kernel flipped
-over the gradient spread out by the stride (zeros interleaved by DEPTH_TO_SPACE), a fully-connected layer's is one with the weights transposed, a max pool's is each
-kernel tap's routed gradient shifted into place on the coarse grid and interleaved, ADD / RESHAPE / MEAN / CONCATENATION become
-copies, sums, scaled broadcasts and splits. What depends on the run being linearised (activation
-masks, max-pool routes) is fed per sample as model inputs. Graphs with an op outside these rules
-(unequal strides, depth multipliers, non-global average pools) raise
-:class:`backprop.Unsupported`; the caller then runs the numpy rules, which cover them.
+``backprop`` states the vector-Jacobian rules in numpy, which runs them several times slower than
+XNNPACK runs the same work. Every rule the common mobile nets need is itself a TFLite op:
+- a conv's input gradient is a conv (a depthwise conv's, a depthwise conv) with the kernel flipped,
+  over the gradient spread out by the stride (zeros interleaved by DEPTH_TO_SPACE);
+- a fully-connected layer's is one with the weights transposed;
+- a max pool's is each kernel tap's routed gradient, shifted into place on the coarse grid and
+  interleaved;
+- ADD / RESHAPE / MEAN / CONCATENATION become copies, sums, scaled broadcasts and splits.
+What depends on the run being linearised (activation masks, max-pool routes) is fed per sample as
+model inputs. Graphs with an op outside these rules (unequal strides, depth multipliers, non-global
+average pools) raise :class:`backprop.Unsupported`; the caller then runs the numpy rules, which
+cover them.
 """
 from __future__ import annotations
 
