@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .backprop import Unsupported, activation_mask, has_mask, max_pool_routes, vjp
-from .reference_ops import SAME, VALID, strides_dilations, window_padding
+from .reference_ops import VALID, strides_dilations, window_padding
 from .tflite_graph import OpInfo, TfliteGraph
 
 
@@ -113,21 +113,25 @@ class _Writer:
         return bytes(builder.Output())
 
 
-def _padding(code: int) -> int:
-    return SAME if code == SAME else VALID
+def _correlation_frame(w: _Writer, op: OpInfo, g: int, in_shape: tuple[int, ...], kh: int, kw: int) -> int:
+    """The gradient of a windowed op spread by its stride and framed so that a VALID, stride-1
+    correlation with the flipped kernel yields the input gradient (as ``backprop._transposed_windows``
+    frames it)."""
+    sh, sw, dh, dw = strides_dilations(op.options)
+    if sh != sw:
+        raise Unsupported(f"{op.type} with unequal strides")
+    (top, _), (left, _) = window_padding(*in_shape[1:3], kh, kw, op.options) or ((0, 0), (0, 0))
+    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
+    return _place(w, _spread(w, g, sh), (reach_h - top, reach_w - left), (in_shape[1] + reach_h, in_shape[2] + reach_w))
 
 
 def _conv(w: _Writer, op: OpInfo, graph: TfliteGraph, g: int, in_shape: tuple[int, ...]) -> int:
-    """The transposed conv as a plain one (measured faster here than TRANSPOSE_CONV): the
-    stride-spread gradient, framed, correlated with the kernel flipped and its channel axes swapped."""
+    """The transposed conv as a plain one (measured faster here than TRANSPOSE_CONV): the framed
+    gradient correlated with the kernel flipped and its channel axes swapped."""
     weight = graph.tensors[op.inputs[1]].data.astype(np.float32)  # (O, KH, KW, I)
     _, kh, kw, in_c = weight.shape
-    sh, sw, dh, dw = strides_dilations(op.options)
-    if sh != sw:
-        raise Unsupported("CONV_2D with unequal strides")
-    (top, _), (left, _) = window_padding(*in_shape[1:3], kh, kw, op.options) or ((0, 0), (0, 0))
-    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
-    g = _place(w, _spread(w, g, sh), (reach_h - top, reach_w - left), (in_shape[1] + reach_h, in_shape[2] + reach_w))
+    g = _correlation_frame(w, op, g, in_shape, kh, kw)
+    _, _, dh, dw = strides_dilations(op.options)
     kernel = w.const(np.ascontiguousarray(weight.transpose(3, 1, 2, 0)[:, ::-1, ::-1, :]), f"w_flip_{op.index}")  # (I, KH, KW, O)
     zero_bias = w.const(np.zeros(in_c, np.float32), f"zero_bias_{len(w.ops)}")
     return w.op("CONV_2D", [g, kernel, zero_bias], [in_shape], "Conv2DOptions", padding=VALID, strideW=1, strideH=1,
@@ -135,19 +139,14 @@ def _conv(w: _Writer, op: OpInfo, graph: TfliteGraph, g: int, in_shape: tuple[in
 
 
 def _depthwise(w: _Writer, op: OpInfo, graph: TfliteGraph, g: int, in_shape: tuple[int, ...]) -> int:
-    """Correlate the stride-spread gradient with the flipped kernel over a frame in which every input
-    pixel sees the outputs that read it (as ``backprop._transposed_windows`` frames it)."""
+    """The framed gradient correlated, channel by channel, with the flipped kernel."""
     weight = graph.tensors[op.inputs[1]].data.astype(np.float32)  # (1, KH, KW, C·M)
     _, kh, kw, out_c = weight.shape
     in_c = in_shape[3]
     if out_c != in_c:
         raise Unsupported("DEPTHWISE_CONV_2D with a depth multiplier")
-    sh, sw, dh, dw = strides_dilations(op.options)
-    if sh != sw:
-        raise Unsupported("DEPTHWISE_CONV_2D with unequal strides")
-    (top, _), (left, _) = window_padding(*in_shape[1:3], kh, kw, op.options) or ((0, 0), (0, 0))
-    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
-    g = _place(w, _spread(w, g, sh), (reach_h - top, reach_w - left), (in_shape[1] + reach_h, in_shape[2] + reach_w))
+    g = _correlation_frame(w, op, g, in_shape, kh, kw)
+    _, _, dh, dw = strides_dilations(op.options)
     kernel = w.const(np.ascontiguousarray(weight[:, ::-1, ::-1, :]), f"w_flip_{op.index}")
     zero_bias = w.const(np.zeros(in_c, np.float32), f"zero_bias_{len(w.ops)}")
     return w.op("DEPTHWISE_CONV_2D", [g, kernel, zero_bias], [in_shape], "DepthwiseConv2DOptions", padding=VALID,
@@ -310,7 +309,6 @@ class AdjointRunner:
         self.adjoint = adjoint
         self.interpreter = Interpreter(model_content=adjoint.content, num_threads=num_threads)
         self.interpreter.allocate_tensors()
-        self.invocations = 0
 
     def vjp(self, probe: np.ndarray, value: Callable[[int], np.ndarray]) -> dict[int, np.ndarray]:
         """Gradients of ``probe`` (shape of the start tensor) at the wanted tensors, linearised around
@@ -323,7 +321,6 @@ class AdjointRunner:
             for tap, hit in max_pool_routes(value(source), options).items():
                 interp.set_tensor(taps[tap], hit.astype(np.float32))
         interp.invoke()
-        self.invocations += 1
         return {t: probe if g == a.probe else interp.get_tensor(g) for t, g in a.gradients.items()}
 
 
