@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backprop import Unsupported, activation_mask, has_mask, max_pool_routes, vjp
+from .backprop import Unsupported, activation_mask, has_mask, max_pool_routes, vjp, walk_backward
 from .reference_ops import VALID, strides_dilations, window_padding
 from .tflite_graph import OpInfo, TfliteGraph
 
@@ -271,31 +271,24 @@ def _input_grads(w: _Writer, op: OpInfo, graph: TfliteGraph, g: int, routes: lis
 
 
 def build(graph: TfliteGraph, start: int, wanted: set[int]) -> AdjointModel:
-    """The backward pass of one probe at tensor ``start`` (batch 1) to the ``wanted`` tensors, in the
-    order ``backprop.vjp`` runs it; raises :class:`Unsupported` for an op it has no TFLite rule for."""
+    """The backward pass of one probe at tensor ``start`` (batch 1) to the ``wanted`` tensors, on the
+    walk ``backprop.vjp`` takes too; raises :class:`Unsupported` for an op it has no TFLite rule for."""
     w = _Writer()
     probe = w.input(graph.tensors[start].shape, "probe")
-    grads: dict[int, int] = {start: probe}
-    gradients: dict[int, int] = {}
     masks: list[tuple[int, int, str]] = []
     routes: list[tuple[dict[tuple[int, int], int], int, dict]] = []
-    for op in reversed(graph.ops):
-        g = grads.pop(op.outputs[0], None)
-        if g is None:
-            continue
-        if op.outputs[0] in wanted:
-            gradients[op.outputs[0]] = g
-        if op.type == "SOFTMAX":
-            raise Unsupported("SOFTMAX inside the backward path (start at its input)")
-        if has_mask(op.fused_activation):
-            mask = w.input(w.shapes[g], f"mask_{op.index}")
-            masks.append((mask, op.outputs[0], op.fused_activation))
-            g = w.op("MUL", [g, mask], [w.shapes[g]], "MulOptions")[0]
-        if all(i in graph.inputs and i not in wanted for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant):
-            continue
-        for tensor, gi in _input_grads(w, op, graph, g, routes):
-            grads[tensor] = w.op("ADD", [grads[tensor], gi], [w.shapes[gi]], "AddOptions")[0] if tensor in grads else gi
-    gradients.update({t: g for t, g in grads.items() if t in wanted})
+
+    def masked(op: OpInfo, g: int) -> int:
+        if not has_mask(op.fused_activation):
+            return g
+        mask = w.input(w.shapes[g], f"mask_{op.index}")
+        masks.append((mask, op.outputs[0], op.fused_activation))
+        return w.op("MUL", [g, mask], [w.shapes[g]], "MulOptions")[0]
+
+    def add(a: int, b: int) -> int:
+        return w.op("ADD", [a, b], [w.shapes[b]], "AddOptions")[0]
+
+    gradients = walk_backward(graph, start, probe, wanted, masked, lambda op, g: _input_grads(w, op, graph, g, routes), add)
     outputs = sorted({g for g in gradients.values() if g not in w.inputs})
     return AdjointModel(w.finish(outputs), probe, masks, routes, gradients)
 

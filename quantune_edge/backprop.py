@@ -11,12 +11,14 @@ Ops without a rule here stop the pass for what lies before them (:class:`Unsuppo
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from .reference_ops import VALID, patches, strides_dilations, window_padding
 from .tflite_graph import OpInfo, TfliteGraph
+
+G = TypeVar("G")  # a gradient: an array, or a tensor of a model being written
 
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
              "CONCATENATION", "RESHAPE", "SQUEEZE")
@@ -180,6 +182,32 @@ def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
+def walk_backward(graph: TfliteGraph, start: int, seed: G, wanted: set[int], masked: Callable[[OpInfo, G], G],
+                  input_grads: Callable[[OpInfo, G], list[tuple[int, G]]], add: Callable[[G, G], G]) -> dict[int, G]:
+    """The reverse walk every backward pass takes, whatever a gradient is (a numpy array here, a tensor
+    of the TFLite model being written in ``adjoint_model``): ``seed`` at ``start``, each op's output
+    gradient recorded if wanted, passed through its fused activation (``masked``), then to its inputs
+    (``input_grads``), summed (``add``) where a tensor feeds several ops. Ops after ``start`` are
+    ignored; returns the wanted tensors reached."""
+    grads: dict[int, G] = {start: seed}
+    out: dict[int, G] = {}
+    for op in reversed(graph.ops):
+        g = grads.pop(op.outputs[0], None)
+        if g is None:
+            continue
+        if op.outputs[0] in wanted:
+            out[op.outputs[0]] = g
+        if op.type == "SOFTMAX":
+            raise Unsupported("SOFTMAX inside the backward path (start at its input)")
+        g = masked(op, g)
+        if all(i in graph.inputs and i not in wanted for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant):
+            continue  # reads only the model input, which nobody asked for: the costliest rule, skipped
+        for tensor, gi in input_grads(op, g):
+            grads[tensor] = add(grads[tensor], gi) if tensor in grads else gi
+    out.update({t: g for t, g in grads.items() if t in wanted})  # graph inputs: produced by no op
+    return out
+
+
 def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int], np.ndarray], wanted: set[int]) -> dict[int, np.ndarray]:
     """Backward pass of ``probes`` (P, *shape of tensor ``start``) to every tensor in ``wanted``.
 
@@ -188,25 +216,12 @@ def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int
     tensors the pass reached. Ops after ``start`` are ignored; ops before it must be in
     :data:`SUPPORTED` or the pass raises :class:`Unsupported`.
     """
-    grads: dict[int, np.ndarray] = {start: probes.astype(np.float32)}
-    out: dict[int, np.ndarray] = {}
-    for op in reversed(graph.ops):
-        g = grads.pop(op.outputs[0], None)
-        if g is None:
-            continue
-        if op.outputs[0] in wanted:
-            out[op.outputs[0]] = g
+    def masked(op: OpInfo, g: np.ndarray) -> np.ndarray:
         mask = activation_mask(value(op.outputs[0]), op.fused_activation)
-        if mask is not None:
-            g = g * mask
-        if op.type == "SOFTMAX":
-            raise Unsupported("SOFTMAX inside the backward path (start at its input)")
-        if all(i in graph.inputs and i not in wanted for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant):
-            continue  # reads only the model input, which nobody asked for: the costliest rule, skipped
-        for tensor, gi in _input_grads(op, graph, g, value):
-            grads[tensor] = grads[tensor] + gi if tensor in grads else gi
-    out.update({t: g for t, g in grads.items() if t in wanted})  # graph inputs: produced by no op
-    return out
+        return g if mask is None else g * mask
+
+    return walk_backward(graph, start, probes.astype(np.float32), wanted, masked,
+                         lambda op, g: _input_grads(op, graph, g, value), np.add)
 
 
 def output_error_attribution(back: dict[int, np.ndarray], local_errors: dict[int, np.ndarray]) -> dict[int, float]:
