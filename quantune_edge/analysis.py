@@ -245,7 +245,7 @@ def collect_tensor_stats(
         note = "the int8 model's logits equal the float model's"
     attribution = {} if note else {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}
     if not attribution and note is None:
-        note = "no layer with a reference kernel reaches the logits"
+        note = "no layer whose own error is measured reaches the logits"
     return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs),
                      kernels.invocations if kernels else 0, engine, passes, {k: round(v, 3) for k, v in clock.items()})
 

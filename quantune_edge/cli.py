@@ -387,7 +387,7 @@ def _print_tune(reporter: Reporter, report) -> None:
     table = Table(title=f"mixed precision, chosen: accuracy = {ref['accuracy_is']} on {ref['eval_samples']} images; "
                         f"latency on the host, {ref['threads']} threads; SQNR of the model output",
                   box=box.SIMPLE_HEAD, header_style="bold")
-    # Short headers: the table must fit 80 columns (rich's width when stderr is not a terminal).
+    # Short headers: the table fits an 80-column terminal.
     for col in ("model", "float layers", "accuracy", "drop pts", "SQNR dB", "ms", "vs int8", "Q/DQ"):
         table.add_column(col, justify="right", no_wrap=True)
     int8 = ref.get("int8")
