@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -129,24 +130,35 @@ class Collected:
 
 
 def _output_grid(qg: tflite_graph.TfliteGraph, tensor: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Rounding (and clipping) to the int8 grid of ``tensor``, when an int8 op reads it (not only a
-    DEQUANTIZE to the model output); None when the value leaves the model unrounded."""
+    """Rounding (and clipping), in place, to the int8 grid of ``tensor``, when an int8 op reads it (not
+    only a DEQUANTIZE to the model output); None when the value leaves the model unrounded."""
     info = qg.tensors[tensor]
     if not info.scales or info.dtype != "int8" or all(op.type == "DEQUANTIZE" for op in qg.consumers(tensor)):
         return None
     scale, zero_point = np.float32(info.scales[0]), np.float32(info.zero_points[0])
 
-    def regrid(y: np.ndarray) -> np.ndarray:  # runtime.quantize + dequantize, in float32 without an int8 copy
-        q = y / scale
-        q += zero_point
-        np.round(q, out=q)
-        np.minimum(q, 127, out=q)
-        np.maximum(q, -128, out=q)
-        q -= zero_point
-        q *= scale
-        return q
+    def regrid(y: np.ndarray) -> np.ndarray:  # runtime.quantize + dequantize of y, in place, without an int8 copy
+        y /= scale
+        y += zero_point
+        np.round(y, out=y)
+        np.minimum(y, 127, out=y)
+        np.maximum(y, -128, out=y)
+        y -= zero_point
+        y *= scale
+        return y
 
     return regrid
+
+
+def _balanced(items: list[int], size: Callable[[int], int], parts: int) -> list[list[int]]:
+    """``items`` dealt into ``parts`` lists of about equal total size, largest first."""
+    out: list[list[int]] = [[] for _ in range(max(parts, 1))]
+    load = [0] * len(out)
+    for item in sorted(items, key=size, reverse=True):
+        k = load.index(min(load))
+        out[k].append(item)
+        load[k] += size(item)
+    return [part for part in out if part]
 
 
 def _lap(clock: dict[str, float], part: str, since: float) -> float:
@@ -196,51 +208,69 @@ def collect_tensor_stats(
         kernels = kernel_model.KernelRunner(model, float_runner.threads)
         if note is None:
             backward, engine = adjoint_model.backward_pass(fg, float_logits, {by_index[i].float_output for i in jobs}, float_runner.threads)
-    float_outs, int8_outs = [], []
-    clock = dict.fromkeys(("invocations", "compare", "local_errors", "backward"), 0.0)  # where the time goes, seconds
-    for n, x in enumerate(inputs):
-        mark = time.perf_counter()
-        float_outs.append(float_runner.invoke(x[None]))
-        int8_outs.append(int8_runner.invoke(x[None]))
-        mark = _lap(clock, "invocations", mark)
-        values: dict[int, np.ndarray] = {}  # dequantized int8 tensors of this sample, each computed once
+    # The numpy comparisons run between invocations, when XNNPACK's threads are idle: each sample's
+    # tensors (and jobs) are dealt to as many threads, numpy releasing the GIL in its loops.
+    size = lambda t: math.prod(qg.tensors[t].shape)  # noqa: E731
+    tensor_parts = _balanced(sorted(needed), size, float_runner.threads)
+    job_parts = _balanced(sorted(jobs), lambda i: size(by_index[i].int8_output), float_runner.threads)
+    with ThreadPoolExecutor(max(len(tensor_parts), 1)) as pool:
+        float_outs, int8_outs = [], []
+        clock = dict.fromkeys(("invocations", "compare", "local_errors", "backward"), 0.0)  # where the time goes, seconds
+        for n, x in enumerate(inputs):
+            mark = time.perf_counter()
+            float_outs.append(float_runner.invoke(x[None]))
+            int8_outs.append(int8_runner.invoke(x[None]))
+            mark = _lap(clock, "invocations", mark)
+            values: dict[int, np.ndarray] = {}  # dequantized int8 tensors of this sample, each computed once
 
-        def int8_value(t: int) -> np.ndarray:
-            if t not in values:
-                values[t] = int8_runner.tensor(t)
-            return values[t]
+            def int8_value(t: int) -> np.ndarray:
+                if t not in values:
+                    values[t] = int8_runner.tensor(t)
+                return values[t]
 
-        for t in needed:
-            ref = float_runner.tensor(match.tensor_map[t])
-            if not stats[t].add(ref, int8_value(t)):
-                raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
-        mark = _lap(clock, "compare", mark)
-        if n < local_samples:
-            feeds = {i: [int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
-            feeds.update({-1 - i: [x[None] if t in quantized_inputs else int8_value(t) for t in by_index[i].int8_inputs]
-                          for i in reads_model_input})
-            refs = kernels.run(feeds) if kernels else {}
-            errors: dict[int, np.ndarray] = {}  # float tensor -> what keeping its layer float removes
-            for i in jobs:
-                own = int8_value(by_index[i].int8_output)
-                local[i].add(refs[i], own)
-                errors[by_index[i].float_output] = own - regrid.get(i, lambda y: y)(refs.get(-1 - i, refs[i]))
-            mark = _lap(clock, "local_errors", mark)
-            if note is None:
-                residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
-                residual_energy += float(np.vdot(residual, residual))
-                try:
-                    passes += 1
-                    back = backward(residual, lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t))
-                    shares = backprop.output_error_attribution(back, errors)
-                except backprop.Unsupported as exc:
-                    note = f"no backward rule for {exc} between a layer and the logits"
-                else:
-                    for i in jobs:
-                        attribution[i] += shares.get(by_index[i].float_output, math.nan)
-            _lap(clock, "backward", mark)
-        if on_item:
-            on_item()
+            def compare(part: list[int]) -> int | None:
+                """Adds this sample to the stats of ``part``'s tensors; the first that holds NaN/Inf, if any."""
+                for t in part:
+                    if not stats[t].add(float_runner.view(match.tensor_map[t]), int8_value(t)):
+                        return t
+                return None
+
+            for t in pool.map(compare, tensor_parts):
+                if t is not None:
+                    raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
+            mark = _lap(clock, "compare", mark)
+            if n < local_samples:
+                feeds = {i: [int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
+                feeds.update({-1 - i: [x[None] if t in quantized_inputs else int8_value(t) for t in by_index[i].int8_inputs]
+                              for i in reads_model_input})
+                refs = kernels.run(feeds) if kernels else {}
+                errors: dict[int, np.ndarray] = {}  # float tensor -> what keeping its layer float removes
+
+                def local_errors(part: list[int]) -> None:
+                    for i in part:
+                        own = int8_value(by_index[i].int8_output)
+                        local[i].add(refs[i], own)
+                        removable = refs.get(-1 - i, refs[i])  # the kernel runner's own copy: rewritten in place
+                        removable = regrid[i](removable) if i in regrid else removable
+                        errors[by_index[i].float_output] = np.subtract(own, removable, out=removable)
+
+                list(pool.map(local_errors, job_parts))
+                mark = _lap(clock, "local_errors", mark)
+                if note is None:
+                    residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
+                    residual_energy += float(np.vdot(residual, residual))
+                    try:
+                        passes += 1
+                        back = backward(residual, lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t))
+                        shares = backprop.output_error_attribution(back, errors)
+                    except backprop.Unsupported as exc:
+                        note = f"no backward rule for {exc} between a layer and the logits"
+                    else:
+                        for i in jobs:
+                            attribution[i] += shares.get(by_index[i].float_output, math.nan)
+                _lap(clock, "backward", mark)
+            if on_item:
+                on_item()
     if note is None and residual_energy == 0:
         note = "the int8 model's logits equal the float model's"
     attribution = {} if note else {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}

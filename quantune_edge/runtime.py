@@ -84,14 +84,24 @@ class TfliteRunner:
         return out.copy()
 
     def tensor(self, index: int) -> np.ndarray:
-        """Any tensor of the last invocation as float32 (int8/uint8/int16 dequantized with its own
-        scale); intermediate tensors need ``preserve_all_tensors``."""
-        raw = self.interpreter.get_tensor(index)  # already a copy
+        """Any tensor of the last invocation as a float32 array of its own (int8/uint8/int16
+        dequantized with its own scale); intermediate tensors need ``preserve_all_tensors``."""
+        raw = self.interpreter.tensor(index)()
         if raw.dtype in (np.int8, np.uint8, np.int16):
             scale, zp = self._quantization[index]
             if scale:
                 return dequantize(raw, scale, zp)
-        return raw.astype(np.float32, copy=False)
+        return raw.astype(np.float32)
+
+    def view(self, index: int) -> np.ndarray:
+        """:meth:`tensor` without the copy of a float32 tensor: a read-only view of the interpreter's
+        buffer, for reading it once. No reference may outlive the call that reads it: the
+        interpreter refuses to invoke while one exists."""
+        raw = self.interpreter.tensor(index)()
+        if raw.dtype != np.float32:
+            return self.tensor(index)
+        raw.flags.writeable = False
+        return raw
 
     @cached_property
     def _quantization(self) -> dict[int, tuple[float, int]]:

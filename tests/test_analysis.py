@@ -304,3 +304,41 @@ def test_without_a_backward_rule_the_ranking_falls_back_to_local_rmse(tiny_image
     assert "LOGISTIC" in report.samples["output_share_note"]
     assert report.metric == "local_rmse" and all(l["output_share"] is None for l in report.layers)
     assert report.sensitivity_order == [int(i) for i in np.argsort(-np.array(report.scores["local_rmse"]), kind="stable")]
+
+
+def test_runner_view_reads_the_tensor_without_a_copy_and_must_not_outlive_the_invocation(effnet_compiled):
+    compiled = CompiledModel.open(effnet_compiled)
+    inputs = compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, 2))
+    fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
+    fr, qr = next(_preserved(compiled, inputs))
+    f_index = fg.ops[3].outputs[0]
+    view = fr.view(f_index)
+    np.testing.assert_array_equal(view, fr.tensor(f_index))
+    assert not view.flags.writeable and not view.flags.owndata
+    with pytest.raises(RuntimeError, match="reference"):
+        fr.invoke(inputs[1][None])
+    del view
+    fr.invoke(inputs[1][None])
+    q_index = next(t for op in qg.ops if op.type == "CONV_2D" for t in op.outputs)
+    np.testing.assert_array_equal(qr.view(q_index), _int8_value(qr, qg, q_index).astype(np.float32))
+
+
+def test_the_threaded_comparison_equals_a_single_thread(small_compiled, tiny_images):
+    """Tensors and layers are dealt to threads; every statistic must be what one thread computes."""
+    one, two = (analyze(small_compiled, tiny_images, AnalysisOptions(num_samples=4, threads=n)) for n in (1, 2))
+    keys = ("act_sqnr_db", "act_mse", "act_max_abs_err", "input_sqnr_db", "local_rmse_lsb", "output_share")
+    pairs = [(a[k], b[k]) for a, b in zip(one.layers, two.layers, strict=True) for k in keys]
+    assert all((x is None) == (y is None) for x, y in pairs)
+    assert [x for x, y in pairs if x is not None] == pytest.approx([y for x, y in pairs if y is not None], rel=1e-6)
+    assert sum(a["local_rmse_lsb"] is not None for a in one.layers) >= 3
+    assert sum(a["output_share"] is not None for a in one.layers) >= 3
+
+
+def test_balanced_partition_deals_every_item_once():
+    from quantune_edge.analysis import _balanced
+
+    sizes = {0: 90, 1: 50, 2: 40, 3: 10, 4: 10}
+    parts = _balanced(list(sizes), sizes.get, 2)
+    assert sorted(i for p in parts for i in p) == list(sizes)
+    assert sorted(sum(sizes[i] for i in p) for p in parts) == [100, 100]
+    assert _balanced([7], lambda i: 1, 4) == [[7]] and _balanced([], sizes.get, 2) == []
