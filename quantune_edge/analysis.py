@@ -5,7 +5,8 @@ and the int8 model once, and every matched layer's output (and its inputs) is co
 so the cost is 2·K invocations whatever the number of layers. On the first samples each layer's own
 error is measured too: a kernel model holding one copy of every layer's float op runs them all on the
 int8 model's tensors in one invocation per sample (a float pass's work, counted apart as
-``layer_kernels``). A small separate check confirms
+``layer_kernels``). Between invocations, the comparisons of a sample's tensors run in as many
+threads as the interpreters use. A small separate check confirms
 that keeping all tensors did not change the models' outputs (google-ai-edge/LiteRT#413); its
 invocations are counted apart.
 """
