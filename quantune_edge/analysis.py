@@ -286,8 +286,8 @@ def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, thre
     name: what keeping each of them float too would take off that model's own logit error, to first
     order. Every sample of ``inputs`` is local (one float, one mixed invocation and one backward pass
     each). Raises AnalysisError when the attribution cannot be made (the reason is in the message)."""
-    fg, mg = tflite_graph.read(compiled.float_model), tflite_graph.read(model)
-    match = match_layers(fg, mg, tflite_graph.read(compiled.calibrated_model))
+    fg, mg = compiled.float_graph, tflite_graph.read(model)
+    match = match_layers(fg, mg, compiled.calibrated_graph)
     with captured_native_output(quiet):
         float_runner = TfliteRunner(compiled.float_model, threads, preserve_all_tensors=True)
         mixed_runner = TfliteRunner(model, threads, preserve_all_tensors=True)
@@ -365,9 +365,8 @@ def analyze(
     compiled = CompiledModel.open(compile_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    fg = tflite_graph.read(compiled.float_model)
-    qg = tflite_graph.read(compiled.int8_model)
-    match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+    fg, qg = compiled.float_graph, compiled.int8_graph
+    match = match_layers(fg, qg, compiled.calibrated_graph)
     quantized_ops = sum(op.type not in ("QUANTIZE", "DEQUANTIZE") for op in qg.ops)
     if not match.layers or len(match.layers) < 0.5 * quantized_ops:
         raise InputError(

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import compiler
+from . import compiler, tflite_graph
 from .errors import InputError
 from .onnx_model import InputSpec
 from .preprocessing import Preprocessing, Samples, load_samples
@@ -53,6 +53,19 @@ class CompiledModel:
     @property
     def calibrated_model(self) -> Path:
         return self.folder / compiler.CALIBRATED_MODEL
+
+    # Parsed once per object: tune's re-ranking rounds match every mixed model against the same two.
+    @cached_property
+    def float_graph(self) -> tflite_graph.TfliteGraph:
+        return tflite_graph.read(self.float_model)
+
+    @cached_property
+    def int8_graph(self) -> tflite_graph.TfliteGraph:
+        return tflite_graph.read(self.int8_model)
+
+    @cached_property
+    def calibrated_graph(self) -> tflite_graph.TfliteGraph:
+        return tflite_graph.read(self.calibrated_model)
 
     @cached_property
     def _calibrated_bytes(self) -> bytes:

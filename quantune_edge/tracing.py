@@ -312,14 +312,13 @@ def onnx_label(layer: dict) -> str | None:
 def layer_table(compile_dir) -> dict:
     """What ``quantune-edge layers`` prints: every layer (the indices analyze and tune use) with its
     TFLite name, ONNX nodes, parameters, MACs and int8 output scale, plus what was not traced."""
-    from . import tflite_graph
     from .artifacts import CompiledModel
     from .layers import match_layers
     from .reports import SCHEMA_VERSION
 
     compiled = CompiledModel.open(compile_dir)
-    fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
-    match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+    fg, qg = compiled.float_graph, compiled.int8_graph
+    match = match_layers(fg, qg, compiled.calibrated_graph)
     sources = compiled.onnx_sources()
     rows = []
     for layer in match.layers:

@@ -205,8 +205,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
     compiled = CompiledModel.open(compile_dir)
     analysis = _load_analysis(compiled, options.metric)
-    fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
-    match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+    fg, qg = compiled.float_graph, compiled.int8_graph
+    match = match_layers(fg, qg, compiled.calibrated_graph)
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
         raise InputError(f"{ANALYSIS_JSON} in {compiled.folder} does not match this compile's layers; re-run analyze")
     n = len(match.layers)
