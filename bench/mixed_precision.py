@@ -1,4 +1,4 @@
-"""Mixed precision on EfficientNet-Lite0 vs the alternatives a user has, at the same number of float layers.
+"""Mixed precision on a shared model (default EfficientNet-Lite0) vs the alternatives a user has, at equal k.
 
 Per weight scheme (per-channel, per-tensor): float32, full int8, ours (`tune --max-drop`), the TFLite
 QuantizationDebugger heuristic (deny the top-k layers by RMSE/scale), random choice (mean of 5
@@ -8,7 +8,7 @@ seeds) and the naive sensitivity prefix without fusion-aware regions. Ours is `t
 top-1, drop vs float, share of the int8→float gap recovered, host latency ratio to full int8, Q/DQ ops,
 evaluations, logit SQNR vs float32.
 
-    .venv/bin/python bench/mixed_precision.py [--eval-num 650] [--max-drop 1.0]
+    .venv/bin/python bench/mixed_precision.py [--model efficientnet-lite0] [--eval-num 650] [--max-drop 1.0]
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_args(parser, eval_num=650)
+    parser.add_argument("--model", default="efficientnet-lite0", choices=sorted(MODELS))
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="per-channel,per-tensor")
@@ -75,8 +76,8 @@ def main() -> None:
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 200))
-    offset = MODELS["efficientnet-lite0"][2]
-    table = Table(title=f"EfficientNet-Lite0 mixed precision: top-1 on {args.eval_num} {Path(args.eval_dir).name} images, "
+    offset = MODELS[args.model][2]
+    table = Table(title=f"{args.model} mixed precision: top-1 on {args.eval_num} {Path(args.eval_dir).name} images, "
                         f"host latency p50 ({args.threads} threads), same k float layers as ours")
     for col in ("weights", "method", "float layers", "top-1 %", "drop pts", "gap recovered", "latency ms", "vs int8", "Q/DQ", "evaluations", "logit SQNR dB"):
         table.add_column(col, justify="right")
@@ -89,7 +90,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             out = Path(tmp) / mode
             console.print(f"{mode}: compile, analyze, tune ...")
-            compile_shared("efficientnet-lite0", args.calib, out, args.calib_num, per_channel=mode == "per-channel")
+            compile_shared(args.model, args.calib, out, args.calib_num, per_channel=mode == "per-channel")
             analysis = analyze(out, args.calib, AnalysisOptions(num_samples=32))
             ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
                                                         best_effort=True, metric=args.metric))
