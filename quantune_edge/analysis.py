@@ -211,7 +211,9 @@ def collect_tensor_stats(
             backward, engine = adjoint_model.backward_pass(fg, float_logits, {by_index[i].float_output for i in jobs}, float_runner.threads)
     # The numpy comparisons run between invocations, when XNNPACK's threads are idle: each sample's
     # tensors (and jobs) are dealt to as many threads, numpy releasing the GIL in its loops.
-    size = lambda t: math.prod(qg.tensors[t].shape)  # noqa: E731
+    def size(t: int) -> int:
+        return math.prod(qg.tensors[t].shape)
+
     tensor_parts = _balanced(sorted(needed), size, float_runner.threads)
     job_parts = _balanced(sorted(jobs), lambda i: size(by_index[i].int8_output), float_runner.threads)
     with ThreadPoolExecutor(max(len(tensor_parts), 1)) as pool:
