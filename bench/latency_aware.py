@@ -20,7 +20,7 @@ from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.device_costs import device_cost_model, profile_on_device  # noqa: E402
 from quantune_edge.layers import match_layers  # noqa: E402
-from quantune_edge.runtime import TfliteRunner, measure_latency_ms, paired_latency_ms  # noqa: E402
+from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.targets import load_target  # noqa: E402
 from quantune_edge.tuning import predicted_gain, _Evaluator  # noqa: E402
 
@@ -48,8 +48,7 @@ def main() -> None:
         inputs = compiled.tflite_inputs(samples)
         with captured_native_output(True):
             float_out = TfliteRunner(compiled.float_model, args.threads).run(inputs)
-            host_int8 = measure_latency_ms(compiled.int8_model, inputs[0], args.threads)["p50"]
-            host_float = measure_latency_ms(compiled.float_model, inputs[0], args.threads)["p50"]
+            host_float, host_int8 = paired_latency_ms(compiled.float_model, compiled.int8_model, inputs[0], args.threads)  # as tune prices
         host_cost = selection.CostModel.from_measurements(lg, host_int8, host_float)
         console.print(f"measuring layer costs on {target.name} ...")
         device_cost, record = device_cost_model(compiled, lg, names, target, Path(tmp), log=console.print)

@@ -7,8 +7,6 @@ from typing import Callable
 
 import numpy as np
 
-from device_agent.stats import latency_summary
-
 from .errors import InputError
 
 
@@ -116,23 +114,6 @@ class TfliteRunner:
             if on_item:
                 on_item()
         return np.concatenate(outputs, axis=0)
-
-
-def measure_latency_ms(path: str | Path, sample: np.ndarray, threads: int = 2, warmup: int = 5, runs: int = 30) -> dict:
-    """Host latency of one model (XNNPACK, fixed threads) over ``runs`` invocations, summarised as the
-    device agent does (p50 is the median)."""
-    import time
-
-    runner = TfliteRunner(path, threads)
-    x = sample[None]
-    for _ in range(warmup):
-        runner.invoke(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner.invoke(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {**latency_summary(times), "runs": runs, "threads": threads}
 
 
 def paired_latency_ms(path: str | Path, reference: str | Path, sample: np.ndarray, threads: int = 2, rounds: int = 5,
