@@ -324,9 +324,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         if options.latency_source is not None:
             from .device_costs import profile_on_device
 
-            (mixed_ms, int8_ms), _facts = profile_on_device(options.latency_source, [paths[chosen_k], compiled.int8_model],
-                                                           log=reporter.info)
-            chosen.update(device_latency_ms=mixed_ms, device_latency_ratio=mixed_ms / int8_ms)
+            (device_mixed_ms, device_int8_ms), _facts = profile_on_device(options.latency_source, [paths[chosen_k], compiled.int8_model],
+                                                                         log=reporter.info)
+            chosen.update(device_latency_ms=device_mixed_ms, device_latency_ratio=device_mixed_ms / device_int8_ms)
         out_path = compiled.folder / MIXED_MODEL
         tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
         tmp_out.write_bytes(paths[chosen_k].read_bytes())

@@ -253,6 +253,9 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     saved = json.loads((folder / "device_costs_dev.json").read_text())
     assert saved["cost_model"] == source["cost_model"] and len(saved["probe_layers"]) == 8
     assert r.chosen["device_latency_ms"] > 0 and r.chosen["device_latency_ratio"] > 0
+    # The reference latencies stay the host's: the device's int8 p50 is its own, independent timing.
+    device_int8_ms = r.chosen["device_latency_ms"] / r.chosen["device_latency_ratio"]
+    assert r.reference["int8_latency_ms"] != pytest.approx(device_int8_ms, rel=1e-9)
 
 
 def test_bisection_bound_and_non_monotonic_accuracy():
