@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _models import ASSETS, compile_shared  # noqa: E402
-from quantune_edge import selection, tflite_graph  # noqa: E402
+from quantune_edge import selection  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
@@ -40,8 +40,8 @@ def main() -> None:
         compile_shared("efficientnet-lite0", ASSETS / "imagenet-samples", out, 100, per_channel=False)
         analysis = analyze(out, ASSETS / "imagenet-samples", AnalysisOptions(num_samples=32))
         compiled = CompiledModel.open(out)
-        fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
-        match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+        fg, qg = compiled.float_graph, compiled.int8_graph
+        match = match_layers(fg, qg, compiled.calibrated_graph)
         names = {l.index: l.name for l in match.layers}
         lg = selection.LayerGraph.build(qg, match.layers)
         samples = compiled.load_samples(ASSETS / "imagenet-val", args.eval_num, 1, what="evaluation")

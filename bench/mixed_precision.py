@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from _models import MODELS, add_data_args, compile_shared  # noqa: E402
-from quantune_edge import tflite_graph  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
@@ -95,8 +94,7 @@ def main() -> None:
             ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
                                                         best_effort=True, metric=args.metric))
             compiled = CompiledModel.open(out)
-            fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
-            match = match_layers(fg, qg, tflite_graph.read(compiled.calibrated_model))
+            match = match_layers(compiled.float_graph, compiled.int8_graph, compiled.calibrated_graph)
             names = {l.index: l.name for l in match.layers}
             n = len(names)
             samples = compiled.load_samples(args.eval_dir, args.eval_num, 1, what="evaluation")
