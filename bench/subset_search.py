@@ -92,6 +92,8 @@ def main() -> None:
 
         float_b = np.mean([top1(reference, b) for _, b in splits])
         int8_b = np.mean([top1(int8, b) for _, b in splits])
+        everything = np.arange(len(samples))
+        float_all, int8_all = top1(reference, everything), top1(int8, everything)
 
         def cell(values: list[float]) -> str:
             mean = float(np.mean(values))
@@ -114,16 +116,15 @@ def main() -> None:
             cols = list(zip(*rows))
             beats = np.mean(np.array(cols[1]) > np.array(cols[0]))
             loses = np.mean(np.array(cols[1]) < np.array(cols[0]))
-            everything = np.arange(len(samples))
             best_all = max(runs, key=lambda r: (top1(r, everything), sqnr(r, everything)))
-            gap_all = top1(reference, everything) - top1(int8, everything)
+            best_all_top1 = top1(best_all, everything)
             table.add_row(str(k), str(len(runs)), cell(cols[0]), cell(cols[1]), f"{100 * beats:.0f} % / {100 * loses:.0f} %",
                           cell(cols[2]), cell(cols[3]),
-                          f"{top1(best_all, everything):.2f} ({100 * (top1(best_all, everything) - top1(int8, everything)) / gap_all:.0f} %) "
-                          f"{label(best_all)}", label(ours))
+                          f"{best_all_top1:.2f} ({100 * (best_all_top1 - int8_all) / (float_all - int8_all):.0f} %) {label(best_all)}",
+                          label(ours))
         console.print(table)
         console.print(f"held-out halves: float32 {float_b:.2f}, int8 {int8_b:.2f}, 95 % of the gap = {int8_b + 0.95 * (float_b - int8_b):.2f}; "
-                      f"all {len(samples)} images: float32 {top1(reference, np.arange(len(samples))):.2f}, int8 {top1(int8, np.arange(len(samples))):.2f}")
+                      f"all {len(samples)} images: float32 {float_all:.2f}, int8 {int8_all:.2f}")
 
 
 if __name__ == "__main__":
