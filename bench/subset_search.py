@@ -95,9 +95,16 @@ def main() -> None:
         everything = np.arange(len(samples))
         float_all, int8_all = top1(reference, everything), top1(int8, everything)
 
+        if float_all <= int8_all:
+            console.print(f"int8 ({int8_all:.2f}) is not below float32 ({float_all:.2f}) on these images: no gap for float layers to recover")
+            return
+
+        def share(value: float, low: float, high: float) -> str:
+            return f"{100 * (value - low) / (high - low):.0f} %" if high > low else "-"
+
         def cell(values: list[float]) -> str:
             mean = float(np.mean(values))
-            return f"{mean:.2f} ({100 * (mean - int8_b) / (float_b - int8_b):.0f} %)"
+            return f"{mean:.2f} ({share(mean, int8_b, float_b)})"
 
         table = Table(title=f"k float layers, EfficientNet-Lite0 per-tensor: held-out top-1 % (share of the float-int8 gap), mean over "
                             f"{len(splits)} random halves of {len(samples)} {Path(args.eval_dir).name} images; subsets of the ranking's top {len(top)}")
@@ -120,7 +127,7 @@ def main() -> None:
             best_all_top1 = top1(best_all, everything)
             table.add_row(str(k), str(len(runs)), cell(cols[0]), cell(cols[1]), f"{100 * beats:.0f} % / {100 * loses:.0f} %",
                           cell(cols[2]), cell(cols[3]),
-                          f"{best_all_top1:.2f} ({100 * (best_all_top1 - int8_all) / (float_all - int8_all):.0f} %) {label(best_all)}",
+                          f"{best_all_top1:.2f} ({share(best_all_top1, int8_all, float_all)}) {label(best_all)}",
                           label(ours))
         console.print(table)
         console.print(f"held-out halves: float32 {float_b:.2f}, int8 {int8_b:.2f}, 95 % of the gap = {int8_b + 0.95 * (float_b - int8_b):.2f}; "
