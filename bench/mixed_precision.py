@@ -2,7 +2,8 @@
 
 Per weight scheme (per-channel, per-tensor): float32, full int8, ours (`tune --max-drop`), the TFLite
 QuantizationDebugger heuristic (deny the top-k layers by RMSE/scale), random choice (mean of 5
-seeds) and the naive sensitivity prefix without fusion-aware regions. Ours is `tune`'s default
+seeds) and the naive sensitivity prefix without fusion-aware regions, at equal k and (searched like
+ours) at the same accuracy budget, where the closing lines compare their latency. Ours is `tune`'s default
 (re-ranked: each of the first picks from a fresh analysis of the mixed model so far); beside it
 `tune --rerank 0`, which takes the analysis order as it is. Columns:
 top-1, drop vs float, share of the int8→float gap recovered, host latency ratio to full int8, Q/DQ ops,
@@ -28,7 +29,7 @@ from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.layers import match_layers, tensor_key  # noqa: E402
 from quantune_edge.metrics import top1_accuracy  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
-from quantune_edge.tuning import TuneOptions, _Evaluator, tune  # noqa: E402
+from quantune_edge.tuning import TuneOptions, TuneReport, _Evaluator, tune  # noqa: E402
 
 
 def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int, str]) -> list[int]:
@@ -63,6 +64,12 @@ def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int
     return [i for _, i in sorted(scored, reverse=True)]
 
 
+def differ(a: TuneReport, b: TuneReport) -> str:
+    """How two choices' float sets differ: equal sets make the same model, whose latencies differ only by noise."""
+    diff = len(set(a.chosen["float_layers"]) ^ set(b.chosen["float_layers"]))
+    return f"the float sets differ in {diff} layers" if diff else "the same float set"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_args(parser, eval_num=650)
@@ -85,6 +92,7 @@ def main() -> None:
     equal_k = Table(title="equal k: top-1 % / latency vs full int8 / Q+DQ ops / logit SQNR dB (random: mean of 5 seeds)")
     for col in ("weights", "k", "share of layers", *methods):
         equal_k.add_column(col, justify="right")
+    closing: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             out = Path(tmp) / mode
@@ -113,14 +121,28 @@ def main() -> None:
                           f"{float_ms / int8_ms:.2f}x", "0", "-", "inf")
             table.add_row(mode, "full int8", "0", f"{100 * i8_acc:.1f}", f"{100 * gap:.2f}", "0 %", f"{int8_ms:.2f}",
                           "1.00x", str(ref["int8"]["quantize_ops"]), "-", f"{ref['int8']['output_sqnr_db']:.1f}")
-            unranked = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
-                                                            best_effort=True, metric=args.metric, rerank=0))
-            for label, r in (("ours (re-ranked, fusion-aware)", ours), ("ours, analysis order (--rerank 0)", unranked)):
+            def same_budget(**how) -> TuneReport:
+                return tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
+                                                            best_effort=True, metric=args.metric, **how))
+
+            unranked = same_budget(rerank=0)
+            naive = same_budget(rerank=0, fusion_aware=False)
+            budget_rows = (("ours (re-ranked, fusion-aware)", ours), ("ours, analysis order (--rerank 0)", unranked),
+                           ("naive prefix (no regions, no re-rank)", naive))
+            for label, r in budget_rows:
                 c = r.chosen
                 table.add_row(mode, label, str(len(c["float_layers"])), f"{100 * c['accuracy']:.1f}",
                               f"{100 * (f_acc - c['accuracy']):.2f}", f"{100 * (c['accuracy'] - i8_acc) / gap:.0f} %" if gap > 0 else "-",
                               f"{c['latency_ms']:.2f}", f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]),
                               f"{r.search['evaluations']} (≤{r.search['bound']})", f"{c['output_sqnr_db']:.1f}")
+            if ours.budget["met"] and naive.budget["met"] and (ours.chosen["float_layers"] or naive.chosen["float_layers"]):
+                lat = {label: r.chosen["latency_ratio"] for label, r in budget_rows}
+                slower = naive.chosen["latency_ratio"] / ours.chosen["latency_ratio"] - 1
+                closing.append(f"{mode}, --max-drop {args.max_drop}: ours {lat[budget_rows[0][0]]:.2f}x int8 latency with "
+                               f"{len(ours.chosen['float_layers'])} float layers, naive {lat[budget_rows[2][0]]:.2f}x with "
+                               f"{len(naive.chosen['float_layers'])}: naive is {100 * slower:+.0f} % slower at the same budget "
+                               f"({differ(ours, naive)}; fusion-aware in the analysis order vs naive: {differ(unranked, naive)}, "
+                               f"{100 * (naive.chosen['latency_ratio'] / unranked.chosen['latency_ratio'] - 1):+.0f} %)")
             if gap <= 0:
                 continue
             console.print(f"{mode}: equal-k comparison at k = {ks} ...")
@@ -146,6 +168,8 @@ def main() -> None:
                                 *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f} / {db:.1f}" for a, lat, q, db in runs])
     console.print(table)
     console.print(equal_k)
+    for line in closing:
+        console.print(line)
 
 
 if __name__ == "__main__":
