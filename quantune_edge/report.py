@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .reports import SCHEMA_VERSION, now_iso
-from .results import ResultRow, latency_chart, rows_from
+from .results import SAME_FILE_NOTE, ResultRow, display_labels, latency_chart, rows_from
 
 TOP_LAYERS = 10
 LABELS = ("float32", "int8", "mixed")
@@ -134,9 +134,11 @@ def render(data: dict, compiled: Path) -> str:
               for i, l in enumerate(a.get("most_sensitive") or [])]
     chosen = [[l["index"], _onnx_nodes(l), l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
     rows = [ResultRow(**r) for r in data["device"]]
-    device = [[r.target + (" (emulated)" if r.emulated else ""), r.machine, r.label, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
+    labels = display_labels(rows)
+    device = [[r.target + (" (emulated)" if r.emulated else ""), r.machine, label, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
                f"{r.p99_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–", f"{r.size_bytes / 1e6:.2f} MB"]
-              for r in rows]
+              for r, label in zip(rows, labels)]
+    same_file = f"<p>{html.escape(SAME_FILE_NOTE)}</p>" if any(label != r.label for r, label in zip(rows, labels)) else ""
     emulated = any(r.emulated for r in rows)
     stage_rows = [[s, v.get("status", "?"), "cached" if v.get("cached") else f"{v.get('seconds', 0):.1f} s"]
                   for s, v in data.get("stages", {}).items()]
@@ -162,7 +164,7 @@ generated {html.escape(data['created'])}</p>
 <h2>On-device latency</h2>
 {'<p><strong>Emulated targets</strong> run under qemu-user: their latency shows that the pipeline works, not a real board’s speed.</p>' if emulated else ''}
 {latency_chart(rows) if rows else '<p><em>no targets</em></p>'}
-{_table(['target', 'arch', 'model', 'p50 ms', 'p90 ms', 'p99 ms', 'vs float', 'size'], device)}
+{_table(['target', 'arch', 'model', 'p50 ms', 'p90 ms', 'p99 ms', 'vs float', 'size'], device)}{same_file}
 <h2>Accuracy vs latency</h2>{accuracy_latency_chart(data['pareto']['device'])}
 {_img(compiled / 'pareto.png', 'host Pareto sweep') if data['pareto'].get('host') else ''}
 <h2>Stages</h2>{_table(['stage', 'status', 'time'], stage_rows)}

@@ -85,6 +85,22 @@ def rows_from(reports: list[tuple[Path, dict]]) -> list[ResultRow]:
     return rows
 
 
+def display_labels(rows: list[ResultRow]) -> list[str]:
+    """Each row's label, with "(= int8)" where an earlier row of the same target benchmarked the same
+    bytes (a mixed model with no float layer is the int8 file): two measurements of one model, so the
+    gap between them is run-to-run noise, not a difference between models."""
+    seen: dict[tuple[str, str], str] = {}
+    labels = []
+    for r in rows:
+        first = seen.setdefault((r.target, r.sha256), r.label)
+        labels.append(r.label if first == r.label else f"{r.label} (= {first})")
+    return labels
+
+
+SAME_FILE_NOTE = ("(= …) marks a file with the same bytes as another row's (a mixed model with no float layer is the int8 file), "
+                  "measured again: the two rows differ by run-to-run noise only")
+
+
 def latency_chart(rows: list[ResultRow]) -> str:
     """Horizontal bars of p50 latency per target and model, with a tick at p90 (inline SVG)."""
     bar_h, gap, left, width = 22, 8, 300, 460
@@ -111,14 +127,17 @@ def render_html(rows: list[ResultRow], title: str = "quantune-edge benchmark rep
     """One self-contained page (no scripts, no external files), viewable offline."""
     head = ("target", "arch", "runtime", "model", "size", "threads", "p50 ms", "p90 ms", "p99 ms", "vs float", "runs")
     body = []
-    for r in rows:
+    labels = display_labels(rows)
+    for r, label in zip(rows, labels):
         cells = (f"{r.target}{' <em>(emulated)</em>' if r.emulated else ''}", r.machine, html.escape(r.runtime),
-                 f"{html.escape(r.label)}<br><small>{html.escape(r.model)}</small>", f"{r.size_bytes / 1e6:.2f} MB",
+                 f"{html.escape(label)}<br><small>{html.escape(r.model)}</small>", f"{r.size_bytes / 1e6:.2f} MB",
                  r.threads, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
                  f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–", r.runs)
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     note = ("<p><strong>Emulated targets</strong> run under qemu-user: their latency shows the pipeline works, "
             "it is not a real board's figure.</p>" if any(r.emulated for r in rows) else "")
+    if any(label != r.label for r, label in zip(rows, labels)):
+        note += f"<p>{html.escape(SAME_FILE_NOTE)}</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}

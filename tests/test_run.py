@@ -53,6 +53,8 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert {p["label"] for p in report["pareto"]["device"]} == {"float32", "int8", "mixed"}
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
+    sha = {(r["target"], r["label"]): r["sha256"] for r in report["device"]}
+    assert ("mixed (= int8)" in page) == (sha[("arm", "mixed")] == sha[("arm", "int8")])  # one file, measured twice
     top = report["analysis"]["most_sensitive"][0]  # named in ONNX terms too
     assert top["onnx_nodes"] and top["onnx_nodes"][0].startswith("/_") and top["onnx_nodes"][0] in page
 
