@@ -9,7 +9,10 @@ the best subset on B itself (a ceiling no selection can know in advance). Top-1 
 splits, with the share of the float-int8 gap it recovers. "Best on all images" is the subset a search
 of every k-subset would report on the whole set (in-sample, share of the whole set's gap).
 
-    .venv/bin/python bench/subset_search.py [--eval-num 650] [--top 10] [--ks 1,2,3]
+With ``--swap``, each k's best subset on all images is then improved by one-layer swaps with any layer
+of the model (not only the top M) until no swap gains: an in-sample local optimum over all layers.
+
+    .venv/bin/python bench/subset_search.py [--eval-num 650] [--top 10] [--ks 1,2,3] [--swap]
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def main() -> None:
     parser.add_argument("--ks", default="1,2,3")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--splits", type=int, default=200, help="random half splits to average over")
+    parser.add_argument("--swap", action="store_true",
+                        help="then climb from the best subset on all images by swapping one layer for any other of the model")
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 200))
@@ -106,6 +111,20 @@ def main() -> None:
             mean = float(np.mean(values))
             return f"{mean:.2f} ({share(mean, int8_b, float_b)})"
 
+        def climb(start: dict, idx: np.ndarray) -> tuple[dict, int]:
+            """Best-improvement hill climbing on ``idx`` over one-layer swaps with every layer of the model:
+            in-sample, so its optimum bounds from above what any k-subset search could report there."""
+            best, runs = start, 0
+            while True:
+                swaps = [sorted((set(best["set"]) - {old}) | {new}) for old in best["set"] for new in layers if new not in best["set"]]
+                runs += len(swaps)
+                tried = [evaluate(s) for s in track(swaps, description=f"swaps of {label(best)}", console=console)]
+                top_swap = max(tried, key=lambda r: (top1(r, idx), sqnr(r, idx)))
+                if (top1(top_swap, idx), sqnr(top_swap, idx)) <= (top1(best, idx), sqnr(best, idx)):
+                    return best, runs
+                best = top_swap
+
+        climbs: list[tuple[int, tuple[dict, int]]] = []
         table = Table(title=f"k float layers, EfficientNet-Lite0 per-tensor: held-out top-1 % (share of the float-int8 gap), mean over "
                             f"{len(splits)} random halves of {len(samples)} {Path(args.eval_dir).name} images; subsets of the ranking's top {len(top)}")
         for col in ("k", "subsets run", "ours", "best top-1 on A", "A-best beats / loses to ours", "best SQNR on A",
@@ -125,11 +144,17 @@ def main() -> None:
             loses = np.mean(np.array(cols[1]) < np.array(cols[0]))
             best_all = max(runs, key=lambda r: (top1(r, everything), sqnr(r, everything)))
             best_all_top1 = top1(best_all, everything)
+            if args.swap:
+                climbs.append((k, climb(best_all, everything)))
             table.add_row(str(k), str(len(runs)), cell(cols[0]), cell(cols[1]), f"{100 * beats:.0f} % / {100 * loses:.0f} %",
                           cell(cols[2]), cell(cols[3]),
                           f"{best_all_top1:.2f} ({share(best_all_top1, int8_all, float_all)}) {label(best_all)}",
                           label(ours))
         console.print(table)
+        for k, (best, runs) in climbs:
+            console.print(f"k = {k}, one-layer swaps from the best subset on all images ({runs} subsets run): local optimum "
+                          f"{top1(best, everything):.2f} ({share(top1(best, everything), int8_all, float_all)}), "
+                          f"{sqnr(best, everything):.2f} dB, {label(best)}")
         console.print(f"held-out halves: float32 {float_b:.2f}, int8 {int8_b:.2f}, 95 % of the gap = {int8_b + 0.95 * (float_b - int8_b):.2f}; "
                       f"all {len(samples)} images: float32 {float_all:.2f}, int8 {int8_all:.2f}")
 
