@@ -607,18 +607,18 @@ def bench_cmd(
 def _print_results(reporter: Reporter, rows) -> None:
     from rich.markup import escape
 
-    from .results import SAME_FILE_NOTE, display_labels
+    from .results import display_labels
 
     table = Table(title="on-device latency (ms)", box=box.SIMPLE_HEAD, header_style="bold")
     for col in ("target", "arch", "model", "size MB", "p50", "p90", "vs float"):
         table.add_column(col, justify="right" if col not in ("target", "model") else "left")
-    labels = display_labels(rows)
+    labels, same_file = display_labels(rows)
     for r, label in zip(rows, labels):
         table.add_row(r.target + (" [yellow](emu)[/]" if r.emulated else ""), r.machine, escape(label), f"{r.size_bytes / 1e6:.2f}",
                       f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–")
     reporter.console.print(table)
-    if any(label != r.label for r, label in zip(rows, labels)):
-        reporter.console.print(SAME_FILE_NOTE, markup=False)
+    if same_file:
+        reporter.console.print(same_file, markup=False)
     if any(r.emulated for r in rows):
         reporter.console.print("[yellow](emu)[/]: emulated under qemu-user, for pipeline checks only; not a real board's latency")
 

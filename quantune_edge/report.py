@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .reports import SCHEMA_VERSION, now_iso
-from .results import SAME_FILE_NOTE, ResultRow, display_labels, latency_chart, rows_from
+from .results import ResultRow, display_labels, latency_chart, rows_from
 
 TOP_LAYERS = 10
 LABELS = ("float32", "int8", "mixed")
@@ -134,11 +134,11 @@ def render(data: dict, compiled: Path) -> str:
               for i, l in enumerate(a.get("most_sensitive") or [])]
     chosen = [[l["index"], _onnx_nodes(l), l["short_name"], l["op_type"]] for l in t.get("chosen_layers") or []]
     rows = [ResultRow(**r) for r in data["device"]]
-    labels = display_labels(rows)
+    labels, note = display_labels(rows)
     device = [[r.target + (" (emulated)" if r.emulated else ""), r.machine, label, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
                f"{r.p99_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–", f"{r.size_bytes / 1e6:.2f} MB"]
               for r, label in zip(rows, labels)]
-    same_file = f"<p>{html.escape(SAME_FILE_NOTE)}</p>" if any(label != r.label for r, label in zip(rows, labels)) else ""
+    same_file = f"<p>{html.escape(note)}</p>" if note else ""
     emulated = any(r.emulated for r in rows)
     stage_rows = [[s, v.get("status", "?"), "cached" if v.get("cached") else f"{v.get('seconds', 0):.1f} s"]
                   for s, v in data.get("stages", {}).items()]

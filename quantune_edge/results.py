@@ -85,20 +85,22 @@ def rows_from(reports: list[tuple[Path, dict]]) -> list[ResultRow]:
     return rows
 
 
-def display_labels(rows: list[ResultRow]) -> list[str]:
+SAME_FILE_NOTE = ("(= …) marks a file with the same bytes as another row's (a mixed model with no float layer is the int8 file), "
+                  "measured again: the two rows differ by run-to-run noise only")
+
+
+def display_labels(rows: list[ResultRow]) -> tuple[list[str], str | None]:
     """Each row's label, with "(= int8)" where an earlier row of the same target benchmarked the same
     bytes (a mixed model with no float layer is the int8 file): two measurements of one model, so the
-    gap between them is run-to-run noise, not a difference between models."""
+    gap between them is run-to-run noise, not a difference between models. Second: the note that
+    explains the mark, when a row has it."""
     seen: dict[tuple[str, str], str] = {}
     labels = []
     for r in rows:
         first = seen.setdefault((r.target, r.sha256), r.label)
         labels.append(r.label if first == r.label else f"{r.label} (= {first})")
-    return labels
-
-
-SAME_FILE_NOTE = ("(= …) marks a file with the same bytes as another row's (a mixed model with no float layer is the int8 file), "
-                  "measured again: the two rows differ by run-to-run noise only")
+    marked = any(label != r.label for r, label in zip(rows, labels))
+    return labels, SAME_FILE_NOTE if marked else None
 
 
 def latency_chart(rows: list[ResultRow]) -> str:
@@ -127,7 +129,7 @@ def render_html(rows: list[ResultRow], title: str = "quantune-edge benchmark rep
     """One self-contained page (no scripts, no external files), viewable offline."""
     head = ("target", "arch", "runtime", "model", "size", "threads", "p50 ms", "p90 ms", "p99 ms", "vs float", "runs")
     body = []
-    labels = display_labels(rows)
+    labels, same_file = display_labels(rows)
     for r, label in zip(rows, labels):
         cells = (f"{r.target}{' <em>(emulated)</em>' if r.emulated else ''}", r.machine, html.escape(r.runtime),
                  f"{html.escape(label)}<br><small>{html.escape(r.model)}</small>", f"{r.size_bytes / 1e6:.2f} MB",
@@ -136,8 +138,8 @@ def render_html(rows: list[ResultRow], title: str = "quantune-edge benchmark rep
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     note = ("<p><strong>Emulated targets</strong> run under qemu-user: their latency shows the pipeline works, "
             "it is not a real board's figure.</p>" if any(r.emulated for r in rows) else "")
-    if any(label != r.label for r, label in zip(rows, labels)):
-        note += f"<p>{html.escape(SAME_FILE_NOTE)}</p>"
+    if same_file:
+        note += f"<p>{html.escape(same_file)}</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}

@@ -13,12 +13,12 @@ def _row(target: str, label: str, sha: str, p50: float) -> ResultRow:
 def test_same_bytes_under_another_label_is_marked_per_target():
     rows = [_row("pi", "float32", "f", 9.0), _row("pi", "int8", "q", 3.0), _row("pi", "mixed", "q", 2.5),
             _row("pi5", "int8", "q", 2.0), _row("pi5", "mixed", "m", 2.2)]
-    assert display_labels(rows) == ["float32", "int8", "mixed (= int8)", "int8", "mixed"]
+    assert display_labels(rows) == (["float32", "int8", "mixed (= int8)", "int8", "mixed"], SAME_FILE_NOTE)
     page = render_html(rows)
     assert "mixed (= int8)" in page and html.escape(SAME_FILE_NOTE) in page
 
 
 def test_distinct_files_keep_their_labels_and_no_note():
     rows = [_row("pi", "float32", "f", 9.0), _row("pi", "int8", "q", 3.0), _row("pi", "mixed", "m", 3.2)]
-    assert display_labels(rows) == ["float32", "int8", "mixed"]
+    assert display_labels(rows) == (["float32", "int8", "mixed"], None)
     assert "same bytes" not in render_html(rows)
