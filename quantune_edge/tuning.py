@@ -40,6 +40,9 @@ RERANK_SAMPLES = LOCAL_SAMPLES  # evaluation images each re-ranking analysis run
 # On per-tensor EfficientNet-Lite0 (500 images) re-ranking 10 picks met --max-drop 1 with 7 float layers
 # at 0.84x int8 latency, where the analysis order needed 44 at 1.37x (bench/mixed_precision.py).
 DEFAULT_RERANK = 10
+# One paired mixed/int8 ratio can jump by 0.2 on a machine hiccup (1.19x vs 1.38x for one model
+# here), so a ratio this close to --max-latency-ratio is measured twice more and the median decides.
+REMEASURE_MARGIN = 0.05
 TUNE_JSON = "tune.json"
 PARETO_PNG = "pareto.png"
 
@@ -283,11 +286,17 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
         def latency(k: int) -> dict:
             if "latency_ms" not in results[k]:
-                with captured_native_output(not options.verbose):
-                    mixed, int8 = paired_latency_ms(paths[k], compiled.int8_model, inputs[0], options.threads,
-                                                    runs=max(1, options.latency_runs // 5))
-                results[k]["latency_ms"] = mixed
-                results[k]["latency_ratio"] = mixed / int8
+                def once() -> tuple[float, float]:
+                    with captured_native_output(not options.verbose):
+                        return paired_latency_ms(paths[k], compiled.int8_model, inputs[0], options.threads,
+                                                 runs=max(1, options.latency_runs // 5))
+
+                pairs = [once()]
+                limit = options.max_latency_ratio
+                if limit is not None and abs(pairs[0][0] / pairs[0][1] / limit - 1) < REMEASURE_MARGIN:
+                    pairs += [once(), once()]
+                mixed, int8 = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
+                results[k].update(latency_ms=mixed, latency_ratio=mixed / int8, latency_measurements=len(pairs))
             return results[k]
 
         if options.float_layers is not None:
