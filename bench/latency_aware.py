@@ -19,7 +19,6 @@ from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.device_costs import device_cost_model, profile_on_device  # noqa: E402
-from quantune_edge.layers import match_layers  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.targets import load_target  # noqa: E402
 from quantune_edge.tuning import predicted_gain, _Evaluator  # noqa: E402
@@ -40,8 +39,7 @@ def main() -> None:
         compile_shared("efficientnet-lite0", ASSETS / "imagenet-samples", out, 100, per_channel=False)
         analysis = analyze(out, ASSETS / "imagenet-samples", AnalysisOptions(num_samples=32))
         compiled = CompiledModel.open(out)
-        fg, qg = compiled.float_graph, compiled.int8_graph
-        match = match_layers(fg, qg, compiled.calibrated_graph)
+        qg, match = compiled.int8_graph, compiled.layer_match
         names = {l.index: l.name for l in match.layers}
         lg = selection.LayerGraph.build(qg, match.layers)
         samples = compiled.load_samples(ASSETS / "imagenet-val", args.eval_num, 1, what="evaluation")

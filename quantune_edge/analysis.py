@@ -367,8 +367,7 @@ def analyze(
     compiled = CompiledModel.open(compile_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    fg, qg = compiled.float_graph, compiled.int8_graph
-    match = match_layers(fg, qg, compiled.calibrated_graph)
+    fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
     quantized_ops = sum(op.type not in ("QUANTIZE", "DEQUANTIZE") for op in qg.ops)
     if not match.layers or len(match.layers) < 0.5 * quantized_ops:
         raise InputError(

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import compiler, tflite_graph
 from .errors import InputError
+from .layers import LayerMatch, match_layers
 from .onnx_model import InputSpec
 from .preprocessing import Preprocessing, Samples, load_samples
 from .reports import CompileReport
@@ -66,6 +67,11 @@ class CompiledModel:
     @cached_property
     def calibrated_graph(self) -> tflite_graph.TfliteGraph:
         return tflite_graph.read(self.calibrated_model)
+
+    @cached_property
+    def layer_match(self) -> LayerMatch:
+        """The layers of this compile: float and int8 ops matched by name (calibrated names break ties)."""
+        return match_layers(self.float_graph, self.int8_graph, self.calibrated_graph)
 
     @cached_property
     def _calibrated_bytes(self) -> bytes:

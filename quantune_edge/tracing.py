@@ -313,12 +313,10 @@ def layer_table(compile_dir) -> dict:
     """What ``quantune-edge layers`` prints: every layer (the indices analyze and tune use) with its
     TFLite name, ONNX nodes, parameters, MACs and int8 output scale, plus what was not traced."""
     from .artifacts import CompiledModel
-    from .layers import match_layers
     from .reports import SCHEMA_VERSION
 
     compiled = CompiledModel.open(compile_dir)
-    fg, qg = compiled.float_graph, compiled.int8_graph
-    match = match_layers(fg, qg, compiled.calibrated_graph)
+    qg, match = compiled.int8_graph, compiled.layer_match
     sources = compiled.onnx_sources()
     rows = []
     for layer in match.layers:

@@ -28,7 +28,7 @@ from .analysis import ANALYSIS_JSON, LOCAL_SAMPLES, AnalysisError, output_shares
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
-from .layers import match_layers, tensor_key
+from .layers import tensor_key
 from .metrics import compare_outputs, top1_accuracy
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
@@ -208,8 +208,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
     compiled = CompiledModel.open(compile_dir)
     analysis = _load_analysis(compiled, options.metric)
-    fg, qg = compiled.float_graph, compiled.int8_graph
-    match = match_layers(fg, qg, compiled.calibrated_graph)
+    fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
         raise InputError(f"{ANALYSIS_JSON} in {compiled.folder} does not match this compile's layers; re-run analyze")
     n = len(match.layers)
