@@ -26,7 +26,7 @@ from _models import MODELS, add_data_args, compile_shared  # noqa: E402
 from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
-from quantune_edge.layers import match_layers, tensor_key  # noqa: E402
+from quantune_edge.layers import tensor_key  # noqa: E402
 from quantune_edge.metrics import top1_accuracy  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.tuning import TuneOptions, TuneReport, _Evaluator, tune  # noqa: E402
@@ -70,6 +70,11 @@ def differ(a: TuneReport, b: TuneReport) -> str:
     return f"the float sets differ in {diff} layers" if diff else "the same float set"
 
 
+def slower(a: TuneReport, b: TuneReport) -> str:
+    """How much higher a's latency ratio to full int8 is than b's, in percent."""
+    return f"{100 * (a.chosen['latency_ratio'] / b.chosen['latency_ratio'] - 1):+.0f} %"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_args(parser, eval_num=650)
@@ -102,7 +107,7 @@ def main() -> None:
             ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
                                                         best_effort=True, metric=args.metric))
             compiled = CompiledModel.open(out)
-            match = match_layers(compiled.float_graph, compiled.int8_graph, compiled.calibrated_graph)
+            match = compiled.layer_match
             names = {l.index: l.name for l in match.layers}
             n = len(names)
             samples = compiled.load_samples(args.eval_dir, args.eval_num, 1, what="evaluation")
@@ -136,13 +141,11 @@ def main() -> None:
                               f"{c['latency_ms']:.2f}", f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]),
                               f"{r.search['evaluations']} (≤{r.search['bound']})", f"{c['output_sqnr_db']:.1f}")
             if ours.budget["met"] and naive.budget["met"] and (ours.chosen["float_layers"] or naive.chosen["float_layers"]):
-                lat = {label: r.chosen["latency_ratio"] for label, r in budget_rows}
-                slower = naive.chosen["latency_ratio"] / ours.chosen["latency_ratio"] - 1
-                closing.append(f"{mode}, --max-drop {args.max_drop}: ours {lat[budget_rows[0][0]]:.2f}x int8 latency with "
-                               f"{len(ours.chosen['float_layers'])} float layers, naive {lat[budget_rows[2][0]]:.2f}x with "
-                               f"{len(naive.chosen['float_layers'])}: naive is {100 * slower:+.0f} % slower at the same budget "
+                closing.append(f"{mode}, --max-drop {args.max_drop}: ours {ours.chosen['latency_ratio']:.2f}x int8 latency with "
+                               f"{len(ours.chosen['float_layers'])} float layers, naive {naive.chosen['latency_ratio']:.2f}x with "
+                               f"{len(naive.chosen['float_layers'])}: naive is {slower(naive, ours)} slower at the same budget "
                                f"({differ(ours, naive)}; fusion-aware in the analysis order vs naive: {differ(unranked, naive)}, "
-                               f"{100 * (naive.chosen['latency_ratio'] / unranked.chosen['latency_ratio'] - 1):+.0f} %)")
+                               f"{slower(naive, unranked)})")
             if gap <= 0:
                 continue
             console.print(f"{mode}: equal-k comparison at k = {ks} ...")
