@@ -103,7 +103,7 @@ def main() -> None:
             out = Path(tmp) / mode
             console.print(f"{mode}: compile, analyze, tune ...")
             compile_shared(args.model, args.calib, out, args.calib_num, per_channel=mode == "per-channel")
-            analysis = analyze(out, args.calib, AnalysisOptions(num_samples=32))
+            analyze(out, args.calib, AnalysisOptions(num_samples=32))
             ours = tune(out, args.eval_dir, TuneOptions(max_drop=args.max_drop, num_eval=args.eval_num, threads=args.threads,
                                                         best_effort=True, metric=args.metric))
             compiled = CompiledModel.open(out)
