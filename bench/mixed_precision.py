@@ -7,7 +7,10 @@ ours) at the same accuracy budget, where the closing lines compare their latency
 (re-ranked: each of the first picks from a fresh analysis of the mixed model so far); beside it
 `tune --rerank 0`, which takes the analysis order as it is. Columns:
 top-1, drop vs float, share of the int8→float gap recovered, host latency ratio to full int8, Q/DQ ops,
-evaluations, logit SQNR vs float32.
+evaluations, logit SQNR vs float32. At equal k, ours grows its k picks into fusion-aware regions, so it
+may keep more layers float (shown); and ours and the debugger's choice are compared image by image:
+the images only one of them gets right, and the exact McNemar p-value of that split (a lead of a few
+images out of hundreds is often chance).
 
     .venv/bin/python bench/mixed_precision.py [--model efficientnet-lite0] [--eval-num 650] [--max-drop 1.0]
 """
@@ -27,9 +30,9 @@ from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.layers import tensor_key  # noqa: E402
-from quantune_edge.metrics import top1_accuracy  # noqa: E402
+from quantune_edge.metrics import paired_top1, top1_accuracy, top1_correct  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
-from quantune_edge.tuning import TuneOptions, TuneReport, _Evaluator, tune  # noqa: E402
+from quantune_edge.tuning import MIXED_MODEL, TuneOptions, TuneReport, _Evaluator, tune  # noqa: E402
 
 
 def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int, str]) -> list[int]:
@@ -95,7 +98,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     methods = ("ours (re-ranked, fusion-aware)", "ours, analysis order", "naive prefix", "TF debugger RMSE/scale", "random (mean of 5)")
     equal_k = Table(title="equal k: top-1 % / latency vs full int8 / Q+DQ ops / logit SQNR dB (random: mean of 5 seeds)")
-    for col in ("weights", "k", "share of layers", *methods):
+    for col in ("weights", "k", "share of layers", *methods, "float layers: ours / analysis order", "ours vs debugger: images won / lost (p)"):
         equal_k.add_column(col, justify="right")
     closing: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,23 +155,33 @@ def main() -> None:
             order = unranked.search["order"]
             debugger = debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)
 
-            def measure(float_set) -> tuple[float, float, int]:
+            def correct(path: Path) -> np.ndarray:
+                with captured_native_output(True):
+                    return top1_correct(TfliteRunner(path, args.threads).run(inputs), samples.labels, offset)
+
+            def measure(float_set) -> tuple[tuple[float, float, int, float], Path]:
                 result, path = ev.evaluate(frozenset(int(i) for i in float_set))
                 with captured_native_output(True):
                     mixed, int8 = paired_latency_ms(path, compiled.int8_model, inputs[0], args.threads)
-                return result["accuracy"], mixed / int8, result["quantize_ops"], result["output_sqnr_db"]
+                return (result["accuracy"], mixed / int8, result["quantize_ops"], result["output_sqnr_db"]), path
 
             for k in ks:
-                runs = []
+                runs, sizes = [], []
                 for rerank in (None, 0):
                     fixed = tune(out, args.eval_dir, TuneOptions(float_layers=k, num_eval=args.eval_num, threads=args.threads,
                                                                  metric=args.metric, rerank=rerank)).chosen
                     runs.append((fixed["accuracy"], fixed["latency_ratio"], fixed["quantize_ops"], fixed["output_sqnr_db"]))
-                runs += [measure(order[:k]), measure(debugger[:k])]
-                rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False)) for seed in range(5)]
-                runs.append(tuple(float(np.mean([r[j] for r in rand])) for j in range(4)))
+                    sizes.append(len(fixed["float_layers"]))
+                    if rerank is None:
+                        ours_correct = correct(out / MIXED_MODEL)
+                naive_row, _ = measure(order[:k])
+                debugger_row, debugger_path = measure(debugger[:k])
+                rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False))[0] for seed in range(5)]
+                runs += [naive_row, debugger_row, tuple(float(np.mean([r[j] for r in rand])) for j in range(4))]
+                vs = paired_top1(ours_correct, correct(debugger_path))
                 equal_k.add_row(mode, str(k), f"{100 * k / n:.0f} %",
-                                *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f} / {db:.1f}" for a, lat, q, db in runs])
+                                *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f} / {db:.1f}" for a, lat, q, db in runs],
+                                " / ".join(map(str, sizes)), f"{vs['wins']} / {vs['losses']} (p {vs['p_value']:.2f})")
     console.print(table)
     console.print(equal_k)
     for line in closing:

@@ -33,13 +33,33 @@ def top1(outputs: np.ndarray) -> np.ndarray:
     return np.asarray(outputs).reshape(len(outputs), -1).argmax(axis=1)
 
 
-def top1_accuracy(outputs: np.ndarray, labels: np.ndarray, label_offset: int = 0) -> float | None:
-    """Share of labelled samples (label >= 0) whose top-1 output index is ``label + label_offset``."""
+def top1_correct(outputs: np.ndarray, labels: np.ndarray, label_offset: int = 0) -> np.ndarray:
+    """Per labelled sample (label >= 0), in order: is its top-1 output index ``label + label_offset``."""
     labels = np.asarray(labels)
     known = labels >= 0
-    if not np.any(known):
-        return None
-    return float(np.mean(top1(outputs)[known] == labels[known] + label_offset))
+    return top1(outputs)[known] == labels[known] + label_offset
+
+
+def top1_accuracy(outputs: np.ndarray, labels: np.ndarray, label_offset: int = 0) -> float | None:
+    """Share of labelled samples (label >= 0) whose top-1 output index is ``label + label_offset``."""
+    correct = top1_correct(outputs, labels, label_offset)
+    return float(np.mean(correct)) if correct.size else None
+
+
+def paired_top1(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, float]:
+    """Two models' top-1 on the same images, compared image by image (exact McNemar test).
+
+    Only the images exactly one model gets right say which is better; on 650 images two mixed models
+    typically differ on a few dozen, so a lead of a few images can be chance. ``p_value`` is the
+    exact two-sided probability of a split at least this uneven if both were equally good.
+    """
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_top1 needs the same images: {a.shape} vs {b.shape}")
+    wins, losses = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n, low = wins + losses, min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2**n if n else 1.0
+    return {"wins": wins, "losses": losses, "net": wins - losses, "p_value": min(1.0, 2 * tail)}
 
 
 def align_layout(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:

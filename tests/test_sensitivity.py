@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from quantune_edge.metrics import ErrorStats, pooled_sqnr_db
+from quantune_edge.metrics import ErrorStats, paired_top1, pooled_sqnr_db, top1_correct
 from quantune_edge.sensitivity import IDEAL_INT8_SQNR_DB, LayerMetrics, ranking, score, spearman, sqnr_delta, SCORES
 
 
@@ -102,3 +102,18 @@ def test_oracle_repeatability_and_its_ceiling():
     reversed_ = repeatability([(1, 3), (2, 2), (3, 1)], 16)
     assert reversed_["spearman_between_halves"] == pytest.approx(-1.0) and math.isnan(reversed_["rho_ceiling"])
     assert math.isnan(repeatability([(1, 1), (2, 2), (3, 3)], 1)["spearman_between_halves"])  # one sample per half: no ranking
+
+
+def test_paired_top1_counts_the_images_one_model_alone_gets_right():
+    outputs = np.eye(4)[[0, 1, 2, 3, 0, 1]]  # top-1 indices 0 1 2 3 0 1
+    a = top1_correct(outputs, np.array([0, 1, 2, -1, 1, 1]))
+    np.testing.assert_array_equal(a, [True, True, True, False, True])  # the unlabelled sample is dropped
+    b = np.array([True, False, False, True, True])
+    r = paired_top1(a, b)
+    assert (r["wins"], r["losses"], r["net"]) == (2, 1, 1)
+    assert r["p_value"] == 1.0  # 2 vs 1 of 3 discordant: 2·P(X ≤ 1), X ~ Bin(3, ½) = 2·4/8
+    lopsided = paired_top1(np.ones(10, bool), np.zeros(10, bool))
+    assert lopsided["wins"] == 10 and lopsided["p_value"] == 2 / 2**10
+    assert paired_top1(a, a) == {"wins": 0, "losses": 0, "net": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same images"):
+        paired_top1(a, b[:3])
