@@ -74,8 +74,9 @@ def differ(a: TuneReport, b: TuneReport) -> str:
 
 
 def slower(a: TuneReport, b: TuneReport) -> str:
-    """How much higher a's latency ratio to full int8 is than b's, in percent."""
-    return f"{100 * (a.chosen['latency_ratio'] / b.chosen['latency_ratio'] - 1):+.0f} %"
+    """How much slower (or faster) a is than b, from their latency ratios to full int8, in percent."""
+    pct = 100 * (a.chosen["latency_ratio"] / b.chosen["latency_ratio"] - 1)
+    return f"{abs(pct):.0f} % {'slower' if pct >= 0 else 'faster'}"
 
 
 def main() -> None:
@@ -146,9 +147,9 @@ def main() -> None:
             if ours.budget["met"] and naive.budget["met"] and (ours.chosen["float_layers"] or naive.chosen["float_layers"]):
                 closing.append(f"{mode}, --max-drop {args.max_drop}: ours {ours.chosen['latency_ratio']:.2f}x int8 latency with "
                                f"{len(ours.chosen['float_layers'])} float layers, naive {naive.chosen['latency_ratio']:.2f}x with "
-                               f"{len(naive.chosen['float_layers'])}: naive is {slower(naive, ours)} slower at the same budget "
+                               f"{len(naive.chosen['float_layers'])}: naive is {slower(naive, ours)} at the same budget "
                                f"({differ(ours, naive)}; fusion-aware in the analysis order vs naive: {differ(unranked, naive)}, "
-                               f"{slower(naive, unranked)})")
+                               f"naive {slower(naive, unranked)})")
             if gap <= 0:
                 continue
             console.print(f"{mode}: equal-k comparison at k = {ks} ...")
