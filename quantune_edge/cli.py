@@ -353,6 +353,7 @@ def tune_cmd(
     naive: Annotated[bool, typer.Option("--naive", help="Plain ranking prefix, no fusion-aware regions (for comparison).")] = False,
     best_effort: Annotated[bool, typer.Option("--best-effort", help="Exit 0 with the best model found when the budget is unreachable.")] = False,
     pareto: Annotated[bool, typer.Option("--pareto", help="Also evaluate k = 0…n (sampled for big models) and plot pareto.png.")] = False,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure this host's float32/int8 latencies again instead of reusing DIR/host_latency.json.")] = False,
     preset: Preset = None,
     mean: Mean = None,
     std: Std = None,
@@ -372,7 +373,7 @@ def tune_cmd(
         options = TuneOptions(latency_source=source, max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
                               keep_float=list(keep_float or []), keep_int8=list(keep_int8 or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
                               rerank=rerank, fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
-                              preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
+                              remeasure=remeasure, preprocessing=_preprocessing_override(preset, mean, std, input_size, resize, channel_order))
         report = tune(folder, eval_data, options, reporter)
     except QuantuneError as exc:
         _fail(exc)

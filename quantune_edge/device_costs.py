@@ -1,25 +1,34 @@
-"""Latency costs measured on a target, for latency-aware tuning.
+"""Latency costs measured on a target (or on the host), for latency-aware tuning.
 
 The TFLite Python runtimes have no per-op profiler, so the agent's ``profile`` times three variants
 of the model side by side on the device: full int8, float32, and int8 with a probe set of cheap,
 non-adjacent layers float (few MACs, many QUANTIZE/DEQUANTIZE). From those three the cost model's
 per-MAC int8 cost, per-MAC float cost and per-converted-element cost are solved for that device.
 The result is kept as ``device_costs_<target>.json`` beside the models and reused while the models
-and the target stay the same.
+and the target stay the same. The host's float32 and int8 latencies, which price layers by default,
+are kept the same way (``host_latency.json``).
 """
 from __future__ import annotations
 
 import json
+import os
+import platform
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from .artifacts import CompiledModel
 from .console import captured_native_output
 from .deploy import open_device
 from .reports import now_iso, sha256_file, write_json
+from .runtime import paired_latency_ms
 from .selection import CostModel, LayerGraph, boundary_probe
 from .targets import Target
+
+HOST_LATENCY_JSON = "host_latency.json"
+HOST_MEASUREMENTS = 3  # paired float32/int8 measurements; the one with the median ratio is kept
 
 
 def profile_on_device(target: Target, models: list[Path], *, runs: int = 5, rounds: int = 3, warmup: int = 1,
@@ -60,3 +69,33 @@ def device_cost_model(compiled: CompiledModel, lg: LayerGraph, names: dict[int, 
               "cost_model": asdict(cost), **facts}
     write_json(cache, record)
     return cost, record
+
+
+def host_latencies(compiled: CompiledModel, sample: np.ndarray, threads: int, runs: int = 50, *, remeasure: bool = False,
+                   quiet: bool = True) -> dict:
+    """p50 host latency (ms) of the compile's float32 and full-int8 models, measured once per models,
+    machine and thread count and kept in the folder.
+
+    Their ratio prices every layer when tune grows float regions, so a new measurement can change the
+    choice: four tune calls on one MobileNetV2 compile here measured it at 1.47-1.94x and kept the stem
+    conv float in three of them. Kept, the same command makes the same choice; the one measurement is
+    the median-ratio one of three, each in alternating rounds.
+    """
+    cache = compiled.folder / HOST_LATENCY_JSON
+    key = {"float32_sha256": sha256_file(compiled.float_model), "int8_sha256": sha256_file(compiled.int8_model),
+           "threads": threads, "machine": {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count()}}
+    if not remeasure:
+        try:
+            saved = json.loads(cache.read_text())
+            if {k: saved[k] for k in key} == key:
+                return {**saved, "reused": True}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    with captured_native_output(quiet):
+        pairs = [paired_latency_ms(compiled.float_model, compiled.int8_model, sample, threads, rounds=5, runs=max(1, runs // 5))
+                 for _ in range(HOST_MEASUREMENTS)]
+    float_ms, int8_ms = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
+    record = {"kind": "quantune-edge/host-latency", "created": now_iso(), **key, "float32_ms": float_ms, "int8_ms": int8_ms,
+              "ratios": [round(f / i, 3) for f, i in pairs]}
+    write_json(cache, record)
+    return {**record, "reused": False}

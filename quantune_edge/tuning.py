@@ -69,6 +69,7 @@ class TuneOptions:
     best_effort: bool = False
     pareto: bool = False
     latency_runs: int = 50  # per model, in 5 rounds alternating with the full-int8 model
+    remeasure: bool = False  # measure the host's float32/int8 latencies again instead of reusing host_latency.json
     preprocessing: Preprocessing | None = None
     verbose: bool = False
 
@@ -231,10 +232,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         reporter.warn(f"{samples.source} has no labels.csv: accuracy = top-1 agreement with the float32 model")
     with captured_native_output(not options.verbose):
         float_out = TfliteRunner(compiled.float_model, options.threads).run(inputs)
-        # Alternating rounds: the float/int8 ratio prices every layer, and two separate measurements
-        # of it spread 0.2 on EfficientNet-Lite0 here (1.41-1.61), alternating ones 0.04.
-        float_ms, int8_ms = paired_latency_ms(compiled.float_model, compiled.int8_model, inputs[0], options.threads,
-                                              rounds=5, runs=max(1, options.latency_runs // 5))
+    from .device_costs import HOST_LATENCY_JSON, host_latencies  # imports paramiko: only when tuning
+
+    host = host_latencies(compiled, inputs[0], options.threads, options.latency_runs, remeasure=options.remeasure,
+                          quiet=not options.verbose)
+    float_ms, int8_ms = host["float32_ms"], host["int8_ms"]
     float_acc = top1_accuracy(float_out, samples.labels, compiled.label_offset) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)
@@ -355,6 +357,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         reference={"float32_accuracy": float_acc, "accuracy_is": "top-1" if labelled else "top-1 agreement with float32",
                    "eval_samples": len(samples), "eval_source": samples.source,
                    "float32_latency_ms": float_ms, "int8_latency_ms": int8_ms,
+                   "host_latency": {"file": HOST_LATENCY_JSON, "reused": host["reused"], "measured": host["created"]},
                    "int8": {k: v for k, v in results.get(0, {}).items() if k != "float_layers"} or None,
                    "threads": options.threads},
         chosen={**chosen, "layers": [layer_summary(layer_by_index[i]) for i in sorted(choices[chosen_k])],

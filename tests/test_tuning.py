@@ -92,6 +92,29 @@ def test_fixed_count_naive_vs_fusion_aware_and_keep_float(folder):
         tune(folder, DEMO_IMAGES, TuneOptions(keep_float=["tf.nn.convolutoin_3"], num_eval=8))
 
 
+def test_host_latencies_are_measured_once_and_reused(folder):
+    """The float32/int8 latencies price every layer, so a new measurement could change the choice:
+    they are kept in the folder, and the same command on the same models and machine reuses them."""
+    def once(**how):
+        return tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, rerank=0, num_eval=8, latency_runs=5, **how))
+
+    first, again = once(), once()
+    cache = folder / "host_latency.json"
+    saved = json.loads(cache.read_text())
+    assert not first.reference["host_latency"]["reused"] and again.reference["host_latency"]["reused"]
+    assert len(saved["ratios"]) == 3 and saved["float32_ms"] / saved["int8_ms"] == pytest.approx(sorted(saved["ratios"])[1], abs=1e-3)
+    for r in (first, again):
+        assert (r.reference["float32_latency_ms"], r.reference["int8_latency_ms"]) == (saved["float32_ms"], saved["int8_ms"])
+    assert again.chosen["float_layers"] == first.chosen["float_layers"]
+    assert again.budget["latency_source"]["cost_model"] == first.budget["latency_source"]["cost_model"]
+    assert not once(remeasure=True).reference["host_latency"]["reused"]
+    assert not once(threads=1).reference["host_latency"]["reused"]  # another thread count is another measurement
+    assert json.loads(cache.read_text())["threads"] == 1
+    cache.write_text("{ not json")
+    assert not once().reference["host_latency"]["reused"]
+    assert json.loads(cache.read_text())["threads"] == 2
+
+
 def test_latency_budget_and_unlabelled_eval(folder, tmp_path):
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
