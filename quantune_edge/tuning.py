@@ -237,6 +237,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     host = host_latencies(compiled, inputs[0], options.threads, options.latency_runs, remeasure=options.remeasure,
                           quiet=not options.verbose)
     float_ms, int8_ms = host["float32_ms"], host["int8_ms"]
+    if host["reused"]:
+        reporter.info(f"host latencies from {HOST_LATENCY_JSON} ({host['created']}): float32 {float_ms:.2f} ms, int8 {int8_ms:.2f} ms; "
+                      "--remeasure to measure again")
     float_acc = top1_accuracy(float_out, samples.labels, compiled.label_offset) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)

@@ -344,3 +344,7 @@ def test_cli_tune(folder):
     assert (folder / "model_mixed.tflite").read_bytes() == before
     unreachable = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "8", "--max-drop", "-50")
     assert unreachable.returncode != 0 and "budget not met" in unreachable.stderr.strip().splitlines()[-1]
+    assert "host latencies from host_latency.json" in unreachable.stderr
+    again = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "4", "--float-layers", "0", "--remeasure")
+    assert again.returncode == 0 and "host latencies from" not in again.stderr, again.stderr
+    assert json.loads((folder / "tune.json").read_text())["reference"]["host_latency"]["reused"] is False
