@@ -402,6 +402,11 @@ def _print_tune(reporter: Reporter, report) -> None:
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
     reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{_one_line(l)}" for l in c["layers"]) or "none"), markup=False)
+    vs = c.get("vs_float32")
+    if vs:
+        lo, hi = vs["drop_points_ci95"]
+        reporter.console.print(f"vs float32, image by image: mixed gets {vs['images_lost']} wrong that float32 gets right and "
+                               f"{vs['images_won']} the other way; on new images like these the drop is {lo:.1f} to {hi:.1f} points (95 %)")
     s = report.search
     if s.get("rerank"):
         r = s["rerank"]

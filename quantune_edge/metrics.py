@@ -51,7 +51,9 @@ def paired_top1(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, float
 
     Only the images exactly one model gets right say which is better; on 650 images two mixed models
     typically differ on a few dozen, so a lead of a few images can be chance. ``p_value`` is the
-    exact two-sided probability of a split at least this uneven if both were equally good.
+    exact two-sided probability of a split at least this uneven if both were equally good;
+    ``difference_ci95`` bounds a's top-1 minus b's (a share, normal approximation of the paired
+    differences) on new images like these.
     """
     a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
     if a.shape != b.shape:
@@ -59,7 +61,11 @@ def paired_top1(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, float
     wins, losses = int(np.sum(a & ~b)), int(np.sum(~a & b))
     n, low = wins + losses, min(wins, losses)
     tail = sum(math.comb(n, i) for i in range(low + 1)) / 2**n if n else 1.0
-    return {"wins": wins, "losses": losses, "net": wins - losses, "p_value": min(1.0, 2 * tail)}
+    size = max(a.size, 1)
+    diff = (wins - losses) / size
+    half = 1.96 * math.sqrt(max(n / size - diff * diff, 0.0) / size)
+    return {"wins": wins, "losses": losses, "net": wins - losses, "p_value": min(1.0, 2 * tail),
+            "difference": diff, "difference_ci95": [diff - half, diff + half]}
 
 
 def align_layout(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:

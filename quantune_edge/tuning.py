@@ -29,7 +29,7 @@ from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
 from .layers import tensor_key
-from .metrics import compare_outputs, top1_accuracy
+from .metrics import compare_outputs, paired_top1, top1, top1_accuracy, top1_correct
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
 from .runtime import TfliteRunner, paired_latency_ms
@@ -160,6 +160,13 @@ class _Evaluator:
         self.labels, self.threads, self.work, self.quiet = labels, threads, work, quiet
         self.labelled = bool(np.any(labels >= 0))
         self.builds = 0
+        self.correct: dict[frozenset[int], np.ndarray] = {}  # per image, for the paired comparison with float32
+
+    def image_correct(self, out: np.ndarray) -> np.ndarray:
+        """Per image: top-1 right (labelled), or the same top-1 as float32 (unlabelled)."""
+        if self.labelled:
+            return top1_correct(out, self.labels, self.compiled.label_offset)
+        return top1(out) == top1(self.float_out)
 
     def model_bytes(self, float_set: frozenset[int]) -> bytes:
         with captured_native_output(self.quiet):
@@ -172,6 +179,7 @@ class _Evaluator:
         with captured_native_output(self.quiet):
             out = TfliteRunner(path, self.threads).run(self.inputs)
         cmp = compare_outputs(self.float_out, out)
+        self.correct[float_set] = self.image_correct(out)
         graph = tflite_graph.read(path)
         result = {
             "float_layers": sorted(float_set),
@@ -334,6 +342,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             mode = {"max_latency_ratio": limit}
 
         chosen = latency(chosen_k)
+        vs = paired_top1(ev.correct[choices[chosen_k]], ev.image_correct(float_out))
+        chosen["vs_float32"] = {"images_won": vs["wins"], "images_lost": vs["losses"], "p_value": vs["p_value"],
+                                "drop_points_ci95": sorted(-100 * d for d in vs["difference_ci95"])}
         if options.latency_source is not None:
             from .device_costs import profile_on_device
 

@@ -112,8 +112,11 @@ def test_paired_top1_counts_the_images_one_model_alone_gets_right():
     r = paired_top1(a, b)
     assert (r["wins"], r["losses"], r["net"]) == (2, 1, 1)
     assert r["p_value"] == 1.0  # 2 vs 1 of 3 discordant: 2·P(X ≤ 1), X ~ Bin(3, ½) = 2·4/8
+    # paired differences +1, +1, −1, 0, 0: mean 0.2, variance 3/5 − 0.04 = 0.56, half-width 1.96·√(0.56/5)
+    assert r["difference"] == pytest.approx(0.2)
+    assert r["difference_ci95"] == pytest.approx([0.2 - 1.96 * math.sqrt(0.112), 0.2 + 1.96 * math.sqrt(0.112)])
     lopsided = paired_top1(np.ones(10, bool), np.zeros(10, bool))
     assert lopsided["wins"] == 10 and lopsided["p_value"] == 2 / 2**10
-    assert paired_top1(a, a) == {"wins": 0, "losses": 0, "net": 0, "p_value": 1.0}
+    assert paired_top1(a, a) == {"wins": 0, "losses": 0, "net": 0, "p_value": 1.0, "difference": 0.0, "difference_ci95": [0.0, 0.0]}
     with pytest.raises(ValueError, match="same images"):
         paired_top1(a, b[:3])

@@ -52,6 +52,10 @@ def test_accuracy_budget_met_within_the_evaluation_bound(folder):
     int8 = ref["int8"]
     assert int8["drop_points"] > 1.0  # full int8 misses this budget: the search had work to do
     assert 0 < len(c["float_layers"]) < report.search["layers"]
+    vs = c["vs_float32"]  # the drop, image by image: the images float32 alone gets right minus those mixed alone does
+    assert vs["images_lost"] - vs["images_won"] == round(c["drop_points"] / 100 * ref["eval_samples"])
+    lo, hi = vs["drop_points_ci95"]
+    assert lo <= c["drop_points"] <= hi and 0 <= vs["p_value"] <= 1
 
     # The emitted model loads, runs, computes exactly the chosen layers in float and has the predicted Q/DQ ops.
     mixed = folder / "model_mixed.tflite"
@@ -124,6 +128,8 @@ def test_latency_budget_and_unlabelled_eval(folder, tmp_path):
     assert report.reference["accuracy_is"] == "top-1 agreement with float32"
     c = report.chosen
     assert report.budget["met"] and c["latency_ratio"] <= 1.5
+    assert c["vs_float32"]["images_won"] == 0  # float32 agrees with itself on every image
+    assert c["vs_float32"]["images_lost"] == round(c["drop_points"] / 100 * 10)
     assert report.search["evaluations"] <= report.search["bound"]
 
 
@@ -331,6 +337,7 @@ def test_cli_tune(folder):
     assert "accuracy" in ok.stderr and "…" not in ok.stderr
     assert re.search(r"evaluating candidates\s+\S+\s+(\d+)/\1\s", ok.stderr)  # the count includes the Pareto sweep
     assert "model evaluations" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
+    assert re.search(r"^vs float32, image by image: mixed gets \d+ wrong", ok.stderr, re.M), ok.stderr
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     points = json.loads((folder / "tune.json").read_text())["pareto"]
     assert points[0]["k"] == 0 and points[-1]["k"] == 60 and len(points) >= 10
