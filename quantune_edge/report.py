@@ -26,7 +26,7 @@ def build(out: Path, compiled: Path, bench_reports: list[Path], stages: dict, de
     accuracy = {"is": ref.get("accuracy_is"), "samples": ref.get("eval_samples"),
                 "host": {"float32": ref.get("float32_accuracy"), "int8": (ref.get("int8") or {}).get("accuracy"),
                          "mixed": chosen.get("accuracy")},
-                "device": device_eval}
+                "mixed_vs_float32": chosen.get("vs_float32"), "device": device_eval}
     rows = rows_from([(p, json.loads(p.read_text())) for p in bench_reports if p.is_file()])
     points = []
     for row in rows:
@@ -100,6 +100,14 @@ def accuracy_latency_chart(points: list[dict]) -> str:
     return "".join(parts)
 
 
+def _versus_float(vs: dict | None) -> str:
+    if not vs:
+        return ""
+    lo, hi = vs["drop_points_ci95"]
+    return (f"<p>mixed vs float32, image by image: {vs['images_lost']} images only float32 gets right, {vs['images_won']} only mixed; "
+            f"on new images like these the drop is {lo:.1f} to {hi:.1f} points (95 %)</p>")
+
+
 def _device_accuracy(device: dict | None) -> str:
     if not device:
         return ""
@@ -160,6 +168,7 @@ generated {html.escape(data['created'])}</p>
 {_table(['#', 'ONNX nodes', 'TFLite', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
 <h2>Accuracy</h2><p>{html.escape(str(acc.get('is')))} on {acc.get('samples')} images (host)</p>
 {_table(['model', 'accuracy'], [[k, _pct(v)] for k, v in acc['host'].items()])}
+{_versus_float(acc.get('mixed_vs_float32'))}
 {_device_accuracy(acc.get('device'))}
 <h2>On-device latency</h2>
 {'<p><strong>Emulated targets</strong> run under qemu-user: their latency shows that the pipeline works, not a real board’s speed.</p>' if emulated else ''}

@@ -52,6 +52,8 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert report["analysis"]["invocations"] == {"float32": 8, "int8": 8, "layer_kernels": 8, "backward": 8} and len(report["analysis"]["most_sensitive"]) == 10
     assert {p["label"] for p in report["pareto"]["device"]} == {"float32", "int8", "mixed"}
     page = (out / "report.html").read_text()
+    vs = report["accuracy"]["mixed_vs_float32"]
+    assert f"{vs['images_lost']} images only float32 gets right, {vs['images_won']} only mixed" in page
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
     sha = {(r["target"], r["label"]): r["sha256"] for r in report["device"]}
     assert ("mixed (= int8)" in page) == (sha[("arm", "mixed")] == sha[("arm", "int8")])  # one file, measured twice
