@@ -23,7 +23,7 @@ from .artifacts import CompiledModel
 from .console import captured_native_output
 from .deploy import open_device
 from .reports import now_iso, sha256_file, write_json
-from .runtime import paired_latency_ms
+from .runtime import median_ratio, paired_latency_ms
 from .selection import CostModel, LayerGraph, boundary_probe
 from .targets import Target
 
@@ -94,7 +94,7 @@ def host_latencies(compiled: CompiledModel, sample: np.ndarray, threads: int, ru
     with captured_native_output(quiet):
         pairs = [paired_latency_ms(compiled.float_model, compiled.int8_model, sample, threads, rounds=5, runs=max(1, runs // 5))
                  for _ in range(HOST_MEASUREMENTS)]
-    float_ms, int8_ms = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
+    float_ms, int8_ms = median_ratio(pairs)
     record = {"kind": "quantune-edge/host-latency", "created": now_iso(), **key, "float32_ms": float_ms, "int8_ms": int8_ms,
               "ratios": [round(f / i, 3) for f, i in pairs]}
     write_json(cache, record)

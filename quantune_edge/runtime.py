@@ -116,6 +116,12 @@ class TfliteRunner:
         return np.concatenate(outputs, axis=0)
 
 
+def median_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Of several paired (model, reference) latency measurements, the one whose ratio is the median:
+    one machine hiccup moves a single pair's ratio by up to 0.2 here."""
+    return sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
+
+
 def paired_latency_ms(path: str | Path, reference: str | Path, sample: np.ndarray, threads: int = 2, rounds: int = 5,
                       runs: int = 10, warmup: int = 5) -> tuple[float, float]:
     """p50 latency of a model and of a reference model, timed in alternating rounds.

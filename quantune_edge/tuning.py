@@ -32,7 +32,7 @@ from .layers import tensor_key
 from .metrics import compare_outputs, paired_top1, top1, top1_accuracy, top1_correct
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
-from .runtime import TfliteRunner, paired_latency_ms
+from .runtime import TfliteRunner, median_ratio, paired_latency_ms
 from .targets import Target
 
 MIXED_MODEL = "model_mixed.tflite"
@@ -307,7 +307,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                 limit = options.max_latency_ratio
                 if limit is not None and abs(pairs[0][0] / pairs[0][1] / limit - 1) < REMEASURE_MARGIN:
                     pairs += [once(), once()]
-                mixed, int8 = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
+                mixed, int8 = median_ratio(pairs)
                 results[k].update(latency_ms=mixed, latency_ratio=mixed / int8, latency_measurements=len(pairs))
             return results[k]
 
