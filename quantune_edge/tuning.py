@@ -179,11 +179,11 @@ class _Evaluator:
         with captured_native_output(self.quiet):
             out = TfliteRunner(path, self.threads).run(self.inputs)
         cmp = compare_outputs(self.float_out, out)
-        self.correct[float_set] = self.image_correct(out)
+        correct = self.correct[float_set] = self.image_correct(out)
         graph = tflite_graph.read(path)
         result = {
             "float_layers": sorted(float_set),
-            "top1": top1_accuracy(out, self.labels, self.compiled.label_offset) if self.labelled else None,
+            "top1": float(correct.mean()) if self.labelled else None,
             "top1_agreement": cmp["top1_agreement"],
             "output_sqnr_db": cmp["sqnr_db"],
             "quantize_ops": graph.count("QUANTIZE") + graph.count("DEQUANTIZE"),
