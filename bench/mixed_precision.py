@@ -30,7 +30,7 @@ from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
 from quantune_edge.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.layers import tensor_key  # noqa: E402
-from quantune_edge.metrics import paired_top1, top1_accuracy, top1_correct  # noqa: E402
+from quantune_edge.metrics import paired_top1, top1_accuracy  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.tuning import MIXED_MODEL, TuneOptions, TuneReport, _Evaluator, tune  # noqa: E402
 
@@ -156,15 +156,11 @@ def main() -> None:
             order = unranked.search["order"]
             debugger = debugger_ranking(compiled, compiled.load_samples(args.calib, 32, 0).data, names)
 
-            def correct(path: Path) -> np.ndarray:
-                with captured_native_output(True):
-                    return top1_correct(TfliteRunner(path, args.threads).run(inputs), samples.labels, offset)
-
-            def measure(float_set) -> tuple[tuple[float, float, int, float], Path]:
+            def measure(float_set) -> tuple[float, float, int, float]:
                 result, path = ev.evaluate(frozenset(int(i) for i in float_set))
                 with captured_native_output(True):
                     mixed, int8 = paired_latency_ms(path, compiled.int8_model, inputs[0], args.threads)
-                return (result["accuracy"], mixed / int8, result["quantize_ops"], result["output_sqnr_db"]), path
+                return result["accuracy"], mixed / int8, result["quantize_ops"], result["output_sqnr_db"]
 
             for k in ks:
                 runs, sizes = [], []
@@ -173,13 +169,13 @@ def main() -> None:
                                                                  metric=args.metric, rerank=rerank)).chosen
                     runs.append((fixed["accuracy"], fixed["latency_ratio"], fixed["quantize_ops"], fixed["output_sqnr_db"]))
                     sizes.append(len(fixed["float_layers"]))
-                    if rerank is None:
-                        ours_correct = correct(out / MIXED_MODEL)
-                naive_row, _ = measure(order[:k])
-                debugger_row, debugger_path = measure(debugger[:k])
-                rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False))[0] for seed in range(5)]
-                runs += [naive_row, debugger_row, tuple(float(np.mean([r[j] for r in rand])) for j in range(4))]
-                vs = paired_top1(ours_correct, correct(debugger_path))
+                    if rerank is None:  # tune's own evaluation stays inside it: run the model it wrote
+                        with captured_native_output(True):
+                            ours_correct = ev.image_correct(TfliteRunner(out / MIXED_MODEL, args.threads).run(inputs))
+                runs += [measure(order[:k]), measure(debugger[:k])]
+                rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False)) for seed in range(5)]
+                runs.append(tuple(float(np.mean([r[j] for r in rand])) for j in range(4)))
+                vs = paired_top1(ours_correct, ev.correct[frozenset(debugger[:k])])
                 equal_k.add_row(mode, str(k), f"{100 * k / n:.0f} %",
                                 *[f"{100 * a:.1f} / {lat:.2f}x / {q:.0f} / {db:.1f}" for a, lat, q, db in runs],
                                 " / ".join(map(str, sizes)), f"{vs['wins']} / {vs['losses']} (p {vs['p_value']:.2f})")
