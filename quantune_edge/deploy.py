@@ -237,6 +237,12 @@ class Device:
         self.conn.sftp.posix_rename(part, final)
         return Deployment(self.target.name, str(local), final, sha, size, True, time.monotonic() - start)
 
+    def remove_model(self, remote_path: str) -> None:
+        """Delete one file of the models folder (best effort: a file already gone is fine)."""
+        if posixpath.dirname(remote_path) != posixpath.join(self.work_dir, "models"):
+            raise InputError(f"{remote_path}: not in {self.work_dir}/models; not removed")
+        self._remove_quietly(remote_path)
+
     def _remove_quietly(self, path: str) -> None:
         try:
             self.conn.sftp.remove(path)

@@ -31,17 +31,56 @@ HOST_LATENCY_JSON = "host_latency.json"
 HOST_MEASUREMENTS = 3  # paired float32/int8 measurements; the one with the median ratio is kept
 
 
+class DeviceTimer:
+    """Models timed side by side on one target over one SSH connection.
+
+    Models are uploaded by content; each one this timer uploaded is removed again when it closes (a
+    model already on the device is left alone), so timing tune's candidates leaves the device's
+    models folder as it was.
+    """
+
+    def __init__(self, target: Target, *, runs: int = 5, rounds: int = 3, warmup: int = 1,
+                 log: Callable[[str], None] = lambda _m: None) -> None:
+        self.target, self.runs, self.rounds, self.warmup = target, runs, rounds, warmup
+        self.device = open_device(target, log=log)
+        self.facts: dict = {}
+        self._remote: dict[Path, str] = {}
+        self._uploaded: list[str] = []
+
+    def _deployed(self, model: Path) -> str:
+        if model not in self._remote:
+            deployment = self.device.deploy(model, by_content=True)
+            self._remote[model] = deployment.remote_path
+            if deployment.uploaded:
+                self._uploaded.append(deployment.remote_path)
+        return self._remote[model]
+
+    def p50_ms(self, models: list[Path]) -> list[float]:
+        """p50 latency (ms) of each model, timed in alternating rounds."""
+        result = self.device.agent(["profile", *(self._deployed(Path(m)) for m in models), "--runs", str(self.runs),
+                                    "--rounds", str(self.rounds), "--warmup", str(self.warmup), "--threads", str(self.target.threads)])
+        self.facts = {"device": result["device"], "runtime": result["runtime"]}
+        return [m["latency_ms"]["p50"] for m in result["models"]]
+
+    def close(self) -> None:
+        try:
+            for remote in self._uploaded:
+                self.device.remove_model(remote)
+        finally:
+            self.device.conn.close()
+
+    def __enter__(self) -> "DeviceTimer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def profile_on_device(target: Target, models: list[Path], *, runs: int = 5, rounds: int = 3, warmup: int = 1,
                       log: Callable[[str], None] = lambda _m: None) -> tuple[list[float], dict]:
     """p50 latency (ms) of each model on the target, timed in alternating rounds; and the device facts."""
-    device = open_device(target, log=log)
-    try:
-        remote = [device.deploy(m, by_content=True).remote_path for m in models]
-        result = device.agent(["profile", *remote, "--runs", str(runs), "--rounds", str(rounds), "--warmup", str(warmup),
-                               "--threads", str(target.threads)])
-    finally:
-        device.conn.close()
-    return [m["latency_ms"]["p50"] for m in result["models"]], {"device": result["device"], "runtime": result["runtime"]}
+    with DeviceTimer(target, runs=runs, rounds=rounds, warmup=warmup, log=log) as timer:
+        return timer.p50_ms(models), timer.facts
 
 
 def device_cost_model(compiled: CompiledModel, lg: LayerGraph, names: dict[int, str], target: Target, work: Path, *,
