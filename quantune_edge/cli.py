@@ -339,14 +339,14 @@ def tune_cmd(
     folder: Annotated[Path, typer.Argument(help="Compile folder with an analysis.json (run 'analyze' first).")],
     eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1; else agreement with float32) or .npy.")],
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
-    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8 on this host.")] = None,
+    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8, on this host (or on --latency-source).")] = None,
     float_layers: Annotated[Optional[int], typer.Option("--float-layers", help="Keep exactly the K most sensitive layers float.")] = None,
     keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Always float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
     keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Never float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation samples (deterministic subset).")] = 200,
     metric: Annotated[Optional[str], typer.Option("--metric", help="Rank layers by this analysis score (default: the analysis's own).")] = None,
     rerank: Annotated[Optional[int], typer.Option("--rerank", help="Re-analyse the mixed model after each of the first R picks and take the next from it (0: the analysis order; default 10 when ranking by output share).")] = None,
-    latency_source: Annotated[Optional[str], typer.Option("--latency-source", help="Target whose measured layer costs price the choice (default: this host).")] = None,
+    latency_source: Annotated[Optional[str], typer.Option("--latency-source", help="Target whose measured layer costs price the choice, where the chosen model and a --max-latency-ratio budget are timed (default: this host).")] = None,
     targets_dir: TargetsDir = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
     threads: Annotated[int, typer.Option("--threads", help="Interpreter threads for evaluation and latency.")] = 2,
@@ -402,6 +402,11 @@ def _print_tune(reporter: Reporter, report) -> None:
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
     reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{_one_line(l)}" for l in c["layers"]) or "none"), markup=False)
+    if "device_latency_ms" in c:
+        target = report.budget["latency_source"]["target"]["name"]
+        reporter.console.print(f"on {target}: mixed {c['device_latency_ms']:.2f} ms, {c['device_latency_ratio']:.2f}x full int8 "
+                               f"(p50, timed side by side{', median of 3' if c['device_latency_measurements'] > 1 else ''})"
+                               + ("; the latency budget is measured there" if "max_latency_ratio" in report.budget else ""), markup=False)
     vs = c.get("vs_float32")
     if vs:
         lo, hi = vs["drop_points_ci95"]

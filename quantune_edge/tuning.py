@@ -6,10 +6,11 @@ analysis of the mixed model with the earlier picks float, because which error ma
 what is float already. Each evaluation re-quantizes the calibrated model with that float set (TF
 selective quantization, same calibration ranges) and runs it on the evaluation images. The accuracy
 budget is met by bisection over k (≤ ⌈log2 n⌉ + 2 evaluations); the latency budget by bisection over
-measured host latency.
+measured latency: on the host, or on the ``latency_source`` target when one is given.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import json
@@ -54,14 +55,15 @@ class BudgetError(QuantuneError):
 @dataclass
 class TuneOptions:
     max_drop: float | None = None  # top-1 points vs float (default 1.0 when no budget is given)
-    max_latency_ratio: float | None = None  # vs full int8 on the host
+    max_latency_ratio: float | None = None  # vs full int8 on the host, or on latency_source when given
     float_layers: int | None = None  # exactly the k most sensitive (grown into regions)
     keep_float: list[str] = field(default_factory=list)
     keep_int8: list[str] = field(default_factory=list)  # never float, even to close a region
     metric: str | None = None  # rank by this analysis score instead of the analysis's own order
     rerank: int | None = None  # analyses of the mixed model so far, one per pick after the first (0: the
     # analysis order; default DEFAULT_RERANK when ranking by output share, else 0)
-    latency_source: Target | None = None  # price layers with costs measured on this target, not the host
+    latency_source: Target | None = None  # price layers with costs measured on this target, not the host; the
+    # chosen model's latency is measured there too, and so is a --max-latency-ratio budget
     num_eval: int = 200
     seed: int = 1
     threads: int = 2
@@ -271,7 +273,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     start = time.perf_counter()
     results: dict[int, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress:
+    with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress, contextlib.ExitStack() as stack:
         ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
                                                                options, reporter, progress) if reranks else None)
@@ -296,19 +298,35 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             progress.advance(task)
             return result
 
-        def latency(k: int) -> dict:
-            if "latency_ms" not in results[k]:
+        timers: list = []  # the --latency-source target's, connected at its first use and closed at the end
+
+        def device_p50_ms(models: list[Path]) -> list[float]:
+            if not timers:
+                from .device_costs import DeviceTimer
+
+                timers.append(stack.enter_context(DeviceTimer(options.latency_source, log=reporter.info)))
+            return timers[0].p50_ms(models)
+
+        budget_on = "latency" if options.latency_source is None else "device_latency"  # where --max-latency-ratio is measured
+
+        def latency(k: int, on: str = "latency") -> dict:
+            """Paired p50 of candidate k and full int8: ``latency_*`` on the host, ``device_latency_*`` on
+            the --latency-source target."""
+            if f"{on}_ms" not in results[k]:
                 def once() -> tuple[float, float]:
+                    if on == "device_latency":
+                        mixed, int8 = device_p50_ms([paths[k], compiled.int8_model])
+                        return mixed, int8
                     with captured_native_output(not options.verbose):
                         return paired_latency_ms(paths[k], compiled.int8_model, inputs[0], options.threads,
                                                  runs=max(1, options.latency_runs // 5))
 
                 pairs = [once()]
-                limit = options.max_latency_ratio
+                limit = options.max_latency_ratio if on == budget_on else None
                 if limit is not None and abs(pairs[0][0] / pairs[0][1] / limit - 1) < REMEASURE_MARGIN:
                     pairs += [once(), once()]
                 mixed, int8 = median_ratio(pairs)
-                results[k].update(latency_ms=mixed, latency_ratio=mixed / int8, latency_measurements=len(pairs))
+                results[k].update({f"{on}_ms": mixed, f"{on}_ratio": mixed / int8, f"{on}_measurements": len(pairs)})
             return results[k]
 
         if options.float_layers is not None:
@@ -331,10 +349,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
             def measured(k: int) -> dict:
                 evaluate(k)
-                return latency(k)
+                return latency(k, budget_on)
 
             # The most float layers within the latency budget = the smallest k that breaks it, minus one.
-            over = selection.bisect_smallest(free, measured, lambda r: r["latency_ratio"] > limit, lambda r: -r["latency_ratio"])
+            ratio = f"{budget_on}_ratio"
+            over = selection.bisect_smallest(free, measured, lambda r: r[ratio] > limit, lambda r: -r[ratio])
             chosen_k = free if over.k is None else max(over.k - 1, 0)
             met = over.k != 0
             if chosen_k not in results:
@@ -344,13 +363,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         chosen = latency(chosen_k)
         vs = paired_top1(ev.correct[choices[chosen_k]], ev.image_correct(float_out))
         chosen["vs_float32"] = {"images_won": vs["wins"], "images_lost": vs["losses"], "p_value": vs["p_value"],
-                                "drop_points_ci95": sorted(-100 * d for d in vs["difference_ci95"])}
+                                "drop_points_ci95": sorted(0.0 - 100 * d for d in vs["difference_ci95"])}  # 0.0 - x, not -x: never "-0.0"
         if options.latency_source is not None:
-            from .device_costs import profile_on_device
-
-            (device_mixed_ms, device_int8_ms), _facts = profile_on_device(options.latency_source, [paths[chosen_k], compiled.int8_model],
-                                                                         log=reporter.info)
-            chosen.update(device_latency_ms=device_mixed_ms, device_latency_ratio=device_mixed_ms / device_int8_ms)
+            latency(chosen_k, "device_latency")
         out_path = compiled.folder / MIXED_MODEL
         tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
         tmp_out.write_bytes(paths[chosen_k].read_bytes())
@@ -389,7 +404,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
         plot_pareto(report, compiled.folder / PARETO_PNG)
     if not met and not options.best_effort:
-        raise BudgetError(f"budget not met even with all {free} {'free ' if free < n else ''}layers float (best: {_describe(chosen)}); "
+        where = (f"even with no {'free ' if free < n else ''}layer float" if options.max_latency_ratio is not None
+                 else f"even with all {free} {'free ' if free < n else ''}layers float")
+        raise BudgetError(f"budget not met {where} (best: {_describe(chosen)}); "
                           f"wrote the best found to {out_path}; use --best-effort to accept it")
     return report
 
@@ -466,7 +483,9 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
 
 
 def _describe(r: dict) -> str:
-    return f"{len(r['float_layers'])} float layers, accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points"
+    latency = "".join(f", {r[key]:.2f}x int8 latency{where}" for key, where in (("latency_ratio", " on the host"),
+                                                                              ("device_latency_ratio", " on the device")) if key in r)
+    return f"{len(r['float_layers'])} float layers, accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points{latency}"
 
 
 def _pareto(n, choices, evaluate, latency, results) -> list[dict]:

@@ -1,6 +1,7 @@
 """Mixed-precision selection on the shipped EfficientNet-Lite0 (per-tensor, where int8 hurts) and pure region logic."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -151,6 +152,8 @@ def test_latency_ratio_near_the_limit_is_measured_three_times(folder, monkeypatc
     measured = [e for e in near.evaluations if "latency_ratio" in e]
     assert measured and all(e["latency_measurements"] == 3 and e["latency_ratio"] == pytest.approx(1.32) for e in measured)
     assert not near.budget["met"]  # the median, not the lucky first ratio, is over the limit
+    with pytest.raises(BudgetError, match=r"budget not met even with no layer float \(best: 0 float layers, .*, 1\.3\dx int8 latency on the host\)"):
+        tune(folder, DEMO_IMAGES, TuneOptions(max_latency_ratio=1.2, num_eval=8))
     calls.clear()
     far = tune(folder, DEMO_IMAGES, TuneOptions(max_latency_ratio=2.0, num_eval=8))
     measured = [e for e in far.evaluations if "latency_ratio" in e]
@@ -310,6 +313,43 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     # The reference latencies stay the host's: the device's int8 p50 is its own, independent timing.
     device_int8_ms = r.chosen["device_latency_ms"] / r.chosen["device_latency_ratio"]
     assert r.reference["int8_latency_ms"] != pytest.approx(device_int8_ms, rel=1e-9)
+
+
+def test_latency_budget_is_timed_on_the_latency_source(folder, tmp_path):
+    """With --latency-source, --max-latency-ratio is measured on that device (here the agent on a
+    loopback sshd): every candidate the search timed has a device ratio, the chosen one is within the
+    budget and the next k is not, and the models uploaded only to be timed are removed again."""
+    import sys
+
+    from loopback_sshd import LoopbackSshd
+    from test_cli import run_cli
+
+    device = tmp_path / "device"
+    server = LoopbackSshd(tmp_path / "sshd").start()
+    try:
+        server.target_toml(tmp_path / "targets" / "dev.toml", python=sys.executable, work_dir=device)
+        (device / "models").mkdir(parents=True)
+        int8 = (folder / "model_int8.tflite").read_bytes()
+        deployed_before = f"{hashlib.sha256(int8).hexdigest()[:12]}-model_int8.tflite"  # as `deploy` names it by content
+        (device / "models" / deployed_before).write_bytes(int8)
+        ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "8", "--max-latency-ratio", "1.15", "--best-effort",
+                     "--latency-source", "dev", "--targets-dir", tmp_path / "targets", "--rerank", "2")
+    finally:
+        server.stop()
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads((folder / "tune.json").read_text())
+    chosen, by_k = report["chosen"], {e["k"]: e for e in report["evaluations"]}
+    assert all(e["device_latency_ms"] > 0 and e["device_latency_measurements"] in (1, 3) for e in by_k.values())
+    near = [e for e in by_k.values() if abs(e["device_latency_ratio"] / 1.15 - 1) < 0.05]
+    assert all(e["device_latency_measurements"] == 3 for e in near)
+    if report["budget"]["met"]:
+        assert chosen["device_latency_ratio"] <= 1.15
+    if chosen["k"] < report["search"]["layers"]:
+        assert by_k[chosen["k"] + 1]["device_latency_ratio"] > 1.15
+    assert chosen["latency_ms"] > 0  # the host's latency is still reported beside the device's
+    assert report["search"]["evaluations"] <= report["search"]["bound"]
+    assert re.search(r"^on dev: mixed [\d.]+ ms, [\d.]+x full int8 .*the latency budget is measured there$", ok.stderr, re.M), ok.stderr
+    assert [p.name for p in (device / "models").iterdir()] == [deployed_before]  # timed there, left there
 
 
 def test_bisection_bound_and_non_monotonic_accuracy():
