@@ -14,7 +14,7 @@ from rich.table import Table
 from . import __version__
 from .analysis import LOCAL_SAMPLES
 from .console import Reporter
-from .errors import QuantuneError
+from .errors import InputError, QuantuneError
 from .reports import _jsonable
 from .sensitivity import DEFAULT_METRIC, nan_low
 
@@ -664,7 +664,8 @@ def run_cmd(
     eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1) or .npy.")],
     target: Annotated[str, typer.Option("--target", help="Target name(s), comma-separated.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for everything (kept; stages are cached in it).")] = Path("runs/run"),
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32.")] = 1.0,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
+    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8, timed on the first target (instead of --max-drop).")] = None,
     num_calib: Annotated[int, typer.Option("--num-calib")] = 100,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the two-run analysis.")] = 32,
     num_eval: Annotated[int, typer.Option("--num-eval")] = 200,
@@ -692,10 +693,12 @@ def run_cmd(
     from .preprocessing import make_preprocessing
 
     try:
+        if max_drop is not None and max_latency_ratio is not None:
+            raise InputError("give one of --max-drop, --max-latency-ratio")
         targets = _load_targets(target, targets_dir)
         options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order),
                              label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
-                             analysis_samples=num_samples, max_drop=max_drop,
+                             analysis_samples=num_samples, max_drop=1.0 if max_drop is None else max_drop, max_latency_ratio=max_latency_ratio,
                              num_eval=num_eval, best_effort=best_effort, pareto=pareto, eval_on_device=eval_on_device, runs=runs,
                              trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, verbose=verbose)
     except QuantuneError as exc:

@@ -45,6 +45,7 @@ class RunOptions:
     num_calib: int = 100
     analysis_samples: int = 32
     max_drop: float = 1.0
+    max_latency_ratio: float | None = None  # instead of max_drop: timed on the first target (the host without one)
     num_eval: int = 200
     best_effort: bool = False
     pareto: bool = False
@@ -165,11 +166,14 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
                                                                   verbose=o.verbose), reporter), reporter)
 
     eval_fingerprint = data_fingerprint(eval_data)
-    tune_key = _key("tune", analyze_key, eval_fingerprint, o.max_drop, o.num_eval, o.best_effort, o.pareto)
+    timed_on = targets[0] if o.max_latency_ratio is not None and targets else None
+    tune_key = _key("tune", analyze_key, eval_fingerprint, o.max_drop, o.max_latency_ratio, timed_on.to_dict() if timed_on else None,
+                    o.num_eval, o.best_effort, o.pareto)
     stages.run("tune", tune_key, lambda: [compiled / "tune.json", compiled / "model_mixed.tflite"],
-               lambda: tune(compiled, eval_data, TuneOptions(max_drop=o.max_drop, num_eval=o.num_eval, threads=o.threads,
-                                                             best_effort=o.best_effort, pareto=o.pareto, verbose=o.verbose),
-                            reporter), reporter)
+               lambda: tune(compiled, eval_data, TuneOptions(
+                   max_drop=o.max_drop if o.max_latency_ratio is None else None, max_latency_ratio=o.max_latency_ratio,
+                   latency_source=timed_on, num_eval=o.num_eval, threads=o.threads, best_effort=o.best_effort, pareto=o.pareto,
+                   verbose=o.verbose), reporter), reporter)
 
     models = [compiled / f"model_{k}.tflite" for k in ("float32", "int8", "mixed")]
     bench_key = _key("bench", tune_key, [t.to_dict() for t in targets], o.runs, o.warmup)

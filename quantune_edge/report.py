@@ -44,6 +44,7 @@ def build(out: Path, compiled: Path, bench_reports: list[Path], stages: dict, de
                      "most_sensitive": [by_index[i] for i in ana.get("sensitivity_order", [])[:TOP_LAYERS]]},
         "tune": {"budget": tun.get("budget"), "chosen_layers": chosen.get("layers", []),
                  "drop_points": chosen.get("drop_points"), "host_latency_ratio": chosen.get("latency_ratio"),
+                 "device_latency_ratio": chosen.get("device_latency_ratio"),
                  "quantize_ops": chosen.get("quantize_ops"), "evaluations": (tun.get("search") or {}).get("evaluations")},
         "accuracy": accuracy,
         "device": [r.to_dict() for r in rows],
@@ -98,6 +99,22 @@ def accuracy_latency_chart(points: list[dict]) -> str:
         parts.append(f'<text x="{cx + 9:.1f}" y="{cy - 8 - 13 * (n % 3):.1f}" font-size="11">{html.escape(p["target"])} · {p["label"]}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _budget(budget: dict | None) -> str:
+    """The tune budget in words: which one, where latency was timed, met or not."""
+    if not budget:
+        return "budget: unknown"
+    source = budget.get("latency_source") or {}
+    where = f"on {source['target']['name']}" if source.get("kind") == "device" else "on the host"
+    if budget.get("max_latency_ratio") is not None:
+        text = f"latency at most {budget['max_latency_ratio']:g}x full int8, timed {where}"
+    elif budget.get("float_layers") is not None:
+        text = f"{budget['float_layers']} float layers"
+    else:
+        drop = budget.get("max_drop_points", 0)
+        text = f"top-1 at most {drop:g} point{'' if drop == 1 else 's'} below float32"
+    return f"budget: {text} ({'met' if budget.get('met') else 'not met, best found'})"
 
 
 def _versus_float(vs: dict | None) -> str:
@@ -164,7 +181,7 @@ generated {html.escape(data['created'])}</p>
 {_img(compiled / 'analysis.png', 'local metrics per layer')}
 {_table(['rank', '#', 'ONNX nodes', 'TFLite', 'op', 'own error (LSB)', 'share of logit error', 'activation SQNR dB'], layers)}
 <h2>Chosen float layers</h2>
-<p>budget {html.escape(json.dumps(t.get('budget')))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
+<p>{html.escape(_budget(t.get('budget')))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
 {_table(['#', 'ONNX nodes', 'TFLite', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
 <h2>Accuracy</h2><p>{html.escape(str(acc.get('is')))} on {acc.get('samples')} images (host)</p>
 {_table(['model', 'accuracy'], [[k, _pct(v)] for k, v in acc['host'].items()])}

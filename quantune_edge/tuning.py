@@ -215,6 +215,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         options.max_drop = 1.0
     if options.num_eval <= 0:
         raise InputError(f"--num-eval must be positive, got {options.num_eval}")
+    if options.max_latency_ratio is not None and not options.max_latency_ratio > 0:
+        raise InputError(f"--max-latency-ratio must be positive, got {options.max_latency_ratio}")
     if options.rerank is not None and options.rerank < 0:
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
     compiled = CompiledModel.open(compile_dir)

@@ -54,6 +54,7 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     page = (out / "report.html").read_text()
     vs = report["accuracy"]["mixed_vs_float32"]
     assert f"{vs['images_lost']} images only float32 gets right, {vs['images_won']} only mixed" in page
+    assert "budget: top-1 at most 1 point below float32 (met)" in page  # met: the run exited 0 without --best-effort
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
     sha = {(r["target"], r["label"]): r["sha256"] for r in report["device"]}
     assert ("mixed (= int8)" in page) == (sha[("arm", "mixed")] == sha[("arm", "int8")])  # one file, measured twice
@@ -83,6 +84,18 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert (out / "compiled" / "tune.json").is_file() and (out / "report.html").is_file()
     state = json.loads((out / "stages.json").read_text())
     assert state["bench"]["status"] == "failed" and state["tune"]["status"] == "done"
+
+    both = run_cli(*_args(out, targets_dir, "loop", "--max-drop", "1", "--max-latency-ratio", "1.2"))
+    assert both.returncode != 0 and both.stderr.strip().splitlines() == ["error: give one of --max-drop, --max-latency-ratio"], both.stderr
+    timed = run_cli(*_args(out, targets_dir, "loop", "--max-latency-ratio", "1.3", "--best-effort", "--json"))
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    stages = json.loads(timed.stdout)["stages"]
+    assert stages["analyze"]["cached"] and not stages["tune"]["cached"]
+    tuned = json.loads((out / "compiled" / "tune.json").read_text())
+    assert tuned["budget"]["max_latency_ratio"] == 1.3 and tuned["budget"]["latency_source"]["target"]["name"] == "loop"
+    assert all("device_latency_ratio" in e for e in tuned["evaluations"])  # the budget was timed on the target
+    assert not tuned["budget"]["met"] or tuned["chosen"]["device_latency_ratio"] <= 1.3
+    assert "budget: latency at most 1.3x full int8, timed on loop (" in (out / "report.html").read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (make test installs it as root)")
