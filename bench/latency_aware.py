@@ -1,13 +1,17 @@
 """Latency-aware choice (layer costs measured on the target) vs the MAC-estimated choice (costs
 priced from host latencies), at equal k float layers: accuracy, and latency on the target and on the
-host, per-tensor EfficientNet-Lite0.
+host, per-tensor EfficientNet-Lite0. With ``--budget R`` also a latency budget of R × full int8, met by
+``tune`` timing its candidates on the host vs on the target: the float layers each keeps, and both
+choices timed on the target side by side.
 
-    .venv/bin/python bench/latency_aware.py [--target local-arm] [--ks 3,6,10] [--eval-num 200]
+    .venv/bin/python bench/latency_aware.py [--target local-arm] [--ks 3,6,10] [--eval-num 200] [--budget 1.2]
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -21,7 +25,7 @@ from quantune_edge.console import captured_native_output  # noqa: E402
 from quantune_edge.device_costs import device_cost_model, profile_on_device  # noqa: E402
 from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.targets import load_target  # noqa: E402
-from quantune_edge.tuning import predicted_gain, _Evaluator  # noqa: E402
+from quantune_edge.tuning import MIXED_MODEL, TuneOptions, _Evaluator, predicted_gain, tune  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--ks", default="3,6,10")
     parser.add_argument("--eval-num", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=None, help="also --max-latency-ratio R, timed on the host vs on the target")
     args = parser.parse_args()
     target = load_target(args.target)
     console = Console(width=160)
@@ -64,6 +69,15 @@ def main() -> None:
                              "path": path})
                 models.append(path)
             rows.append((k, pair))
+        budget_rows = []
+        for where, source in (("host", None), (target.name, target)) if args.budget else ():
+            start = time.perf_counter()
+            report = tune(out, ASSETS / "imagenet-val", TuneOptions(max_latency_ratio=args.budget, num_eval=args.eval_num, threads=args.threads,
+                                                                    latency_source=source, best_effort=True))
+            path = Path(tmp) / f"budget_{where}.tflite"
+            shutil.copy(out / MIXED_MODEL, path)
+            models.append(path)
+            budget_rows.append((where, report, path, time.perf_counter() - start))
         console.print(f"timing {len(models)} models + int8 on {target.name} in alternating rounds ...")
         p50s, _facts = profile_on_device(target, [compiled.int8_model, *models], runs=3, rounds=3)
         device_int8, device = p50s[0], dict(zip(models, p50s[1:]))
@@ -77,6 +91,15 @@ def main() -> None:
             table.add_row(str(k), label, str(len(p["set"])), str(p["qdq"]), f"{100 * p['acc']:.1f}",
                           f"{device[p['path']] / device_int8:.2f}x", f"{p['host']:.2f}x")
     console.print(table)
+    if budget_rows:
+        table = Table(title=f"latency budget {args.budget}x full int8 (tune --max-latency-ratio), timed on the host vs on {target.name}")
+        for col in ("timed on", "float layers", "Q/DQ", "top-1 %", "host vs int8", f"{target.name} vs int8", "evaluations", "tune s"):
+            table.add_column(col, justify="right")
+        for where, report, path, seconds in budget_rows:
+            c = report.chosen
+            table.add_row(where, str(len(c["float_layers"])), str(c["quantize_ops"]), f"{100 * c['accuracy']:.1f}", f"{c['latency_ratio']:.2f}x",
+                          f"{device[path] / device_int8:.2f}x", str(report.search["evaluations"]), f"{seconds:.0f}")
+        console.print(table)
     console.print(f"{target.name} cost model: int8 {m['int8_ms_per_mac'] * 1e6:.3f} ms/MMAC, float {m['float_ms_per_mac'] * 1e6:.3f} ms/MMAC, "
                   f"conversion {m['boundary_ms_per_element'] * 1e3:.3f} ms per 1000 elements (measured p50: {record['measured_p50_ms']}); "
                   f"host: int8 {host_cost.int8_ms_per_mac * 1e6:.4f}, float {host_cost.float_ms_per_mac * 1e6:.4f} ms/MMAC, "

@@ -166,6 +166,9 @@ def test_bad_inputs(folder, effnet_compiled, tmp_path):
         tune(folder, DEMO_IMAGES, TuneOptions(max_drop=1.0, float_layers=2))
     with pytest.raises(InputError, match="--float-layers must be between 0 and 60"):
         tune(folder, DEMO_IMAGES, TuneOptions(float_layers=61))
+    for ratio in (0.0, -1.0, math.nan):
+        with pytest.raises(InputError, match="--max-latency-ratio must be positive"):
+            tune(folder, DEMO_IMAGES, TuneOptions(max_latency_ratio=ratio))
     no_analysis = tmp_path / "no_analysis"
     shutil.copytree(folder, no_analysis)
     (no_analysis / "analysis.json").unlink()
