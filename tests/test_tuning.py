@@ -353,6 +353,14 @@ def test_latency_budget_is_timed_on_the_latency_source(folder, tmp_path):
     assert report["search"]["evaluations"] <= report["search"]["bound"]
     assert re.search(r"^on dev: mixed [\d.]+ ms, [\d.]+x full int8 .*the latency budget is measured there$", ok.stderr, re.M), ok.stderr
     assert [p.name for p in (device / "models").iterdir()] == [deployed_before]  # timed there, left there
+    # The device gone (its costs cached): a one-line error, and the chosen model and tune.json stay as they were.
+    written = {name: (folder / name).read_bytes() for name in ("model_mixed.tflite", "tune.json")}
+    gone = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "8", "--max-latency-ratio", "1.15",
+                   "--latency-source", "dev", "--targets-dir", tmp_path / "targets", "--rerank", "0")
+    lines = gone.stderr.strip().splitlines()
+    assert gone.returncode != 0 and lines[-1].startswith("error: ") and "cannot reach" in lines[-1], gone.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert {name: (folder / name).read_bytes() for name in written} == written
 
 
 def test_bisection_bound_and_non_monotonic_accuracy():
