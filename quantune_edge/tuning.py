@@ -342,9 +342,16 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             found = selection.bisect_smallest(free, evaluate, meets, lambda r: r["accuracy"])
             chosen_k, met = found.best_k, found.k is not None
             if met and options.latency_source is not None:
-                # Among the evaluated choices that meet the budget, the fastest on that device.
-                ok = [k for k, r in results.items() if meets(r)]
-                chosen_k = min(ok, key=lambda k: (cost.latency_ms(lg, choices[k]), k))
+                # Among the evaluated choices that meet the budget, the fastest on that device, timed
+                # there side by side (one model file per float set) rather than trusted to the estimate.
+                ok = sorted(k for k, r in results.items() if meets(r))
+                files = list(dict.fromkeys(paths[k] for k in ok))
+                if len(files) > 1:
+                    *p50s, int8_p50 = device_p50_ms([*files, compiled.int8_model])
+                    for k in ok:
+                        ms = p50s[files.index(paths[k])]
+                        results[k].update(device_latency_ms=ms, device_latency_ratio=ms / int8_p50, device_latency_measurements=1)
+                chosen_k = min(ok, key=lambda k: (results[k].get("device_latency_ratio", 0.0), k))
             mode = {"max_drop_points": options.max_drop}
         else:
             limit = options.max_latency_ratio

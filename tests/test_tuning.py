@@ -305,8 +305,14 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     try:
         target = load_target(str(server.target_toml(tmp_path / "dev.toml", python=sys.executable, work_dir=tmp_path / "device")))
         r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, num_eval=8, latency_runs=5, latency_source=target))
+        budget = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=1.0, num_eval=8, latency_source=target, rerank=0))
     finally:
         server.stop()
+    # --max-drop: every evaluated choice that meets the budget was timed on the device, the fastest kept.
+    meeting = [e for e in budget.evaluations if e["drop_points"] <= 1.0]
+    assert budget.budget["met"] and len({frozenset(e["float_layers"]) for e in meeting}) > 1
+    assert all(e["device_latency_ratio"] > 0 for e in meeting)
+    assert budget.chosen["device_latency_ratio"] == min(e["device_latency_ratio"] for e in meeting)
     source = r.budget["latency_source"]
     assert source["kind"] == "device" and source["target"]["name"] == "dev"
     assert all(v > 0 for v in source["measured_p50_ms"].values()) and source["cost_model"]["float_ms_per_mac"] > 0
