@@ -80,32 +80,37 @@ def plot_analysis(report, path: str | Path) -> None:
 
 
 def plot_pareto(report, path: str | Path) -> None:
-    """Accuracy vs host latency for k = 0 … n float layers, with float32, full int8 and the choice marked."""
+    """Accuracy vs host latency for k = 0 … n float layers, with float32, full int8 and the choice
+    marked; beside it the same sweep timed on the --latency-source device, when tune had one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = report.pareto or []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lat = [p["latency_ms"] for p in points]
+    points, ref, c = report.pareto or [], report.reference, report.chosen
+    device = ref.get("device_pareto")
+    panels = [([p["latency_ms"] for p in points], ref["float32_latency_ms"], ref["int8_latency_ms"], c["latency_ms"],
+               f"host latency, ms (p50, {ref['threads']} threads)")]
+    if device:
+        panels.append(([p["device_latency_ms"] for p in points], device["float32_ms"], device["int8_ms"], device["chosen_ms"],
+                       f"latency on {device['target']}, ms (p50, timed side by side)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     acc = [100 * p["accuracy"] for p in points]
-    ax.plot(lat, acc, "o-", color="0.5", label="k most sensitive layers float")
-    for p in points:
-        ax.annotate(str(p["float_layers"]), (p["latency_ms"], 100 * p["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ref = report.reference
-    ax.axvline(ref["int8_latency_ms"], color="tab:blue", ls=":", lw=1)
-    ax.axvline(ref["float32_latency_ms"], color="tab:green", ls=":", lw=1)
-    ax.scatter([ref["float32_latency_ms"]], [100 * ref["float32_accuracy"]], marker="s", color="tab:green", zorder=3, label="float32")
-    if ref.get("int8"):
-        ax.scatter([ref["int8_latency_ms"]], [100 * ref["int8"]["accuracy"]], marker="D", color="tab:blue", zorder=3, label="full int8")
-    c = report.chosen
-    ax.scatter([c["latency_ms"]], [100 * c["accuracy"]], marker="*", s=180, color="tab:red", zorder=4,
-               label=f"chosen: {len(c['float_layers'])} float layers")
-    ax.set_xlabel(f"host latency, ms (p50, {ref['threads']} threads)")
-    ax.set_ylabel(f"accuracy, % ({ref['accuracy_is']}, {ref['eval_samples']} images)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (lat, float_ms, int8_ms, chosen_ms, xlabel) in zip(axes[0], panels):
+        ax.plot(lat, acc, "o-", color="0.5", label="k most sensitive layers float")
+        for p, x, y in zip(points, lat, acc):
+            ax.annotate(str(p["float_layers"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(int8_ms, color="tab:blue", ls=":", lw=1)
+        ax.axvline(float_ms, color="tab:green", ls=":", lw=1)
+        ax.scatter([float_ms], [100 * ref["float32_accuracy"]], marker="s", color="tab:green", zorder=3, label="float32")
+        if ref.get("int8"):
+            ax.scatter([int8_ms], [100 * ref["int8"]["accuracy"]], marker="D", color="tab:blue", zorder=3, label="full int8")
+        ax.scatter([chosen_ms], [100 * c["accuracy"]], marker="*", s=180, color="tab:red", zorder=4,
+                   label=f"chosen: {len(c['float_layers'])} float layers")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"accuracy, % ({ref['accuracy_is']}, {ref['eval_samples']} images)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

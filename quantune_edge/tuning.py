@@ -386,6 +386,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                 f"or misses {sorted(wanted - float_ops)[:3]}; not written")
         tmp_out.replace(out_path)
         pareto = _pareto(free, choices, evaluate, latency, results) if options.pareto else None
+        device_pareto = (_pareto_on_device(pareto, paths, chosen_k, compiled, device_p50_ms, options.latency_source.name)
+                         if pareto and options.latency_source is not None else None)
         progress.update(task, total=len(results), completed=len(results))
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
@@ -397,7 +399,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                    "float32_latency_ms": float_ms, "int8_latency_ms": int8_ms,
                    "host_latency": {"file": HOST_LATENCY_JSON, "reused": host["reused"], "measured": host["created"]},
                    "int8": {k: v for k, v in results.get(0, {}).items() if k != "float_layers"} or None,
-                   "threads": options.threads},
+                   "threads": options.threads, **({"device_pareto": device_pareto} if device_pareto else {})},
         chosen={**chosen, "layers": [layer_summary(layer_by_index[i]) for i in sorted(choices[chosen_k])],
                 "share_of_layers_float": len(choices[chosen_k]) / n},
         evaluations=[results[k] for k in sorted(results)],
@@ -495,6 +497,17 @@ def _describe(r: dict) -> str:
     latency = "".join(f", {r[key]:.2f}x int8 latency{where}" for key, where in (("latency_ratio", " on the host"),
                                                                               ("device_latency_ratio", " on the device")) if key in r)
     return f"{len(r['float_layers'])} float layers, accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points{latency}"
+
+
+def _pareto_on_device(points: list[dict], paths: dict[int, Path], chosen_k: int, compiled: CompiledModel,
+                      device_p50_ms: Callable[[list[Path]], list[float]], target: str) -> dict:
+    """The sweep's models, the chosen one, float32 and full int8 timed side by side on the
+    --latency-source device in one profile; adds ``device_latency_ms`` to each point."""
+    files = list(dict.fromkeys([*(paths[p["k"]] for p in points), paths[chosen_k], compiled.float_model, compiled.int8_model]))
+    ms = dict(zip(files, device_p50_ms(files)))
+    for p in points:
+        p["device_latency_ms"] = ms[paths[p["k"]]]
+    return {"target": target, "float32_ms": ms[compiled.float_model], "int8_ms": ms[compiled.int8_model], "chosen_ms": ms[paths[chosen_k]]}
 
 
 def _pareto(n, choices, evaluate, latency, results) -> list[dict]:

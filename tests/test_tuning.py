@@ -304,7 +304,7 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     server = LoopbackSshd(tmp_path / "sshd").start()
     try:
         target = load_target(str(server.target_toml(tmp_path / "dev.toml", python=sys.executable, work_dir=tmp_path / "device")))
-        r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, num_eval=8, latency_runs=5, latency_source=target))
+        r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, num_eval=8, latency_runs=5, latency_source=target, pareto=True))
         budget = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=1.0, num_eval=8, latency_source=target, rerank=0))
     finally:
         server.stop()
@@ -319,6 +319,14 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     saved = json.loads((folder / "device_costs_dev.json").read_text())
     assert saved["cost_model"] == source["cost_model"] and len(saved["probe_layers"]) == 8
     assert r.chosen["device_latency_ms"] > 0 and r.chosen["device_latency_ratio"] > 0
+    # --pareto: the sweep, the choice, float32 and int8 timed on the device in one profile, plotted beside the host's.
+    on_device = r.reference["device_pareto"]
+    assert on_device["target"] == "dev" and min(on_device["float32_ms"], on_device["int8_ms"], on_device["chosen_ms"]) > 0
+    assert len(r.pareto) >= 10 and all(p["device_latency_ms"] > 0 for p in r.pareto)
+    from PIL import Image
+
+    with Image.open(folder / "pareto.png") as png:
+        assert png.width > 1.8 * png.height  # two panels side by side: host and device
     # The reference latencies stay the host's: the device's int8 p50 is its own, independent timing.
     device_int8_ms = r.chosen["device_latency_ms"] / r.chosen["device_latency_ratio"]
     assert r.reference["int8_latency_ms"] != pytest.approx(device_int8_ms, rel=1e-9)
