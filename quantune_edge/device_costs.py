@@ -21,7 +21,7 @@ import numpy as np
 
 from .artifacts import CompiledModel
 from .console import captured_native_output
-from .deploy import open_device
+from .deploy import Device, open_device
 from .reports import now_iso, sha256_file, write_json
 from .runtime import median_ratio, paired_latency_ms
 from .selection import CostModel, LayerGraph, boundary_probe
@@ -32,7 +32,8 @@ HOST_MEASUREMENTS = 3  # paired float32/int8 measurements; the one with the medi
 
 
 class DeviceTimer:
-    """Models timed side by side on one target over one SSH connection.
+    """Models timed side by side on one target over one SSH connection, opened at the first timing
+    (a tune that never times on the device never connects).
 
     Models are uploaded by content; each one this timer uploaded is removed again when it closes (a
     model already on the device is left alone), so timing tune's candidates leaves the device's
@@ -41,13 +42,15 @@ class DeviceTimer:
 
     def __init__(self, target: Target, *, runs: int = 5, rounds: int = 3, warmup: int = 1,
                  log: Callable[[str], None] = lambda _m: None) -> None:
-        self.target, self.runs, self.rounds, self.warmup = target, runs, rounds, warmup
-        self.device = open_device(target, log=log)
+        self.target, self.runs, self.rounds, self.warmup, self.log = target, runs, rounds, warmup, log
+        self.device: Device | None = None
         self.facts: dict = {}
         self._remote: dict[Path, str] = {}
         self._uploaded: list[str] = []
 
     def _deployed(self, model: Path) -> str:
+        if self.device is None:
+            self.device = open_device(self.target, log=self.log)
         if model not in self._remote:
             deployment = self.device.deploy(model, by_content=True)
             self._remote[model] = deployment.remote_path
@@ -57,12 +60,20 @@ class DeviceTimer:
 
     def p50_ms(self, models: list[Path]) -> list[float]:
         """p50 latency (ms) of each model, timed in alternating rounds."""
-        result = self.device.agent(["profile", *(self._deployed(Path(m)) for m in models), "--runs", str(self.runs),
-                                    "--rounds", str(self.rounds), "--warmup", str(self.warmup), "--threads", str(self.target.threads)])
+        remote = [self._deployed(Path(m)) for m in models]
+        result = self.device.agent(["profile", *remote, "--runs", str(self.runs), "--rounds", str(self.rounds),
+                                    "--warmup", str(self.warmup), "--threads", str(self.target.threads)])
         self.facts = {"device": result["device"], "runtime": result["runtime"]}
         return [m["latency_ms"]["p50"] for m in result["models"]]
 
+    def p50_by_model(self, models: list[Path]) -> dict[Path, float]:
+        """:meth:`p50_ms` keyed by model, each distinct file timed once."""
+        distinct = list(dict.fromkeys(models))
+        return dict(zip(distinct, self.p50_ms(distinct)))
+
     def close(self) -> None:
+        if self.device is None:
+            return
         try:
             for remote in self._uploaded:
                 self.device.remove_model(remote)

@@ -300,15 +300,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             progress.advance(task)
             return result
 
-        timers: list = []  # the --latency-source target's, connected at its first use and closed at the end
+        timer = None  # on the --latency-source target; it connects at its first timing
+        if options.latency_source is not None:
+            from .device_costs import DeviceTimer
 
-        def device_p50_ms(models: list[Path]) -> list[float]:
-            if not timers:
-                from .device_costs import DeviceTimer
-
-                timers.append(stack.enter_context(DeviceTimer(options.latency_source, log=reporter.info)))
-            return timers[0].p50_ms(models)
-
+            timer = stack.enter_context(DeviceTimer(options.latency_source, log=reporter.info))
         budget_on = "latency" if options.latency_source is None else "device_latency"  # where --max-latency-ratio is measured
 
         def latency(k: int, on: str = "latency") -> dict:
@@ -317,7 +313,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             if f"{on}_ms" not in results[k]:
                 def once() -> tuple[float, float]:
                     if on == "device_latency":
-                        mixed, int8 = device_p50_ms([paths[k], compiled.int8_model])
+                        mixed, int8 = timer.p50_ms([paths[k], compiled.int8_model])
                         return mixed, int8
                     with captured_native_output(not options.verbose):
                         return paired_latency_ms(paths[k], compiled.int8_model, inputs[0], options.threads,
@@ -345,12 +341,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                 # Among the evaluated choices that meet the budget, the fastest on that device, timed
                 # there side by side (one model file per float set) rather than trusted to the estimate.
                 ok = sorted(k for k, r in results.items() if meets(r))
-                files = list(dict.fromkeys(paths[k] for k in ok))
-                if len(files) > 1:
-                    *p50s, int8_p50 = device_p50_ms([*files, compiled.int8_model])
+                if len({paths[k] for k in ok}) > 1:
+                    ms = timer.p50_by_model([*(paths[k] for k in ok), compiled.int8_model])
                     for k in ok:
-                        ms = p50s[files.index(paths[k])]
-                        results[k].update(device_latency_ms=ms, device_latency_ratio=ms / int8_p50, device_latency_measurements=1)
+                        results[k].update(device_latency_ms=ms[paths[k]], device_latency_ratio=ms[paths[k]] / ms[compiled.int8_model],
+                                          device_latency_measurements=1)
                 chosen_k = min(ok, key=lambda k: (results[k].get("device_latency_ratio", 0.0), k))
             mode = {"max_drop_points": options.max_drop}
         else:
@@ -386,8 +381,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                 f"or misses {sorted(wanted - float_ops)[:3]}; not written")
         tmp_out.replace(out_path)
         pareto = _pareto(free, choices, evaluate, latency, results) if options.pareto else None
-        device_pareto = (_pareto_on_device(pareto, paths, chosen_k, compiled, device_p50_ms, options.latency_source.name)
-                         if pareto and options.latency_source is not None else None)
+        device_pareto = (_pareto_on_device(pareto, paths, chosen_k, compiled, timer, options.latency_source.name)
+                         if pareto and timer is not None else None)
         progress.update(task, total=len(results), completed=len(results))
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
@@ -499,12 +494,11 @@ def _describe(r: dict) -> str:
     return f"{len(r['float_layers'])} float layers, accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points{latency}"
 
 
-def _pareto_on_device(points: list[dict], paths: dict[int, Path], chosen_k: int, compiled: CompiledModel,
-                      device_p50_ms: Callable[[list[Path]], list[float]], target: str) -> dict:
+def _pareto_on_device(points: list[dict], paths: dict[int, Path], chosen_k: int, compiled: CompiledModel, timer, target: str) -> dict:
     """The sweep's models, the chosen one, float32 and full int8 timed side by side on the
-    --latency-source device in one profile; adds ``device_latency_ms`` to each point."""
-    files = list(dict.fromkeys([*(paths[p["k"]] for p in points), paths[chosen_k], compiled.float_model, compiled.int8_model]))
-    ms = dict(zip(files, device_p50_ms(files)))
+    --latency-source device in one profile (``timer``, a :class:`device_costs.DeviceTimer`); adds
+    ``device_latency_ms`` to each point."""
+    ms = timer.p50_by_model([*(paths[p["k"]] for p in points), paths[chosen_k], compiled.float_model, compiled.int8_model])
     for p in points:
         p["device_latency_ms"] = ms[paths[p["k"]]]
     return {"target": target, "float32_ms": ms[compiled.float_model], "int8_ms": ms[compiled.int8_model], "chosen_ms": ms[paths[chosen_k]]}
