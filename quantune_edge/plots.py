@@ -80,8 +80,9 @@ def plot_analysis(report, path: str | Path) -> None:
 
 
 def plot_pareto(report, path: str | Path) -> None:
-    """Accuracy vs host latency for k = 0 … n float layers, with float32, full int8 and the choice
-    marked; beside it the same sweep timed on the --latency-source device, when tune had one."""
+    """Accuracy vs host latency (as a ratio to full int8) for k = 0 … n float layers, with float32, full
+    int8 and the choice marked; beside it the same sweep timed on the --latency-source device in ms,
+    when tune had one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,14 +90,17 @@ def plot_pareto(report, path: str | Path) -> None:
 
     points, ref, c = report.pareto or [], report.reference, report.chosen
     device = ref.get("device_pareto")
-    panels = [([p["latency_ms"] for p in points], ref["float32_latency_ms"], ref["int8_latency_ms"], c["latency_ms"],
-               f"host latency, ms (p50, {ref['threads']} threads)")]
+    # On the host each model was timed paired with full int8, at its own moment; their ratios, not their
+    # ms, are comparable (a busy host shifts the ms of one pair, not its ratio).
+    int8_ms = ref["int8_latency_ms"]
+    panels = [([p["latency_ratio"] for p in points], ref["float32_latency_ms"] / int8_ms, 1.0, c["latency_ratio"],
+               f"host latency ÷ full int8 (p50, each model paired with int8, {ref['threads']} threads)")]
     if device:
         panels.append(([p["device_latency_ms"] for p in points], device["float32_ms"], device["int8_ms"], device["chosen_ms"],
                        f"latency on {device['target']}, ms (p50, timed side by side)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     acc = [100 * p["accuracy"] for p in points]
-    for ax, (lat, float_ms, int8_ms, chosen_ms, xlabel) in zip(axes[0], panels):
+    for ax, (lat, float_ms, int8_ms, chosen_ms, xlabel) in zip(axes[0], panels):  # "ms" or ratio, per panel
         ax.plot(lat, acc, "o-", color="0.5", label="k most sensitive layers float")
         for p, x, y in zip(points, lat, acc):
             ax.annotate(str(p["float_layers"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")

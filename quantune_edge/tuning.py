@@ -409,6 +409,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         from .plots import plot_pareto
 
         plot_pareto(report, compiled.folder / PARETO_PNG)
+    else:  # an earlier tune's sweep describes a tune.json that is gone
+        (compiled.folder / PARETO_PNG).unlink(missing_ok=True)
     if not met and not options.best_effort:
         where = (f"even with no {'free ' if free < n else ''}layer float" if options.max_latency_ratio is not None
                  else f"even with all {free} {'free ' if free < n else ''}layers float")

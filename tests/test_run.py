@@ -57,6 +57,8 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert "budget: top-1 at most 1 point below float32 (met)" in page  # met: the run exited 0 without --best-effort
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
     sha = {(r["target"], r["label"]): r["sha256"] for r in report["device"]}
+    p50 = {(r["target"], r["label"]): r["p50_ms"] for r in report["device"]}
+    assert "latency ÷ full int8" in page and f"<td>{p50[('arm', 'mixed')] / p50[('arm', 'int8')]:.2f}x</td>" in page
     assert ("mixed (= int8)" in page) == (sha[("arm", "mixed")] == sha[("arm", "int8")])  # one file, measured twice
     top = report["analysis"]["most_sensitive"][0]  # named in ONNX terms too
     assert top["onnx_nodes"] and top["onnx_nodes"][0].startswith("/_") and top["onnx_nodes"][0] in page

@@ -299,12 +299,15 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     import sys
 
     from loopback_sshd import LoopbackSshd
+    from PIL import Image
     from quantune_edge.targets import load_target
 
     server = LoopbackSshd(tmp_path / "sshd").start()
     try:
         target = load_target(str(server.target_toml(tmp_path / "dev.toml", python=sys.executable, work_dir=tmp_path / "device")))
         r = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, num_eval=8, latency_runs=5, latency_source=target, pareto=True))
+        with Image.open(folder / "pareto.png") as png:
+            two_panels = png.width > 1.8 * png.height  # host and device side by side
         budget = tune(folder, DEMO_IMAGES, TuneOptions(max_drop=1.0, num_eval=8, latency_source=target, rerank=0))
     finally:
         server.stop()
@@ -323,10 +326,7 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     on_device = r.reference["device_pareto"]
     assert on_device["target"] == "dev" and min(on_device["float32_ms"], on_device["int8_ms"], on_device["chosen_ms"]) > 0
     assert len(r.pareto) >= 10 and all(p["device_latency_ms"] > 0 for p in r.pareto)
-    from PIL import Image
-
-    with Image.open(folder / "pareto.png") as png:
-        assert png.width > 1.8 * png.height  # two panels side by side: host and device
+    assert two_panels and not (folder / "pareto.png").exists()  # the tune without --pareto removed the old sweep
     # The reference latencies stay the host's: the device's int8 p50 is its own, independent timing.
     device_int8_ms = r.chosen["device_latency_ms"] / r.chosen["device_latency_ratio"]
     assert r.reference["int8_latency_ms"] != pytest.approx(device_int8_ms, rel=1e-9)
@@ -420,3 +420,4 @@ def test_cli_tune(folder):
     again = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "4", "--float-layers", "0", "--remeasure")
     assert again.returncode == 0 and "host latencies from" not in again.stderr, again.stderr
     assert json.loads((folder / "tune.json").read_text())["reference"]["host_latency"]["reused"] is False
+    assert not (folder / "pareto.png").exists()  # the earlier sweep described a tune.json that is gone
