@@ -386,7 +386,8 @@ def tune_cmd(
 def _print_tune(reporter: Reporter, report) -> None:
     ref, c = report.reference, report.chosen
     table = Table(title=f"mixed precision, chosen: accuracy = {ref['accuracy_is']} on {ref['eval_samples']} images; "
-                        f"latency on the host, {ref['threads']} threads; SQNR of the model output",
+                        f"p50 latency on the host, {ref['threads']} threads (mixed: its ratio to int8, timed paired, "
+                        f"× int8's ms); SQNR of the model output",
                   box=box.SIMPLE_HEAD, header_style="bold")
     # Short headers: the table fits an 80-column terminal.
     for col in ("model", "float layers", "accuracy", "drop pts", "SQNR dB", "ms", "vs int8", "Q/DQ"):
@@ -398,7 +399,7 @@ def _print_tune(reporter: Reporter, report) -> None:
         table.add_row("int8", "0", f"{100 * int8['accuracy']:.1f} %", f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
                       f"{ref['int8_latency_ms']:.2f}", "1.00x", str(int8["quantize_ops"]))
     table.add_row("[bold]mixed[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
-                  f"{100 * c['accuracy']:.1f} %", f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ms']:.2f}",
+                  f"{100 * c['accuracy']:.1f} %", f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
     reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{_one_line(l)}" for l in c["layers"]) or "none"), markup=False)
@@ -417,7 +418,8 @@ def _print_tune(reporter: Reporter, report) -> None:
         r = s["rerank"]
         reporter.console.print(f"re-ranked with {r['analyses']} analysis round(s), each of the mixed model so far "
                                f"({r['samples']} images, {r['wall_time_s']:.1f} s)")
-    reporter.console.print(f"{s['evaluations']} model evaluations (bound {s['bound']} for {s['layers']} layers), {s['wall_time_s']:.1f} s; "
+    sweep = f", {s['pareto_evaluations']} more for the Pareto sweep" if s.get("pareto_evaluations") else ""
+    reporter.console.print(f"{s['evaluations']} model evaluation{'' if s['evaluations'] == 1 else 's'} (bound {s['bound']} for {s['layers']} layers){sweep}, {s['wall_time_s']:.1f} s; "
                            f"wrote {report.files['model']} and tune.json" + (" and pareto.png" if report.pareto else ""))
 
 

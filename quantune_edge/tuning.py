@@ -380,6 +380,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             raise QuantuneError(f"the emitted model computes {sorted(float_ops - wanted)[:3]} in float beyond the choice "
                                 f"or misses {sorted(wanted - float_ops)[:3]}; not written")
         tmp_out.replace(out_path)
+        searched = ev.builds  # the budget's evaluations; the Pareto sweep's are counted apart
         pareto = _pareto(free, choices, evaluate, latency, results) if options.pareto else None
         device_pareto = (_pareto_on_device(pareto, paths, chosen_k, compiled, timer, options.latency_source.name)
                          if pareto and timer is not None else None)
@@ -398,7 +399,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         chosen={**chosen, "layers": [layer_summary(layer_by_index[i]) for i in sorted(choices[chosen_k])],
                 "share_of_layers_float": len(choices[chosen_k]) / n},
         evaluations=[results[k] for k in sorted(results)],
-        search={"evaluations": ev.builds, "bound": selection.max_evaluations(free), "layers": n, "order": choices.order,
+        search={"evaluations": searched, "pareto_evaluations": ev.builds - searched, "bound": selection.max_evaluations(free), "layers": n, "order": choices.order,
                 "analysis_order": analysis["order"], "rerank": choices.rerank,
                 "wall_time_s": round(time.perf_counter() - start, 2)},
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},

@@ -401,10 +401,14 @@ def test_cli_tune(folder):
     assert re.search(r"^\s+mixed\s+3 \(5 %\)\s+[\d.]+ %\s+-?[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+\d+\s*$", ok.stderr, re.M), ok.stderr
     assert "accuracy" in ok.stderr and "…" not in ok.stderr
     assert re.search(r"evaluating candidates\s+\S+\s+(\d+)/\1\s", ok.stderr)  # the count includes the Pareto sweep
-    assert "model evaluations" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
+    assert "model evaluation" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
     assert re.search(r"^vs float32, image by image: mixed gets \d+ wrong", ok.stderr, re.M), ok.stderr
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    points = json.loads((folder / "tune.json").read_text())["pareto"]
+    saved = json.loads((folder / "tune.json").read_text())
+    points = saved["pareto"]
+    # The budget's evaluations stay within the bound; the sweep's are counted apart.
+    assert saved["search"]["evaluations"] == 1 and saved["search"]["pareto_evaluations"] >= len(points) - 1
+    assert f"1 model evaluation (bound 8 for 60 layers), {saved['search']['pareto_evaluations']} more for the Pareto sweep" in ok.stderr
     assert points[0]["k"] == 0 and points[-1]["k"] == 60 and len(points) >= 10
     before = (folder / "model_mixed.tflite").read_bytes()
     for args, message in ((["--keep-float", "nonexistent_layer"], "matches no layer"),
