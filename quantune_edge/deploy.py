@@ -205,7 +205,7 @@ class Device:
             raise InputError(f"{local}: no such model file")
         start = time.monotonic()
         sha, size = sha256_file(local), local.stat().st_size
-        name = f"{sha[:12]}-{local.name}" if by_content else name or local.name
+        name = content_name(sha, local) if by_content else name or local.name
         if "/" in name or name.startswith(".") or not name:
             raise InputError(f"invalid model name {name!r}: a plain file name is needed")
         models = posixpath.join(self.work_dir, "models")
@@ -237,6 +237,12 @@ class Device:
         self.conn.sftp.posix_rename(part, final)
         return Deployment(self.target.name, str(local), final, sha, size, True, time.monotonic() - start)
 
+    def deployed_by_content(self, local: str | Path) -> str | None:
+        """The remote path of ``local`` as ``deploy(by_content=True)`` names it, if those bytes are there."""
+        sha = sha256_file(local)
+        final = posixpath.join(self.work_dir, "models", content_name(sha, local))
+        return final if self.remote_sha256(final) == sha else None
+
     def remove_model(self, remote_path: str) -> None:
         """Delete one file of the models folder (best effort: a file already gone is fine)."""
         if posixpath.dirname(remote_path) != posixpath.join(self.work_dir, "models"):
@@ -248,6 +254,11 @@ class Device:
             self.conn.sftp.remove(path)
         except (OSError, paramiko.SSHException, EOFError):
             pass
+
+
+def content_name(sha256: str, local: str | Path) -> str:
+    """A model's name on the device when deployed by content: models from different folders never collide."""
+    return f"{sha256[:12]}-{Path(local).name}"
 
 
 def open_device(target: Target, *, trust_new_host_key: bool = False, install_runtime: bool = False,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ import numpy as np
 
 from .artifacts import CompiledModel
 from .console import captured_native_output
-from .deploy import Device, open_device
+from .deploy import Device, content_name, open_device
 from .reports import now_iso, sha256_file, write_json
 from .runtime import median_ratio, paired_latency_ms
 from .selection import CostModel, LayerGraph, boundary_probe
@@ -35,9 +36,10 @@ class DeviceTimer:
     """Models timed side by side on one target over one SSH connection, opened at the first timing
     (a tune that never times on the device never connects).
 
-    Models are uploaded by content; each one this timer uploaded is removed again when it closes (a
-    model already on the device is left alone), so timing tune's candidates leaves the device's
-    models folder as it was.
+    A model already deployed by content is timed where it is and left alone. Any other is uploaded
+    under a name of this timer's own and removed again when it closes, so timing tune's candidates
+    leaves the device's models folder as it was, and a `bench` or another tune deploying the same
+    bytes meanwhile never gets a file that this timer then removes.
     """
 
     def __init__(self, target: Target, *, runs: int = 5, rounds: int = 3, warmup: int = 1,
@@ -47,15 +49,17 @@ class DeviceTimer:
         self.facts: dict = {}
         self._remote: dict[Path, str] = {}
         self._uploaded: list[str] = []
+        self._tag = f"timing-{secrets.token_hex(4)}"
 
     def _deployed(self, model: Path) -> str:
         if self.device is None:
             self.device = open_device(self.target, log=self.log)
         if model not in self._remote:
-            deployment = self.device.deploy(model, by_content=True)
-            self._remote[model] = deployment.remote_path
-            if deployment.uploaded:
-                self._uploaded.append(deployment.remote_path)
+            shared = self.device.deployed_by_content(model)
+            if shared is None:
+                shared = self.device.deploy(model, f"{self._tag}-{content_name(sha256_file(model), model)}").remote_path
+                self._uploaded.append(shared)
+            self._remote[model] = shared
         return self._remote[model]
 
     def p50_ms(self, models: list[Path]) -> list[float]:

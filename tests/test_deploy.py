@@ -232,6 +232,31 @@ def test_names_and_paths_are_quoted(sshd, models, tmp_path):
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.home().glob("PWNED*"))
 
 
+def test_device_timer_leaves_deployed_models_alone(sshd, models, tmp_path):
+    """tune's DeviceTimer times a model deployed by content where it is, uploads any other under a name
+    of its own, and removes only those: the same bytes deployed by content meanwhile (as `bench`
+    would) stay on the device."""
+    from quantune_edge.device_costs import DeviceTimer
+
+    float_model, int8_model = models
+    target = load_target(str(sshd.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=tmp_path / "device")))
+    folder = tmp_path / "device" / "models"
+    device = open_device(target)
+    try:
+        int8_there = device.deploy(int8_model, by_content=True).remote_path
+        with DeviceTimer(target, runs=1, rounds=1, warmup=0) as timer:
+            ms = timer.p50_by_model([int8_model, float_model, int8_model])
+            timing_copies = [p.name for p in folder.iterdir() if p.name.startswith("timing-")]
+            float_there = device.deploy(float_model, by_content=True)  # a bench deploying the same bytes meanwhile
+        assert set(ms) == {int8_model, float_model} and min(ms.values()) > 0
+        assert len(timing_copies) == 1 and timing_copies[0].endswith(Path(float_there.remote_path).name)
+        assert float_there.uploaded  # its own file, not the timer's
+    finally:
+        device.conn.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(Path(p).name for p in (int8_there, float_there.remote_path))
+    assert sha(folder / Path(float_there.remote_path).name) == sha(float_model)
+
+
 def test_parallel_bench_one_target_failing(sshd, models, tmp_path):
     folder = tmp_path / "targets"
     sshd.target_toml(_mk(folder / "good.toml"), python=sys.executable, work_dir=tmp_path / "device")
