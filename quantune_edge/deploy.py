@@ -27,6 +27,7 @@ AGENT_SOURCE = Path(__file__).resolve().parent.parent / "device_agent"
 RUNTIME_REQUIREMENT = "tflite-runtime==2.14.0"
 # Free space kept on the device beyond the model itself.
 DISK_MARGIN_BYTES = 1 << 20
+STALE_PART_S = 300  # a .part file not written to for this long is a dead upload's, not a running one's
 
 
 def agent_files() -> dict[str, bytes]:
@@ -210,9 +211,7 @@ class Device:
             raise InputError(f"invalid model name {name!r}: a plain file name is needed")
         models = posixpath.join(self.work_dir, "models")
         final = posixpath.join(models, name)
-        for entry in self.conn.sftp.listdir(models):
-            if entry.startswith(f".{name}.") and entry.endswith(".part"):
-                self.conn.sftp.remove(posixpath.join(models, entry))
+        self._remove_stale_parts(models, name)
         if self.remote_sha256(final) == sha:
             return Deployment(self.target.name, str(local), final, sha, size, False, time.monotonic() - start)
         free = self.agent(["info"])["device"]["free_disk_bytes"]
@@ -242,6 +241,22 @@ class Device:
         sha = sha256_file(local)
         final = posixpath.join(self.work_dir, "models", content_name(sha, local))
         return final if self.remote_sha256(final) == sha else None
+
+    def _remove_stale_parts(self, models: str, name: str) -> None:
+        """Remove what interrupted uploads of ``name`` left, but not another upload of it still running:
+        a part is stale when untouched for STALE_PART_S by the device's own clock (read from a file
+        made for the purpose, so the host's clock never enters)."""
+        clock = posixpath.join(models, f".clock.{secrets.token_hex(4)}")
+        with self.conn.sftp.open(clock, "w"):
+            pass
+        try:
+            now = self.conn.sftp.stat(clock).st_mtime
+        finally:
+            self._remove_quietly(clock)
+        for entry in self.conn.sftp.listdir_attr(models):
+            if (entry.filename.startswith(f".{name}.") and entry.filename.endswith(".part")
+                    and now - entry.st_mtime > STALE_PART_S):
+                self._remove_quietly(posixpath.join(models, entry.filename))
 
     def remove_model(self, remote_path: str) -> None:
         """Delete one file of the models folder (best effort: a file already gone is fine)."""

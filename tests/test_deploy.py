@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,19 @@ def test_sshd_killed_mid_upload_keeps_deployed_model(models, tmp_path):
         server.start()
         device = open_device(load_target(str(path)))
         redo = device.deploy(models[0], "model.tflite")
-        device.conn.close()
         assert redo.uploaded and sha(deployed) == sha(models[0])
-        assert not [p for p in deployed.parent.iterdir() if p.name.endswith(".part")]
+        # The dead upload's part is seconds old: it could be another upload of the same name still
+        # running, so it stays until it has not been written to for STALE_PART_S.
+        parts = [p for p in deployed.parent.iterdir() if p.name.endswith(".part")]
+        assert len(parts) == 1
+        live = deployed.parent / ".model.tflite.0123abcd.part"
+        live.write_bytes(b"another upload, still running")
+        an_hour_ago = time.time() - 3600
+        os.utime(parts[0], (an_hour_ago, an_hour_ago))
+        device.deploy(models[1], "model.tflite")
+        device.conn.close()
+        assert [p.name for p in deployed.parent.iterdir() if p.name.endswith(".part")] == [live.name]
+        assert sha(deployed) == sha(models[1]) and not [p for p in deployed.parent.iterdir() if p.name.startswith(".clock.")]
     finally:
         server.stop()
 
