@@ -370,20 +370,21 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                 "drop_points_ci95": sorted(0.0 - 100 * d for d in vs["difference_ci95"])}  # 0.0 - x, not -x: never "-0.0"
         if options.latency_source is not None:
             latency(chosen_k, "device_latency")
-        out_path = compiled.folder / MIXED_MODEL
-        tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
-        tmp_out.write_bytes(paths[chosen_k].read_bytes())
-        float_ops = _float_op_names(tmp_out)
+        float_ops = _float_op_names(paths[chosen_k])
         wanted = {tensor_key(fg.tensors[match.layers[i].float_output].name) for i in choices[chosen_k]}
         if float_ops != wanted:
-            tmp_out.unlink()
             raise QuantuneError(f"the emitted model computes {sorted(float_ops - wanted)[:3]} in float beyond the choice "
                                 f"or misses {sorted(wanted - float_ops)[:3]}; not written")
-        tmp_out.replace(out_path)
         searched = ev.builds  # the budget's evaluations; the Pareto sweep's are counted apart
         pareto = _pareto(free, choices, evaluate, latency, results) if options.pareto else None
         device_pareto = (_pareto_on_device(pareto, paths, chosen_k, compiled, timer, options.latency_source.name)
                          if pareto and timer is not None else None)
+        # Written after everything that can fail (the sweep too), right before tune.json: a failed or
+        # interrupted tune leaves the previous model_mixed.tflite and tune.json as they were, together.
+        out_path = compiled.folder / MIXED_MODEL
+        tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
+        tmp_out.write_bytes(paths[chosen_k].read_bytes())
+        tmp_out.replace(out_path)
         progress.update(task, total=len(results), completed=len(results))
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}

@@ -425,3 +425,22 @@ def test_cli_tune(folder):
     assert again.returncode == 0 and "host latencies from" not in again.stderr, again.stderr
     assert json.loads((folder / "tune.json").read_text())["reference"]["host_latency"]["reused"] is False
     assert not (folder / "pareto.png").exists()  # the earlier sweep described a tune.json that is gone
+
+
+def test_failed_sweep_keeps_the_previous_model_and_report(folder, monkeypatch):
+    """A tune that fails after choosing (here its Pareto sweep, as when the --latency-source device is
+    lost mid-sweep) leaves model_mixed.tflite and tune.json as the previous tune wrote them."""
+    from quantune_edge import tuning
+    from quantune_edge.errors import DeviceError
+
+    tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, num_eval=8, rerank=0))
+    before = {name: (folder / name).read_bytes() for name in ("model_mixed.tflite", "tune.json")}
+
+    def device_lost(*_args, **_kwargs):
+        raise DeviceError("target dev: the connection was lost")
+
+    monkeypatch.setattr(tuning, "_pareto", device_lost)
+    with pytest.raises(DeviceError, match="connection was lost"):
+        tune(folder, DEMO_IMAGES, TuneOptions(float_layers=3, num_eval=8, rerank=0, pareto=True))
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert not (folder / ".model_mixed.tflite.tmp").exists()
