@@ -236,11 +236,12 @@ class Device:
         self.conn.sftp.posix_rename(part, final)
         return Deployment(self.target.name, str(local), final, sha, size, True, time.monotonic() - start)
 
-    def deployed_by_content(self, local: str | Path) -> str | None:
-        """The remote path of ``local`` as ``deploy(by_content=True)`` names it, if those bytes are there."""
+    def deployed_by_content(self, local: str | Path) -> tuple[str, str | None]:
+        """``local``'s name as ``deploy(by_content=True)`` gives it, and its remote path if those bytes are there."""
         sha = sha256_file(local)
-        final = posixpath.join(self.work_dir, "models", content_name(sha, local))
-        return final if self.remote_sha256(final) == sha else None
+        name = content_name(sha, local)
+        final = posixpath.join(self.work_dir, "models", name)
+        return name, final if self.remote_sha256(final) == sha else None
 
     def _remove_stale_parts(self, models: str, name: str) -> None:
         """Remove what interrupted uploads of ``name`` left, but not another upload of it still running:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .artifacts import CompiledModel
 from .console import captured_native_output
-from .deploy import Device, content_name, open_device
+from .deploy import Device, open_device
 from .reports import now_iso, sha256_file, write_json
 from .runtime import median_ratio, paired_latency_ms
 from .selection import CostModel, LayerGraph, boundary_probe
@@ -55,9 +55,9 @@ class DeviceTimer:
         if self.device is None:
             self.device = open_device(self.target, log=self.log)
         if model not in self._remote:
-            shared = self.device.deployed_by_content(model)
+            name, shared = self.device.deployed_by_content(model)
             if shared is None:
-                shared = self.device.deploy(model, f"{self._tag}-{content_name(sha256_file(model), model)}").remote_path
+                shared = self.device.deploy(model, f"{self._tag}-{name}").remote_path
                 self._uploaded.append(shared)
             self._remote[model] = shared
         return self._remote[model]

@@ -341,13 +341,15 @@ def test_latency_budget_is_timed_on_the_latency_source(folder, tmp_path):
     from loopback_sshd import LoopbackSshd
     from test_cli import run_cli
 
+    from quantune_edge.deploy import content_name
+
     device = tmp_path / "device"
     server = LoopbackSshd(tmp_path / "sshd").start()
     try:
         server.target_toml(tmp_path / "targets" / "dev.toml", python=sys.executable, work_dir=device)
         (device / "models").mkdir(parents=True)
         int8 = (folder / "model_int8.tflite").read_bytes()
-        deployed_before = f"{hashlib.sha256(int8).hexdigest()[:12]}-model_int8.tflite"  # as `deploy` names it by content
+        deployed_before = content_name(hashlib.sha256(int8).hexdigest(), "model_int8.tflite")  # as `deploy` names it by content
         (device / "models" / deployed_before).write_bytes(int8)
         ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--num-eval", "8", "--max-latency-ratio", "1.15", "--best-effort",
                      "--latency-source", "dev", "--targets-dir", tmp_path / "targets", "--rerank", "2")
