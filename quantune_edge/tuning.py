@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import selection, sensitivity, tflite_graph
-from .analysis import ANALYSIS_JSON, LOCAL_SAMPLES, AnalysisError, output_shares
+from .analysis import ANALYSIS_JSON, LOCAL_SAMPLES, AnalysisError, OutputShares
 from .artifacts import CompiledModel
 from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
@@ -462,6 +462,7 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
     index_of = {name: i for i, name in names.items()}
     analyses = 0
     start = time.perf_counter()
+    shares_of = OutputShares(compiled, options.threads, not options.verbose)
     with tempfile.TemporaryDirectory(prefix="quantune-rerank-") as tmp:
         task = progress.add_task(f"re-ranking: {rounds + bool(forced)} analyses of the mixed model", total=rounds + bool(forced))
 
@@ -472,8 +473,7 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
             with captured_native_output(not options.verbose):
                 path.write_bytes(compiled.requantize([names[i] for i in sorted(forced | set(picked))]))
             try:
-                shares = {index_of[name]: v for name, v in output_shares(compiled, path, inputs, options.threads,
-                                                                          not options.verbose).items()}
+                shares = {index_of[name]: v for name, v in shares_of(path, inputs).items()}
             except AnalysisError as exc:
                 reporter.warn(f"re-ranking stopped after {len(picked)} pick(s): {exc}")
                 return False

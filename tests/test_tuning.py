@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DEMO_IMAGES, DEMO_MODEL
 from quantune_edge import CompileOptions, compile_model, make_preprocessing, selection, tflite_graph
-from quantune_edge.analysis import AnalysisOptions, analyze, output_shares
+from quantune_edge.analysis import AnalysisOptions, OutputShares, analyze, output_shares
 from quantune_edge.artifacts import CompiledModel
 from quantune_edge.errors import InputError
 from quantune_edge.layers import match_layers, tensor_key
@@ -252,6 +252,17 @@ def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp
     shares = {next(l["index"] for l in layers if l["name"] == name): v for name, v in output_shares(compiled, mixed, inputs).items()}
     assert abs(shares[first]) < 1e-3 * max(abs(v) for v in shares.values())  # float already: nothing left to remove
     assert second == max((i for i in shares if i != first), key=shares.get)
+    # one OutputShares for model after model (as the rounds use it) builds its float side once, and
+    # gives what a fresh analysis of each model gives
+    shares_of = OutputShares(compiled)
+    assert shares_of(mixed, inputs) == pytest.approx(output_shares(compiled, mixed, inputs), rel=1e-6)
+    side = shares_of.float_side
+    two = tmp_path / "two_float.tflite"
+    two.write_bytes(compiled.requantize([layers[first]["name"], layers[second]["name"]]))
+    again = shares_of(two, inputs)
+    assert shares_of.float_side is side and side.kernels.invocations == 2 * len(inputs)
+    assert again == pytest.approx(output_shares(compiled, two, inputs), rel=1e-6)
+    assert abs(again[layers[second]["name"]]) < 1e-3 * max(abs(v) for v in again.values())
     # --keep-float: the first free pick already comes from an analysis with the kept layer float
     kept = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, keep_float=[layers[first]["name"]], rerank=5, fusion_aware=False,
                                                  num_eval=8, latency_runs=3))
