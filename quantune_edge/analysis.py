@@ -522,16 +522,22 @@ def analyze(
 
 
 def save(report: AnalysisReport, folder: Path) -> None:
-    """analysis.json, analysis.csv and analysis.png, each written whole or not at all."""
+    """analysis.json, analysis.csv and analysis.png of one analysis. The csv and the picture are
+    written beside their places first, and nothing replaces the last analysis's files until all three
+    are written: a plot that fails leaves the previous three together."""
     from .plots import plot_analysis
 
-    write_json(folder / ANALYSIS_JSON, report.to_dict())
-    tmp = folder / f".{ANALYSIS_CSV}.tmp"
-    write_csv(report, tmp)
-    tmp.replace(folder / ANALYSIS_CSV)
-    tmp = folder / ".analysis.tmp.png"
-    plot_analysis(report, tmp)
-    tmp.replace(folder / ANALYSIS_PNG)
+    csv_tmp, png_tmp = folder / f".{ANALYSIS_CSV}.tmp", folder / ".analysis.tmp.png"
+    try:
+        write_csv(report, csv_tmp)
+        plot_analysis(report, png_tmp)
+        write_json(folder / ANALYSIS_JSON, report.to_dict())
+    except BaseException:
+        csv_tmp.unlink(missing_ok=True)
+        png_tmp.unlink(missing_ok=True)
+        raise
+    csv_tmp.replace(folder / ANALYSIS_CSV)
+    png_tmp.replace(folder / ANALYSIS_PNG)
 
 
 def write_csv(report: AnalysisReport, path: Path) -> None:

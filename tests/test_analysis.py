@@ -1,9 +1,11 @@
 """Local metrics, sensitivity ranking and the oracle, on the shipped EfficientNet-Lite0 and small built nets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +154,26 @@ def test_outputs_written(effnet_analysis, effnet_compiled):
     assert len(rows) == 1 + len(effnet_analysis.layers) and rows[0].startswith("index,rank,name")
     png = (effnet_compiled / "analysis.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_a_failed_plot_keeps_the_previous_analysis_files_together(effnet_analysis, effnet_compiled, tmp_path, monkeypatch):
+    from quantune_edge import plots
+    from quantune_edge.analysis import save
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    save(effnet_analysis, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert sorted(before) == ["analysis.csv", "analysis.json", "analysis.png"]
+
+    def broken(report, path):
+        Path(path).write_bytes(b"half a png")
+        raise RuntimeError("no space left on device")
+
+    monkeypatch.setattr(plots, "plot_analysis", broken)
+    with pytest.raises(RuntimeError, match="no space"):
+        save(dataclasses.replace(effnet_analysis, created="a later analysis"), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing replaced, no temp file left
 
 
 def _damage_int8_weights(path, tensor_index: int) -> None:
