@@ -246,7 +246,11 @@ class Device:
     def _remove_stale_parts(self, models: str, name: str) -> None:
         """Remove what interrupted uploads of ``name`` left, but not another upload of it still running:
         a part is stale when untouched for STALE_PART_S by the device's own clock (read from a file
-        made for the purpose, so the host's clock never enters)."""
+        made for the purpose, so the host's clock never enters, and only when there is a part: most
+        deploys find none and pay one listing)."""
+        parts = [e for e in self.conn.sftp.listdir_attr(models) if e.filename.startswith(f".{name}.") and e.filename.endswith(".part")]
+        if not parts:
+            return
         clock = posixpath.join(models, f".clock.{secrets.token_hex(4)}")
         with self.conn.sftp.open(clock, "w"):
             pass
@@ -254,9 +258,8 @@ class Device:
             now = self.conn.sftp.stat(clock).st_mtime
         finally:
             self._remove_quietly(clock)
-        for entry in self.conn.sftp.listdir_attr(models):
-            if (entry.filename.startswith(f".{name}.") and entry.filename.endswith(".part")
-                    and now - entry.st_mtime > STALE_PART_S):
+        for entry in parts:
+            if now - entry.st_mtime > STALE_PART_S:
                 self._remove_quietly(posixpath.join(models, entry.filename))
 
     def remove_model(self, remote_path: str) -> None:

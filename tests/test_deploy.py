@@ -163,6 +163,14 @@ def test_sshd_killed_mid_upload_keeps_deployed_model(models, tmp_path):
         device.conn.close()
         assert [p.name for p in deployed.parent.iterdir() if p.name.endswith(".part")] == [live.name]
         assert sha(deployed) == sha(models[1]) and not [p for p in deployed.parent.iterdir() if p.name.startswith(".clock.")]
+        # With no part of the name left, a deploy lists the folder and does not read the device clock.
+        live.unlink()
+        device = open_device(load_target(str(path)))
+        opened, sftp_open = [], device.conn.sftp.open
+        device.conn.sftp.open = lambda p, *args, **kw: opened.append(p) or sftp_open(p, *args, **kw)
+        assert not device.deploy(models[1], "model.tflite").uploaded
+        device.conn.close()
+        assert not [p for p in opened if ".clock." in p]
     finally:
         server.stop()
 
