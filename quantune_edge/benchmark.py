@@ -103,7 +103,8 @@ def _bench_target(target: Target, models: list[Path], options: BenchOptions, sta
 
 def bench(models: list[str | Path], targets: list[Target], options: BenchOptions | None = None,
           status: Status = lambda _t, _s, _n: None, log: Callable[[str], None] = lambda _m: None) -> list[TargetOutcome]:
-    """Benchmark every model on every target; targets run in parallel, models in order per target."""
+    """Benchmark every model on every target: targets on different machines in parallel, targets
+    that share one (:func:`machine_of`) and the models of a target one after another."""
     options = options or BenchOptions()
     paths = [Path(m) for m in models]
     for path in paths:
@@ -121,14 +122,36 @@ def bench(models: list[str | Path], targets: list[Target], options: BenchOptions
         with lock:
             status(name, text, done)
 
-    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        futures = [pool.submit(_bench_target, t, paths, options, locked_status, log) for t in targets]
-        return [f.result() for f in futures]
+    def one_machine(group: list[int]) -> list[tuple[int, TargetOutcome]]:
+        return [(i, _bench_target(targets[i], paths, options, locked_status, log)) for i in group]
+
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(machine_of(t), []).append(i)
+    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        outcomes = dict(o for f in [pool.submit(one_machine, g) for g in groups.values()] for o in f.result())
+    return [outcomes[i] for i in range(len(targets))]
+
+
+LOCAL_HOSTS = ("localhost", "::1", "0.0.0.0")
+
+
+def machine_of(target: Target) -> str:
+    """The machine a target's timings are taken on. Targets on one machine (this host: loopback
+    and emulated ones; or one address behind several ports) are benchmarked one after another, as
+    timing them at once makes each slower: a loopback target read 3x its own float32 latency
+    beside an emulated board's bench."""
+    try:
+        target = target.resolved()
+    except QuantuneError:  # an unreadable ssh config: connecting will say so
+        pass
+    host = (target.host or target.ssh_config_host or "").lower()
+    return "this host" if target.emulated or host in LOCAL_HOSTS or host.startswith("127.") else host
 
 
 def bench_with_progress(models: list[str | Path], targets: list[Target], options: BenchOptions,
                         reporter: Reporter) -> list[TargetOutcome]:
-    """bench() with one progress line per target (targets run in parallel)."""
+    """bench() with one progress line per target."""
     with reporter.progress() as progress:
         tasks = {t.name: progress.add_task(f"{t.name}: queued", total=len(models)) for t in targets}
 

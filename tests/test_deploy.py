@@ -1,5 +1,6 @@
 """Deployment against a real OpenSSH sshd on loopback (this machine is the device): host keys, key
 auth, verified atomic uploads, failures mid-upload, parallel bench, saved reports and the report."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,11 +16,11 @@ import pytest
 from loopback_sshd import LoopbackSshd, free_port, keygen
 from test_device_agent import blocked_runtime_env
 
-from quantune_edge.benchmark import BenchOptions, bench
+from quantune_edge.benchmark import BenchOptions, bench, machine_of
 from quantune_edge.deploy import open_device
 from quantune_edge.errors import DeviceError, InputError
 from quantune_edge.results import summarize
-from quantune_edge.targets import load_target
+from quantune_edge.targets import Target, load_target
 from quantune_edge.transport import Connection
 
 pytestmark = pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
@@ -83,6 +84,19 @@ def test_check_deploy_bench_report(target_path, models, tmp_path):
     assert {r["label"] for r in summary["rows"]} == {"float32", "int8"}
     page = Path(summary["html"]).read_text()
     assert "<svg" in page and "int8" in page and "<script" not in page
+    # Two targets on one machine are timed one after the other, not at once.
+    seen = []
+    both = bench([models[1]], [target, dataclasses.replace(target, name="twin")], BenchOptions(warmup=1, runs=2, results_dir=tmp_path / "r2"),
+                 status=lambda name, text, done: seen.append((name, text)))
+    assert [o.target for o in both] == ["loop", "twin"] and all(o.ok for o in both), both
+    assert seen.index(("twin", "connecting")) > seen.index(("loop", "[green]done[/]")), seen
+
+
+def test_targets_on_one_machine_share_a_key():
+    pi = Target("pi", host="pi.local", port=22)
+    assert machine_of(pi) == machine_of(Target("pi-2222", host="PI.local", port=2222)) != machine_of(Target("pi5", host="pi5.local"))
+    assert machine_of(Target("arm", host="127.0.0.1", port=2222)) == machine_of(Target("loop", host="localhost")) \
+        == machine_of(Target("qemu", host="10.0.0.9", emulated=True)) == "this host"
 
 
 def test_unknown_host_key_refused_then_trusted_on_request(sshd, tmp_path):
