@@ -710,6 +710,7 @@ def run_cmd(
 
 def _run(model: Path, calib: Path, eval_data: Path, targets, out: Path, options, *, quiet: bool, verbose: bool, json_out: bool) -> None:
     from .pipeline import run_pipeline
+    from .report import budget_warnings
     from .results import ResultRow
 
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
@@ -728,6 +729,8 @@ def _run(model: Path, calib: Path, eval_data: Path, targets, out: Path, options,
                            + f"; float layers: {', '.join(_one_line(l) for l in data['tune']['chosen_layers']) or 'none'}", markup=False)
     if data["device"]:
         _print_results(reporter, [ResultRow(**r) for r in data["device"]])
+    for line in budget_warnings(data.get("latency_budget")):
+        reporter.warn(line)
     cached = [s for s, v in data["stages"].items() if v.get("cached")]
     reporter.console.print(f"wrote {out / 'report.html'} and report.json" + (f" (cached stages: {', '.join(cached)})" if cached else ""))
 

@@ -49,8 +49,42 @@ def build(out: Path, compiled: Path, bench_reports: list[Path], stages: dict, de
         "accuracy": accuracy,
         "device": [r.to_dict() for r in rows],
         "pareto": {"device": points, "host": tun.get("pareto")},
+        "latency_budget": latency_budget_check(tun.get("budget"), rows),
         "stages": stages,
     }
+
+
+def latency_budget_check(budget: dict | None, rows: list[ResultRow]) -> dict | None:
+    """A --max-latency-ratio budget read off every target's bench: tune times it on one (the run's
+    first target, or the host), and another device can disagree. A target is over only beyond the
+    margin one timing moves (these are unpaired runs), not at the first hundredth above."""
+    if not budget or budget.get("max_latency_ratio") is None:
+        return None
+    from .tuning import REMEASURE_MARGIN
+
+    limit = budget["max_latency_ratio"]
+    source = budget.get("latency_source") or {}
+    p50 = {(r.target, r.label): r.p50_ms for r in rows}
+    checked = []
+    for target in dict.fromkeys(r.target for r in rows):
+        mixed, int8 = p50.get((target, "mixed")), p50.get((target, "int8"))
+        if mixed and int8:
+            ratio = mixed / int8
+            checked.append({"target": target, "latency_ratio": ratio, "over": ratio > limit * (1 + REMEASURE_MARGIN)})
+    return {"max_latency_ratio": limit, "timed_on": source["target"]["name"] if source.get("kind") == "device" else "host",
+            "margin": REMEASURE_MARGIN, "targets": checked}
+
+
+def budget_warnings(check: dict | None) -> list[str]:
+    """One line per target where the bench measured the mixed model beyond the latency budget."""
+    lines = []
+    for t in (check or {}).get("targets", []):
+        if t["over"]:
+            hint = ("tune's paired timing there met it; this device's timings move more than that" if t["target"] == check["timed_on"]
+                    else f"tune with --latency-source {t['target']} to budget for it")
+            lines.append(f"latency budget {check['max_latency_ratio']:g}x full int8 (timed on {check['timed_on']}) is exceeded on "
+                         f"{t['target']}: mixed runs at {t['latency_ratio']:.2f}x int8 there in the bench; {hint}")
+    return lines
 
 
 def _img(path: Path, alt: str) -> str:
@@ -193,6 +227,7 @@ generated {html.escape(data['created'])}</p>
 {'<p><strong>Emulated targets</strong> run under qemu-user: their latency shows that the pipeline works, not a real board’s speed.</p>' if emulated else ''}
 {latency_chart(rows) if rows else '<p><em>no targets</em></p>'}
 {_table(['target', 'arch', 'model', 'p50 ms', 'p90 ms', 'p99 ms', 'vs float', 'latency ÷ full int8', 'size'], device)}{same_file}
+{''.join(f'<p><strong>{html.escape(w)}</strong></p>' for w in budget_warnings(data.get('latency_budget')))}
 <h2>Accuracy vs latency</h2>{accuracy_latency_chart(data['pareto']['device'])}
 {_img(compiled / 'pareto.png', 'host Pareto sweep') if data['pareto'].get('host') else ''}
 <h2>Stages</h2>{_table(['stage', 'status', 'time'], stage_rows)}

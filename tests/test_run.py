@@ -55,6 +55,7 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     vs = report["accuracy"]["mixed_vs_float32"]
     assert f"{vs['images_lost']} images only float32 gets right, {vs['images_won']} only mixed" in page
     assert "budget: top-1 at most 1 point below float32 (met)" in page  # met: the run exited 0 without --best-effort
+    assert report["latency_budget"] is None  # an accuracy budget: nothing to check per target
     assert "data:image/png;base64," in page and "<svg" in page and "aarch64" in page and "<script" not in page
     sha = {(r["target"], r["label"]): r["sha256"] for r in report["device"]}
     p50 = {(r["target"], r["label"]): r["p50_ms"] for r in report["device"]}
@@ -89,10 +90,19 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
 
     both = run_cli(*_args(out, targets_dir, "loop", "--max-drop", "1", "--max-latency-ratio", "1.2"))
     assert both.returncode != 0 and both.stderr.strip().splitlines() == ["error: give one of --max-drop, --max-latency-ratio"], both.stderr
-    timed = run_cli(*_args(out, targets_dir, "loop", "--max-latency-ratio", "1.3", "--best-effort", "--json"))
+    timed = run_cli(*_args(out, targets_dir, "loop,arm", "--max-latency-ratio", "1.3", "--best-effort"))
     assert timed.returncode == 0, timed.stderr[-2000:]
-    stages = json.loads(timed.stdout)["stages"]
+    report = json.loads((out / "report.json").read_text())
+    stages = report["stages"]
     assert stages["analyze"]["cached"] and not stages["tune"]["cached"]
+    # the budget is timed on the first target during tune, and read off every target's bench afterwards
+    check, said = report["latency_budget"], " ".join((timed.stdout + timed.stderr).split())
+    p50 = {(r["target"], r["label"]): r["p50_ms"] for r in report["device"]}
+    assert check["timed_on"] == "loop" and sorted(t["target"] for t in check["targets"]) == ["arm", "loop"]
+    for t in check["targets"]:
+        ratio = p50[(t["target"], "mixed")] / p50[(t["target"], "int8")]
+        assert t["latency_ratio"] == pytest.approx(ratio) and t["over"] == (ratio > 1.3 * 1.05)
+        assert (f"is exceeded on {t['target']}:" in said) == t["over"], said[-1500:]
     tuned = json.loads((out / "compiled" / "tune.json").read_text())
     assert tuned["budget"]["max_latency_ratio"] == 1.3 and tuned["budget"]["latency_source"]["target"]["name"] == "loop"
     assert all("device_latency_ratio" in e for e in tuned["evaluations"])  # the budget was timed on the target
