@@ -211,7 +211,8 @@ class Device:
             raise InputError(f"invalid model name {name!r}: a plain file name is needed")
         models = posixpath.join(self.work_dir, "models")
         final = posixpath.join(models, name)
-        self._remove_stale_parts(models, name)
+        # what interrupted uploads of this name left, but not another upload of it still running
+        self.remove_stale(lambda f: f.startswith(f".{name}.") and f.endswith(".part"), STALE_PART_S)
         if self.remote_sha256(final) == sha:
             return Deployment(self.target.name, str(local), final, sha, size, False, time.monotonic() - start)
         free = self.agent(["info"])["device"]["free_disk_bytes"]
@@ -243,14 +244,14 @@ class Device:
         final = posixpath.join(self.work_dir, "models", name)
         return name, final if self.remote_sha256(final) == sha else None
 
-    def _remove_stale_parts(self, models: str, name: str) -> None:
-        """Remove what interrupted uploads of ``name`` left, but not another upload of it still running:
-        a part is stale when untouched for STALE_PART_S by the device's own clock (read from a file
-        made for the purpose, so the host's clock never enters, and only when there is a part: most
-        deploys find none and pay one listing)."""
-        parts = [e for e in self.conn.sftp.listdir_attr(models) if e.filename.startswith(f".{name}.") and e.filename.endswith(".part")]
-        if not parts:
-            return
+    def remove_stale(self, matches: Callable[[str], bool], older_than_s: float) -> list[str]:
+        """Remove the files of the models folder that ``matches`` accepts and nothing has written to for
+        ``older_than_s`` by the device's own clock (read from a file made for the purpose, so the host's
+        clock never enters, and only when some file matches: most calls pay one listing). Returns their names."""
+        models = posixpath.join(self.work_dir, "models")
+        found = [e for e in self.conn.sftp.listdir_attr(models) if matches(e.filename)]
+        if not found:
+            return []
         clock = posixpath.join(models, f".clock.{secrets.token_hex(4)}")
         with self.conn.sftp.open(clock, "w"):
             pass
@@ -258,9 +259,10 @@ class Device:
             now = self.conn.sftp.stat(clock).st_mtime
         finally:
             self._remove_quietly(clock)
-        for entry in parts:
-            if now - entry.st_mtime > STALE_PART_S:
-                self._remove_quietly(posixpath.join(models, entry.filename))
+        stale = [e.filename for e in found if now - e.st_mtime > older_than_s]
+        for filename in stale:
+            self._remove_quietly(posixpath.join(models, filename))
+        return stale
 
     def remove_model(self, remote_path: str) -> None:
         """Delete one file of the models folder (best effort: a file already gone is fine)."""

@@ -32,6 +32,11 @@ HOST_LATENCY_JSON = "host_latency.json"
 HOST_MEASUREMENTS = 3  # paired float32/int8 measurements; the one with the median ratio is kept
 
 
+# A timer's own copies live minutes (a sweep under emulation: ten); one untouched for a day was left
+# by a tune killed outright (SIGKILL, power loss), whose close never ran.
+STALE_TIMING_S = 24 * 3600
+
+
 class DeviceTimer:
     """Models timed side by side on one target over one SSH connection, opened at the first timing
     (a tune that never times on the device never connects).
@@ -54,6 +59,10 @@ class DeviceTimer:
     def _deployed(self, model: Path) -> str:
         if self.device is None:
             self.device = open_device(self.target, log=self.log)
+            left = self.device.remove_stale(lambda f: f.startswith("timing-"), STALE_TIMING_S)
+            if left:
+                self.log(f"{self.target.name}: removed {len(left)} timing cop{'y' if len(left) == 1 else 'ies'} a killed tune left ({', '.join(left[:3])}"
+                         f"{', …' if len(left) > 3 else ''})")
         if model not in self._remote:
             name, shared = self.device.deployed_by_content(model)
             if shared is None:

@@ -277,15 +277,24 @@ def test_device_timer_leaves_deployed_models_alone(sshd, models, tmp_path):
     device = open_device(target)
     try:
         int8_there = device.deploy(int8_model, by_content=True).remote_path
-        with DeviceTimer(target, runs=1, rounds=1, warmup=0) as timer:
+        # what a tune killed outright left two days ago, and a copy another tune is timing right now
+        killed, running = folder / "timing-0badf00d-0123456789ab-model.tflite", folder / "timing-5afe5afe-0123456789ab-model.tflite"
+        killed.write_bytes(b"left by a SIGKILL")
+        running.write_bytes(b"in use")
+        os.utime(killed, (time.time() - 2 * 86400,) * 2)
+        logged = []
+        with DeviceTimer(target, runs=1, rounds=1, warmup=0, log=logged.append) as timer:
             ms = timer.p50_by_model([int8_model, float_model, int8_model])
-            timing_copies = [p.name for p in folder.iterdir() if p.name.startswith("timing-")]
+            timing_copies = [p.name for p in folder.iterdir() if p.name.startswith("timing-") and p != running]
             float_there = device.deploy(float_model, by_content=True)  # a bench deploying the same bytes meanwhile
         assert set(ms) == {int8_model, float_model} and min(ms.values()) > 0
         assert len(timing_copies) == 1 and timing_copies[0].endswith(Path(float_there.remote_path).name)
         assert float_there.uploaded  # its own file, not the timer's
+        assert [m for m in logged if "killed tune left" in m] == [f"{target.name}: removed 1 timing copy a killed tune left ({killed.name})"]
     finally:
         device.conn.close()
+    assert running.read_bytes() == b"in use"  # the other tune's copy stayed; the dead one went
+    running.unlink()
     assert sorted(p.name for p in folder.iterdir()) == sorted(Path(p).name for p in (int8_there, float_there.remote_path))
     assert sha(folder / Path(float_there.remote_path).name) == sha(float_model)
 
