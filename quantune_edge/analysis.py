@@ -168,6 +168,27 @@ def _lap(clock: dict[str, float], part: str, since: float) -> float:
     return now
 
 
+def _logits(fg: tflite_graph.TfliteGraph) -> int:
+    """The float model's logits: what a final SOFTMAX reads, else its output."""
+    t = softmax_input(fg)
+    return fg.outputs[0] if t is None else t
+
+
+def _quantized_model_inputs(match: LayerMatch, fg: tflite_graph.TfliteGraph) -> set[int]:
+    """The int8 model's quantized copies of the float model's inputs."""
+    return {t for t, f in match.tensor_map.items() if f in fg.inputs}
+
+
+def _float_side_needs(match: LayerMatch, fg: tflite_graph.TfliteGraph, jobs: dict[int, int]) -> tuple[dict[int, int], set[int]]:
+    """For the layers of ``jobs`` (layer -> float op): the kernel jobs (op -> op, and -1 - op -> op for
+    a second copy fed the float model input, for a layer reading its quantized copy) and the float
+    tensors the backward pass must reach."""
+    by_index = {layer.index: layer for layer in match.layers}
+    quantized = _quantized_model_inputs(match, fg)
+    copies = {-1 - op: op for i, op in jobs.items() if quantized & set(by_index[i].int8_inputs)}
+    return {op: op for op in jobs.values()} | copies, {by_index[i].float_output for i in jobs}
+
+
 @dataclass
 class FloatSide:
     """What an analysis runs on the float side besides the float model itself: one kernel-model copy
@@ -225,24 +246,22 @@ def collect_tensor_stats(
     jobs = _kernel_jobs(match, fg)
     local = {i: ErrorStats() for i in jobs}
     int8_of = {f: q for q, f in match.tensor_map.items()}
-    float_logits = softmax_input(fg)
-    float_logits = fg.outputs[0] if float_logits is None else float_logits
+    float_logits = _logits(fg)
     int8_logits = int8_of.get(float_logits)
     note = None if int8_logits is not None else "the int8 model's logits are not matched to the float model's"
     attribution = {i: 0.0 for i in jobs}
     residual_energy = 0.0
     # What keeping a layer float removes: it reads the float model input where the int8 model reads
-    # its quantized copy (a second copy of its op, job -1 - i, is fed that), and its output is
-    # re-quantized to the same grid wherever an int8 op reads it.
-    quantized_inputs = {t for t, f in match.tensor_map.items() if f in fg.inputs}
-    reads_model_input = {i for i in jobs if quantized_inputs & set(by_index[i].int8_inputs)}
+    # its quantized copy (a second copy of its op is fed that), and its output is re-quantized to the
+    # same grid wherever an int8 op reads it.
+    quantized_inputs = _quantized_model_inputs(match, fg)
+    kernel_jobs, wanted = _float_side_needs(match, fg, jobs)
+    reads_model_input = {i for i in jobs if -1 - jobs[i] in kernel_jobs}
     regrid = {i: g for i in jobs if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
-    kernel_jobs = {op: op for op in jobs.values()} | {-1 - jobs[i]: jobs[i] for i in reads_model_input}
-    wanted = {by_index[i].float_output for i in jobs} if note is None else None
     kernels, backward, engine, passes, first_invocation = None, None, None, 0, 0
     if jobs and local_samples > 0:
-        if float_side is None or not float_side.covers(kernel_jobs, wanted):
-            float_side = FloatSide.build(float_runner, fg, kernel_jobs, float_logits if note is None else None, wanted or set())
+        if float_side is None or not float_side.covers(kernel_jobs, wanted if note is None else None):
+            float_side = FloatSide.build(float_runner, fg, kernel_jobs, float_logits if note is None else None, wanted)
         kernels, backward, engine = float_side.kernels, float_side.backward, float_side.engine
         first_invocation = kernels.invocations
     # The numpy comparisons run between invocations, when XNNPACK's threads are idle: each sample's
@@ -354,18 +373,12 @@ class OutputShares:
     def _full_int8_side(self) -> FloatSide | None:
         """The float side for every layer of the full-int8 model; None when that model has no such
         layers or unmatched logits (each call then builds what it needs, or says why it cannot)."""
-        compiled, fg = self.compiled, self.compiled.float_graph
-        match = compiled.layer_match
-        logits = softmax_input(fg)
-        logits = fg.outputs[0] if logits is None else logits
-        jobs = _kernel_jobs(match, fg)
-        if not jobs or logits not in match.tensor_map.values():
+        match, fg = self.compiled.layer_match, self.compiled.float_graph
+        logits = _logits(fg)
+        kernel_jobs, wanted = _float_side_needs(match, fg, _kernel_jobs(match, fg))
+        if not kernel_jobs or logits not in match.tensor_map.values():
             return None
-        model_input = {t for t, f in match.tensor_map.items() if f in fg.inputs}
-        by_index = {layer.index: layer for layer in match.layers}
-        copies = {-1 - op: op for i, op in jobs.items() if model_input & set(by_index[i].int8_inputs)}
-        return FloatSide.build(self.float_runner, fg, {op: op for op in jobs.values()} | copies, logits,
-                               {by_index[i].float_output for i in jobs})
+        return FloatSide.build(self.float_runner, fg, kernel_jobs, logits, wanted)
 
 
 def output_shares(compiled: CompiledModel, model: Path, inputs: np.ndarray, threads: int = 2, quiet: bool = True) -> dict[str, float]:
