@@ -107,10 +107,15 @@ class Device:
             raise DeviceError(f"target {self.target.name}: {data['error']}{hint}")
         return data
 
+    @property
+    def models_dir(self) -> str:
+        """Where deployed models live on the device (set by :meth:`bootstrap`)."""
+        return posixpath.join(self.work_dir, "models")
+
     def bootstrap(self, *, install_runtime: bool = False) -> dict:
         """Copy the agent into the work dir unless the same version is there; check Python and runtime."""
         self.work_dir = self._resolve_work_dir()
-        self._makedirs(posixpath.join(self.work_dir, "models"))
+        self._makedirs(self.models_dir)
         files = agent_files()
         digest = agent_digest(files)
         remote = posixpath.join(self.work_dir, "device_agent")
@@ -209,7 +214,7 @@ class Device:
         name = content_name(sha, local) if by_content else name or local.name
         if "/" in name or name.startswith(".") or not name:
             raise InputError(f"invalid model name {name!r}: a plain file name is needed")
-        models = posixpath.join(self.work_dir, "models")
+        models = self.models_dir
         final = posixpath.join(models, name)
         # what interrupted uploads of this name left, but not another upload of it still running
         self.remove_stale(lambda f: f.startswith(f".{name}.") and f.endswith(".part"), STALE_PART_S)
@@ -241,14 +246,14 @@ class Device:
         """``local``'s name as ``deploy(by_content=True)`` gives it, and its remote path if those bytes are there."""
         sha = sha256_file(local)
         name = content_name(sha, local)
-        final = posixpath.join(self.work_dir, "models", name)
+        final = posixpath.join(self.models_dir, name)
         return name, final if self.remote_sha256(final) == sha else None
 
     def remove_stale(self, matches: Callable[[str], bool], older_than_s: float) -> list[str]:
         """Remove the files of the models folder that ``matches`` accepts and nothing has written to for
         ``older_than_s`` by the device's own clock (read from a file made for the purpose, so the host's
         clock never enters, and only when some file matches: most calls pay one listing). Returns their names."""
-        models = posixpath.join(self.work_dir, "models")
+        models = self.models_dir
         found = [e for e in self.conn.sftp.listdir_attr(models) if matches(e.filename)]
         if not found:
             return []
@@ -266,7 +271,7 @@ class Device:
 
     def remove_model(self, remote_path: str) -> None:
         """Delete one file of the models folder (best effort: a file already gone is fine)."""
-        if posixpath.dirname(remote_path) != posixpath.join(self.work_dir, "models"):
+        if posixpath.dirname(remote_path) != self.models_dir:
             raise InputError(f"{remote_path}: not in {self.work_dir}/models; not removed")
         self._remove_quietly(remote_path)
 

@@ -35,6 +35,7 @@ HOST_MEASUREMENTS = 3  # paired float32/int8 measurements; the one with the medi
 # A timer's own copies live minutes (a sweep under emulation: ten); one untouched for a day was left
 # by a tune killed outright (SIGKILL, power loss), whose close never ran.
 STALE_TIMING_S = 24 * 3600
+TIMING_PREFIX = "timing-"  # the names of a timer's own copies: timing-<random>-<content name>
 
 
 class DeviceTimer:
@@ -54,12 +55,12 @@ class DeviceTimer:
         self.facts: dict = {}
         self._remote: dict[Path, str] = {}
         self._uploaded: list[str] = []
-        self._tag = f"timing-{secrets.token_hex(4)}"
+        self._tag = f"{TIMING_PREFIX}{secrets.token_hex(4)}"
 
     def _deployed(self, model: Path) -> str:
         if self.device is None:
             self.device = open_device(self.target, log=self.log)
-            left = self.device.remove_stale(lambda f: f.startswith("timing-"), STALE_TIMING_S)
+            left = self.device.remove_stale(lambda f: f.startswith(TIMING_PREFIX), STALE_TIMING_S)
             if left:
                 self.log(f"{self.target.name}: removed {len(left)} timing cop{'y' if len(left) == 1 else 'ies'} a killed tune left ({', '.join(left[:3])}"
                          f"{', …' if len(left) > 3 else ''})")
