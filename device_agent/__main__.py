@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-xnnpack", action="store_true")
     hs = sub.add_parser("hash", help="sha256 of a file")
     hs.add_argument("path")
+    hs.add_argument("--load-if", metavar="SHA256", default=None,
+                    help="when the file has this sha256, also load it as a TFLite model (builtin kernels): model_invalid if it cannot be")
     return parser
 
 
@@ -74,8 +76,14 @@ def run(argv: list) -> dict:
 
         if not os.path.isfile(args.path):
             raise AgentError("model_missing", "%s: no such file" % args.path)
-        return {"schema_version": SCHEMA_VERSION, "kind": "hash", "path": args.path,
-                "sha256": sha256_file(args.path), "size_bytes": os.path.getsize(args.path)}
+        result = {"schema_version": SCHEMA_VERSION, "kind": "hash", "path": args.path,
+                  "sha256": sha256_file(args.path), "size_bytes": os.path.getsize(args.path)}
+        if args.load_if == result["sha256"]:  # what deploy checks before a file may replace a deployed model
+            from .runtime import load_interpreter, runtime_facts
+
+            load_interpreter(args.path, 1, xnnpack=False)
+            result["loaded_by"] = runtime_facts()
+        return result
     result = _envelope(args.command)
     if args.command == "bench":
         from .bench import bench

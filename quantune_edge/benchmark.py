@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from .console import Reporter
-from .deploy import open_device
+from .deploy import check_model_file, open_device
 from .errors import InputError, QuantuneError
+from .outputs import RESULTS_FOLDER, check_output_folder, refuse_inputs
 from .reports import write_json
+from .results import load_reports
 from .targets import Target
 
 Status = Callable[[str, str, int], None]
@@ -52,10 +54,22 @@ def model_label(path: str | Path) -> str:
     return stem[len("model_"):] if stem.startswith("model_") else stem
 
 
+def check_results_folder(results_dir: Path, models: list[Path]) -> None:
+    """Bench adds reports to a results folder and never removes one, but it writes only into a new,
+    empty or earlier results folder (one made before the marker existed is known by its reports),
+    never into a folder of the user's other files or the models' own."""
+    inputs = {f"the model {m.name}": m for m in models}
+    if results_dir.is_dir() and not (results_dir / RESULTS_FOLDER.marker).is_file() and load_reports(results_dir):
+        refuse_inputs(results_dir, "--results", inputs)
+    else:
+        check_output_folder(results_dir, RESULTS_FOLDER, "--results", inputs)
+
+
 def save_report(results_dir: Path, report: dict) -> Path:
-    """One file per run, written atomically."""
+    """One file per run, written atomically; the results folder is made (and marked) by the first."""
     folder = results_dir / report["target"]["name"] / report["model"]["sha256"][:12]
     folder.mkdir(parents=True, exist_ok=True)
+    (results_dir / RESULTS_FOLDER.marker).touch()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
     path = folder / f"{stamp}.json"
     write_json(path, report)
@@ -116,6 +130,9 @@ def bench(models: list[str | Path], targets: list[Target], options: BenchOptions
         raise InputError("no target given")
     if options.runs < 1 or options.warmup < 0:
         raise InputError("--runs must be >= 1 and --warmup >= 0")
+    check_results_folder(options.results_dir, paths)
+    for path in paths:  # a file the device could not load is refused here, before any connection
+        check_model_file(path)
     lock = threading.Lock()
 
     def locked_status(name: str, text: str, done: int) -> None:

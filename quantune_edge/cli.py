@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -110,6 +111,10 @@ def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor
         report = compile_model(model, calib, out, options, reporter)
     except QuantuneError as exc:
         _fail(exc)
+    if skipped := report.calibration["skipped"]:  # said once, even with --quiet: the calibration is not what was asked
+        used = report.calibration["num_samples"]
+        typer.echo(f"warning: {used} of {used + len(skipped)} calibration images used; unreadable: "
+                   + "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""), err=True)
     if json_out:
         _print_json(report.to_dict())
     elif not quiet:
@@ -553,14 +558,15 @@ def deploy_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Upload a model (temp name, sha256 checked on the device, then an atomic rename)."""
-    from .deploy import open_device
+    from .deploy import check_model_file, open_device
 
     reporter = Reporter(quiet=json_out)
     try:
-        if not model.is_file():
-            raise QuantuneError(f"{model}: no such model file")
+        check_model_file(model)  # before connecting: a file that is not a model never reaches the device
         (tgt,) = _load_targets(target, targets_dir)
         device = open_device(tgt, trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, log=reporter.info)
+        if device.conn.trusted_key:
+            reporter.warn(f"trusted a new host key: {device.conn.trusted_key}, recorded in {device.conn.known_hosts}")
         try:
             deployment = device.deploy(model, name)
         finally:
@@ -612,7 +618,8 @@ def bench_cmd(
             _print_results(reporter, [r for r in summarize(results) if r.report in saved])
         for o in failed:
             typer.echo(f"error: {o.error}", err=True)
-        reporter.info(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; reports in {results}/")
+        reporter.info(f"{len(outcomes) - len(failed)}/{len(outcomes)} targets ok; "
+                      + (f"{len(saved)} report(s) in {results}/" if saved else "no report written"))
     if failed:
         raise typer.Exit(3)
 
@@ -643,14 +650,16 @@ def report_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Compare float / int8 / mixed per target (latest report of each) and write an HTML page."""
+    from .outputs import check_output_page, write_page
     from .results import render_html, summarize
 
+    page = html_path or results / "report.html"
     try:
         rows = summarize(results)
+        check_output_page(page, "--html", {"the results folder": results})
+        write_page(page, render_html(rows))
     except QuantuneError as exc:
         _fail(exc)
-    page = html_path or results / "report.html"
-    page.write_text(render_html(rows))
     if json_out:
         _print_json({"schema_version": 1, "kind": "bench_summary", "rows": [r.to_dict() for r in rows], "html": str(page)})
         return
@@ -776,8 +785,30 @@ def version_cmd() -> None:
     typer.echo(__version__)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what ``timeout`` and CI cancellation send) handled as SIGINT is: every ``finally``
+    and staging clean-up runs, so a killed command leaves nothing half-written."""
+
+
+def _interrupt(signum: int, _frame) -> None:
+    _interrupt.signum = signum  # type: ignore[attr-defined]
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main() -> None:
-    app()
+    _interrupt.signum = None  # type: ignore[attr-defined]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    try:
+        app()
+    except SystemExit:
+        signum = _interrupt.signum  # type: ignore[attr-defined]
+        if signum is None:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "quantune-edge")
+        sys.stderr.write(f"error: {command} interrupted ({signal.Signals(signum).name}); nothing half-written was left, "
+                         "and earlier outputs are as they were\n")
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from . import fusion, metrics, onnx_model, tflite_graph
 from .console import NativeLog, Reporter, captured_native_output
 from .errors import ConversionError, InputError, VerificationError
 from .preprocessing import Preprocessing, Samples, load_samples
+from .outputs import COMPILE_FOLDER, check_output_folder, staged_folder, temp_folder
 from .reports import CompileReport, sha256_file, write_json
 from .runtime import TfliteRunner
 
@@ -32,7 +31,7 @@ INT8_MODEL = "model_int8.tflite"
 CALIBRATED_MODEL = "model_calibrated.tflite"
 SAVED_MODEL = "saved_model"
 PREPARED_ONNX = "model_prepared.onnx"
-REPORT = "compile.json"
+REPORT = COMPILE_FOLDER.marker  # compile.json
 TRACE_SAMPLES = 2  # real samples the ONNX -> TFLite trace compares values on
 ONNX2TF_SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
@@ -52,31 +51,6 @@ class CompileOptions:
     verbose: bool = False
     min_cosine: float = 0.999
     min_top1_agreement: float = 0.9
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``out_dir``; on success it replaces ``out_dir``.
-
-    On any failure the staging folder is removed and an existing ``out_dir`` is left untouched.
-    """
-    out_dir = out_dir.resolve()
-    if out_dir.exists() and not force:
-        raise InputError(f"output folder {out_dir} already exists; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(backup)
-    stage.rename(out_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -247,8 +221,7 @@ def compile_model(
     options = options or CompileOptions()
     reporter = reporter or Reporter(quiet=True)
     model_path, out_dir = Path(model_path), Path(out_dir)
-    if out_dir.exists() and not options.force:
-        raise InputError(f"output folder {out_dir} already exists; pass --force to replace it")
+    check_output_folder(out_dir, COMPILE_FOLDER, "--out", {"the ONNX model": model_path, "the --calib data": calib}, replace=options.force)
     if options.num_calib is not None and options.num_calib <= 0:
         raise InputError(f"--num-calib must be positive, got {options.num_calib}")
     timings: dict[str, float] = {}
@@ -271,11 +244,8 @@ def compile_model(
         samples = load_samples(calib, prep, spec.hwc, spec.layout, options.num_calib, options.seed, on_item=lambda: progress.advance(task))
         progress.update(task, total=len(samples) + len(samples.skipped), completed=len(samples) + len(samples.skipped))
         timings["load_samples"] = round(time.perf_counter() - start, 3)
-        for skipped in samples.skipped:
-            reporter.warn(f"skipped unreadable image {skipped}")
 
-        with staged_output(out_dir, options.force) as stage, tempfile.TemporaryDirectory(prefix="quantune-onnx2tf-") as work_dir:
-            work = Path(work_dir)
+        with staged_folder(out_dir) as stage, temp_folder("onnx2tf") as work:
             import onnx
 
             onnx.save(prepared.model, stage / PREPARED_ONNX)

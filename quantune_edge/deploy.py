@@ -1,8 +1,10 @@
 """Putting the agent and models on a device, and running the agent there.
 
 A model is uploaded over SFTP to a temporary name next to its final place, its sha256 is checked on
-the device, and only then is it renamed over the deployed one (an atomic POSIX rename), so the model
-deployed before stays usable until the new one is verified. Interrupted uploads leave only a
+the device and the device's runtime must load it (in a forked child, so a crash is an answer), and
+only then is it renamed over the deployed one (an atomic POSIX rename), so the model deployed before
+stays usable until the new one is verified. A file that is not a TFLite flatbuffer is refused on the
+host before any upload. Interrupted uploads leave only a
 ``.part`` file, which the next deploy of that name removes.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 
 import paramiko
 
+from . import tflite_graph
 from .errors import DeviceError, InputError
 from .reports import sha256_file
 from .targets import Target
@@ -104,7 +107,7 @@ class Device:
             raise DeviceError(f"target {self.target.name}: the agent failed (exit {result.exit_status}): {detail}")
         if "error" in data:
             hint = {"runtime_missing": " (deploy with --install-runtime, or pip install tflite-runtime on the device)"}.get(data.get("kind"), "")
-            raise DeviceError(f"target {self.target.name}: {data['error']}{hint}")
+            raise AgentFailure(f"target {self.target.name}: {data['error']}{hint}", data.get("kind", ""))
         return data
 
     @property
@@ -207,8 +210,7 @@ class Device:
         import time
 
         local = Path(local)
-        if not local.is_file():
-            raise InputError(f"{local}: no such model file")
+        check_model_file(local)
         start = time.monotonic()
         sha, size = sha256_file(local), local.stat().st_size
         name = content_name(sha, local) if by_content else name or local.name
@@ -234,7 +236,18 @@ class Device:
                 reason += " (disk full on the device?)"
             raise DeviceError(f"target {self.target.name}: upload of {local.name} failed: {reason}; "
                               "the deployed model was left as it was") from None
-        remote = self.remote_sha256(part)
+        try:  # the bytes arrived whole, and the device's runtime loads them: only then may they replace a model
+            remote = self.agent(["hash", part, "--load-if", sha])["sha256"]
+        except AgentFailure as exc:
+            self._remove_quietly(part)
+            if exc.kind != "model_invalid":
+                raise
+            reason = str(exc).split(": ", 1)[-1].replace(part, local.name)
+            raise DeviceError(f"target {self.target.name}: the device's TFLite runtime cannot load {local.name} ({reason}); "
+                              "the deployed model was left as it was") from None
+        except BaseException:
+            self._remove_quietly(part)
+            raise
         if remote != sha:
             self._remove_quietly(part)
             raise DeviceError(f"target {self.target.name}: corrupt upload of {local.name} (sha256 {str(remote)[:12]}… on the "
@@ -280,6 +293,23 @@ class Device:
             self.conn.sftp.remove(path)
         except (OSError, paramiko.SSHException, EOFError):
             pass
+
+
+class AgentFailure(DeviceError):
+    """The agent ran and reported an error; ``kind`` is its machine-readable tag (``model_invalid``, …)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def check_model_file(path: str | Path) -> None:
+    """Refuse, before anything is uploaded, a file that is not a readable TFLite flatbuffer: a text
+    file, a JPEG or a cut-off copy must never replace a deployed model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    tflite_graph.parse(path.read_bytes(), str(path))
 
 
 def content_name(sha256: str, local: str | Path) -> str:

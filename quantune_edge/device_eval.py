@@ -3,7 +3,6 @@ agent's ``eval`` runs every model there, and its top-1 predictions are compared 
 with the host's predictions for the same model (an ARM build of the kernels may round differently)."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +12,7 @@ from .artifacts import CompiledModel
 from .benchmark import model_label
 from .console import captured_native_output
 from .deploy import open_device
+from .outputs import temp_folder
 from .reports import sha256_file
 from .runtime import TfliteRunner
 from .targets import Target
@@ -27,7 +27,7 @@ def evaluate_on_device(compiled: CompiledModel, models: list[Path], eval_data: s
     with captured_native_output(True):
         host = {m: TfliteRunner(m, threads).run(x).argmax(axis=1) for m in models}
     out: dict = {"samples": len(x), "labelled": bool(samples.has_labels), "targets": {}}
-    with tempfile.TemporaryDirectory(prefix="quantune-eval-") as tmp:
+    with temp_folder("eval") as tmp:
         npz = Path(tmp) / "eval.npz"
         np.savez(npz, x=x, **({"labels": labels} if samples.has_labels else {}))
         for target in targets:

@@ -9,7 +9,6 @@ well the cheap ranking stands in for it (the paper's Fig. 3 experiment).
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from . import sensitivity
 from .artifacts import CompiledModel
 from .console import captured_native_output
 from .metrics import compare_outputs, sqnr_db, top1_accuracy
+from .outputs import temp_folder
 from .runtime import TfliteRunner
 
 
@@ -59,7 +59,7 @@ def run_oracle(
     with captured_native_output(quiet):
         reference = TfliteRunner(compiled.float_model, threads, logits=True)
     float_out = reference.run(inputs)
-    with tempfile.TemporaryDirectory(prefix="quantune-oracle-") as tmp:
+    with temp_folder("oracle") as tmp:
         work = Path(tmp)
         base_out = build_and_run(compiled, [], inputs, threads, work, quiet)
         base = compare_outputs(float_out, base_out)

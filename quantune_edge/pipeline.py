@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .console import Reporter
 from .errors import QuantuneError
+from .outputs import COMPILE_FOLDER, RUN_FOLDER, check_output_folder, write_page
 from .preprocessing import Preprocessing
 from .reports import _jsonable, now_iso, sha256_file, write_json
 from .targets import Target
@@ -90,7 +91,7 @@ class _Stages:
     """stages.json: what ran, with which key, how it ended."""
 
     def __init__(self, out: Path) -> None:
-        self.path = out / "stages.json"
+        self.path = out / RUN_FOLDER.marker
         try:
             self.state: dict = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -118,15 +119,15 @@ class _Stages:
         except QuantuneError as exc:
             self.state[stage] = {"key": key, "status": "failed", "error": str(exc), "finished": now_iso()}
             self.ran[stage] = {**self.state[stage], "cached": False}
-            self._save()
+            self.save()
             raise StageError(stage, exc) from None
         self.state[stage] = {"key": key, "status": "done", "seconds": round(time.perf_counter() - start, 2),
                              "finished": now_iso(), **({"outputs": result} if isinstance(result, list) else {})}
         self.ran[stage] = {**self.state[stage], "cached": False}
-        self._save()
+        self.save()
         return result
 
-    def _save(self) -> None:
+    def save(self) -> None:
         write_json(self.path, self.state)
 
 
@@ -138,7 +139,7 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     from .benchmark import BenchOptions, bench_with_progress
     from .compiler import CompileOptions, compile_model
     from .errors import DeviceError, InputError
-    from .tuning import TuneOptions, tune
+    from .tuning import TuneOptions, check_budget, tune
 
     options = options or RunOptions()
     reporter = reporter or Reporter(quiet=True)
@@ -148,9 +149,15 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     for what, src in (("calibration", calib), ("evaluation", eval_data)):
         if not Path(src).exists():
             raise InputError(f"{what} data not found: {src}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_budget(options.max_drop if options.max_latency_ratio is None else None, options.max_latency_ratio)
     compiled = out / "compiled"
+    inputs = {"the ONNX model": model, "the --calib data": calib, "the --eval data": eval_data}
+    check_output_folder(out, RUN_FOLDER, "--out", inputs)
+    check_output_folder(compiled, COMPILE_FOLDER, "--out", inputs)
+    out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out)
+    if not stages.path.exists():  # marks the folder as a run's from the start: an interrupted first run can be resumed
+        stages.save()
     o = options
 
     compile_key = _key("compile", sha256_file(model), data_fingerprint(calib), o.preprocessing.to_dict(), o.label_offset,
@@ -208,7 +215,7 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     def do_report() -> list[str]:
         report.update(report_mod.build(out, compiled, [Path(p) for p in reports], stages.ran,
                                        json.loads(device_eval.read_text()) if o.eval_on_device and device_eval.is_file() else None))
-        (out / "report.html").write_text(report_mod.render(report, compiled))
+        write_page(out / "report.html", report_mod.render(report, compiled))
         return [str(out / "report.html")]
 
     stages.run("report", None, lambda: [], do_report, reporter)

@@ -7,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+from .outputs import PAGE_MARKER
 from .reports import SCHEMA_VERSION, now_iso
 from .results import ResultRow, display_labels, latency_chart, rows_from
 
@@ -205,7 +206,7 @@ def render(data: dict, compiled: Path) -> str:
                   for s, v in data.get("stages", {}).items()]
     title = f"quantune-edge report: {Path(m.get('path', 'model')).name}"
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">{PAGE_MARKER}<title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}}h2{{border-bottom:1px solid #ddd}}</style>
 </head><body><h1>{html.escape(title)}</h1>

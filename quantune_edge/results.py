@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .outputs import PAGE_MARKER
 
 SCHEMA_VERSION = 1
 
@@ -141,7 +142,7 @@ def render_html(rows: list[ResultRow], title: str = "quantune-edge benchmark rep
     if same_file:
         note += f"<p>{html.escape(same_file)}</p>"
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">{PAGE_MARKER}<title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:nth-child(-n+4){{text-align:left}}</style>
 </head><body><h1>{html.escape(title)}</h1>{note}

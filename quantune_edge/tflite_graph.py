@@ -92,12 +92,22 @@ def read(path: str | Path) -> TfliteGraph:
 
 def parse(raw: bytes, label: str = "model") -> TfliteGraph:
     """Parse the first subgraph of .tflite bytes (``label`` names them in errors)."""
+    if len(raw) < 8 or raw[4:8] != b"TFL3":
+        raise InputError(f"{label}: not a TFLite model ({'empty file' if not raw else 'no TFL3 file identifier'})")
+    try:
+        return _parse(raw, label)
+    except InputError:
+        raise
+    except Exception as exc:  # flatbuffers raises assorted errors on garbage; a cut file shows as short data
+        reason = " ".join(str(exc).split())[:160] or "unreadable"
+        raise InputError(f"{label}: not a valid .tflite model ({type(exc).__name__}: {reason}; "
+                         f"{len(raw)} bytes, truncated or corrupt?)") from None
+
+
+def _parse(raw: bytes, label: str) -> TfliteGraph:
     from ai_edge_litert import schema_py_generated as schema
 
-    try:
-        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
-    except Exception as exc:  # flatbuffers raises assorted errors on garbage
-        raise InputError(f"{label}: not a valid .tflite model ({type(exc).__name__})") from None
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     if not model.subgraphs:
         raise InputError(f"{label}: .tflite model has no subgraph")
     op_names = _enum_names(schema.BuiltinOperator)

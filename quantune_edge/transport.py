@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import shlex
 import socket
@@ -23,6 +24,8 @@ from .errors import DeviceError, InputError
 from .targets import Target
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# paramiko's transport thread logs each failed handshake with a traceback; the one-line DeviceError says it all.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -100,6 +103,7 @@ class Connection:
             policy = _HostKeyPolicy(self.known_hosts, self.trust_new_host_key, self.target)
             client.set_missing_host_key_policy(policy)
             t = self.target
+            started = time.monotonic()
             try:
                 client.connect(t.host, port=t.port, username=t.user or None, key_filename=identity,
                                allow_agent=True, look_for_keys=identity is None, password=None,
@@ -120,11 +124,12 @@ class Connection:
                 raise
             except (OSError, socket.timeout, paramiko.SSHException, EOFError) as exc:
                 client.close()
-                if attempt < self.retries:
-                    self.log(f"{t.name}: connection failed ({_reason(exc)}), retrying once")
+                reason, final = _connect_failure(exc, t.connect_timeout_s, time.monotonic() - started)
+                if attempt < self.retries and not final:
+                    self.log(f"{t.name}: connection failed ({reason}), retrying once")
                     time.sleep(1.0)
                     continue
-                raise DeviceError(f"target {t.name}: cannot reach {t.address}: {_reason(exc)}") from None
+                raise DeviceError(f"target {t.name}: cannot reach {t.address}: {reason}") from None
             client.get_transport().set_keepalive(15)  # a peer that vanishes is noticed, not waited on forever
             self.client = client
             self.trusted_key = policy.trusted
@@ -189,6 +194,23 @@ class Connection:
             raise DeviceError(f"target {self.target.name}: connection lost while running {argv[0]}: {_reason(exc)}") from None
         return CommandResult(list(argv), status, out.decode(errors="replace"), err.decode(errors="replace"),
                              time.monotonic() - start)
+
+
+def _connect_failure(exc: BaseException, timeout_s: float, seconds: float) -> tuple[str, bool]:
+    """What a failed connect means, in words, and whether trying again is pointless (a peer that
+    answers but does not speak SSH answers the same way twice). paramiko words a silent peer in
+    several ways, so the time it waited tells that case apart."""
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        causes = {(getattr(e, "strerror", None) or str(e)).lower() for e in exc.errors.values()}
+        return ", ".join(sorted(causes)) or "unable to connect", False
+    text = str(exc)
+    if isinstance(exc, socket.timeout) or isinstance(exc.__context__, socket.timeout) or "No existing session" in text \
+            or seconds >= 0.9 * timeout_s:
+        return (f"no SSH answer within {timeout_s:g} s (connect_timeout_s in the target file): a silent port or a "
+                "very slow device"), False
+    if "protocol banner" in text:
+        return "the port answers but is not an SSH server (no SSH banner; it closed or sent something else)", True
+    return _reason(exc), False
 
 
 def _reason(exc: BaseException) -> str:

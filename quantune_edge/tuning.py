@@ -16,7 +16,6 @@ import fnmatch
 import json
 import math
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .console import Reporter, captured_native_output
 from .errors import InputError, QuantuneError
 from .layers import tensor_key
 from .metrics import compare_outputs, paired_top1, top1, top1_accuracy, top1_correct
+from .outputs import temp_folder
 from .preprocessing import Preprocessing
 from .reports import SCHEMA_VERSION, now_iso, write_json
 from .runtime import TfliteRunner, median_ratio, paired_latency_ms
@@ -46,6 +46,7 @@ DEFAULT_RERANK = 10
 REMEASURE_MARGIN = 0.05
 TUNE_JSON = "tune.json"
 PARETO_PNG = "pareto.png"
+BEST_FOUND = "best-found"  # infix of the files a tune that missed its budget writes
 
 
 class BudgetError(QuantuneError):
@@ -202,21 +203,30 @@ def _float_op_names(path: Path) -> set[str]:
             if op.type not in ("QUANTIZE", "DEQUANTIZE") and g.tensors[op.outputs[0]].dtype == "float32"}
 
 
+def check_budget(max_drop: float | None, max_latency_ratio: float | None, float_layers: int | None = None) -> None:
+    """Refuse a budget that means nothing before any work: a search run for it would only replace a
+    good result with an all-float model."""
+    if sum(b is not None for b in (max_drop, max_latency_ratio, float_layers)) > 1:
+        raise InputError("give one of --max-drop, --max-latency-ratio, --float-layers")
+    if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
+        raise InputError(f"--max-drop must be a finite number of points, 0 or more, got {max_drop}")
+    if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
+        raise InputError(f"--max-latency-ratio must be a finite ratio above 0, got {max_latency_ratio}")
+    if float_layers is not None and float_layers < 0:
+        raise InputError(f"--float-layers must be 0 or more, got {float_layers}")
+
+
 def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | None = None,
          reporter: Reporter | None = None) -> TuneReport:
     """Choose the float layers, write model_mixed.tflite and tune.json; raises BudgetError when the
     budget cannot be met (after writing the best model found) unless ``best_effort``."""
     options = options or TuneOptions()
     reporter = reporter or Reporter(quiet=True)
-    budgets = [b is not None for b in (options.max_drop, options.max_latency_ratio, options.float_layers)]
-    if sum(budgets) > 1:
-        raise InputError("give one of --max-drop, --max-latency-ratio, --float-layers")
-    if not any(budgets):
+    check_budget(options.max_drop, options.max_latency_ratio, options.float_layers)
+    if options.max_latency_ratio is None and options.float_layers is None and options.max_drop is None:
         options.max_drop = 1.0
     if options.num_eval <= 0:
         raise InputError(f"--num-eval must be positive, got {options.num_eval}")
-    if options.max_latency_ratio is not None and not options.max_latency_ratio > 0:
-        raise InputError(f"--max-latency-ratio must be positive, got {options.max_latency_ratio}")
     if options.rerank is not None and options.rerank < 0:
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
     compiled = CompiledModel.open(compile_dir)
@@ -260,7 +270,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     if options.latency_source is not None:
         from .device_costs import device_cost_model
 
-        with tempfile.TemporaryDirectory(prefix="quantune-costs-") as tmp:
+        with temp_folder("costs") as tmp:
             cost, record = device_cost_model(compiled, lg, names, options.latency_source, Path(tmp),
                                              quiet=not options.verbose, log=reporter.info)
         source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
@@ -275,7 +285,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     start = time.perf_counter()
     results: dict[int, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="quantune-tune-") as tmp, reporter.progress() as progress, contextlib.ExitStack() as stack:
+    with temp_folder("tune") as tmp, reporter.progress() as progress, contextlib.ExitStack() as stack:
         ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
                                                                options, reporter, progress) if reranks else None)
@@ -381,8 +391,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                          if pareto and timer is not None else None)
         # Written after everything that can fail (the sweep too), right before tune.json: a failed or
         # interrupted tune leaves the previous model_mixed.tflite and tune.json as they were, together.
-        out_path = compiled.folder / MIXED_MODEL
-        tmp_out = compiled.folder / f".{MIXED_MODEL}.tmp"
+        # A missed budget is not a result to replace them with: its best choice goes beside them.
+        accepted = met or options.best_effort
+        names_out = TuneFiles.accepted() if accepted else TuneFiles.best_found()
+        out_path = compiled.folder / names_out.model
+        tmp_out = compiled.folder / f".{names_out.model}.tmp"
         tmp_out.write_bytes(paths[chosen_k].read_bytes())
         tmp_out.replace(out_path)
         progress.update(task, total=len(results), completed=len(results))
@@ -406,19 +419,51 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,
     )
-    write_json(compiled.folder / TUNE_JSON, report.to_dict())
+    write_json(compiled.folder / names_out.report, report.to_dict())
     if pareto:
         from .plots import plot_pareto
 
-        plot_pareto(report, compiled.folder / PARETO_PNG)
+        plot_pareto(report, compiled.folder / names_out.pareto)
     else:  # an earlier tune's sweep describes a tune.json that is gone
-        (compiled.folder / PARETO_PNG).unlink(missing_ok=True)
-    if not met and not options.best_effort:
+        (compiled.folder / names_out.pareto).unlink(missing_ok=True)
+    if accepted:  # a best-found pair from an earlier missed budget is superseded by this result
+        TuneFiles.best_found().remove(compiled.folder)
+    else:
+        kept = "were left as they were" if (compiled.folder / MIXED_MODEL).exists() else "were not written"
         where = (f"even with no {'free ' if free < n else ''}layer float" if options.max_latency_ratio is not None
                  else f"even with all {free} {'free ' if free < n else ''}layers float")
-        raise BudgetError(f"budget not met {where} (best: {_describe(chosen)}); "
-                          f"wrote the best found to {out_path}; use --best-effort to accept it")
+        raise BudgetError(f"budget not met {where} (best: {_describe(chosen)}); the best found is in {out_path.name} and "
+                          f"{names_out.report} beside {MIXED_MODEL} and {TUNE_JSON}, which {kept}; "
+                          "use --best-effort to accept it")
     return report
+
+
+@dataclass(frozen=True)
+class TuneFiles:
+    """The files one tune writes into the compile folder: the accepted result, or the best found
+    for a budget it missed (kept beside the accepted one, never over it)."""
+
+    model: str
+    report: str
+    pareto: str
+
+    @classmethod
+    def accepted(cls) -> "TuneFiles":
+        return cls(MIXED_MODEL, TUNE_JSON, PARETO_PNG)
+
+    @classmethod
+    def best_found(cls) -> "TuneFiles":
+        return cls(_best(MIXED_MODEL), _best(TUNE_JSON), _best(PARETO_PNG))
+
+    def remove(self, folder: Path) -> None:
+        for name in (self.model, self.report, self.pareto):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _best(name: str) -> str:
+    """``model_mixed.tflite`` -> ``model_mixed.best-found.tflite``."""
+    path = Path(name)
+    return f"{path.stem}.{BEST_FOUND}{path.suffix}"
 
 
 class _Candidates:
@@ -463,7 +508,7 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
     analyses = 0
     start = time.perf_counter()
     shares_of = OutputShares(compiled, options.threads, not options.verbose)
-    with tempfile.TemporaryDirectory(prefix="quantune-rerank-") as tmp:
+    with temp_folder("rerank") as tmp:
         task = progress.add_task(f"re-ranking: {rounds + bool(forced)} analyses of the mixed model", total=rounds + bool(forced))
 
         def reorder() -> bool:

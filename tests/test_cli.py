@@ -21,9 +21,11 @@ def run_cli(*args, cwd=None):
 
 @pytest.fixture()
 def existing_out(tmp_path):
+    """An earlier compile output (what --force may replace): its compile.json marks it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "model_int8.tflite").write_bytes(b"deployed earlier")
+    (out / "compile.json").write_text('{"kind": "quantune-edge/compile"}')
     return out
 
 
@@ -68,7 +70,7 @@ def test_bad_input_one_line_error_nothing_lost(case, tmp_path, tiny_images, exis
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert [p.name for p in existing_out.iterdir()] == ["model_int8.tflite"]
+    assert sorted(p.name for p in existing_out.iterdir()) == ["compile.json", "model_int8.tflite"]
     assert (existing_out / "model_int8.tflite").read_bytes() == b"deployed earlier"
     assert not [p for p in existing_out.parent.iterdir() if ".partial-" in p.name]
 
@@ -166,3 +168,107 @@ def test_analyze_missing_compile_dir(tmp_path, tiny_images):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def _tree_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_replaces_only_an_earlier_compile_output(tmp_path, tiny_images, save_model):
+    """--force may replace an earlier compile folder, never the run's own inputs, a file, or a folder of other files."""
+    import shutil
+
+    model = save_model(pad_conv_net(), "pad_force")
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_images, calib)
+    (calib / "notes.txt").write_text("my notes")
+    holder = tmp_path / "models"
+    holder.mkdir()
+    shutil.copy(model, holder / "net.onnx")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "thesis.tex").write_text("keep me too")
+    cases = [(model, calib, r"--out .*calib is the --calib data, an input of this command"),
+             (holder / "net.onnx", holder, r"--out .*models holds the ONNX model, an input of this command"),
+             (model, afile, r"--out .*afile.txt is a file, not a compile output folder; not replaced"),
+             (model, others, r"--out .*others holds files and is not a compile output folder \(no compile.json\)")]
+    for onnx_path, out, message in cases:
+        before = {f: _tree_digest(f) for f in (calib, holder, others)}
+        result = run_cli("compile", onnx_path, "--calib", calib, "--out", out, "--force", "--num-calib", "4")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), result.stderr
+        assert {f: _tree_digest(f) for f in before} == before
+        assert afile.read_text() == "keep me"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no hidden .partial or .old left"
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_compile_leaves_nothing_and_says_so(signame, tmp_path, existing_out):
+    """timeout/CI send SIGTERM, a user ^C: either way the staging folder and onnx2tf's temp folder go,
+    the earlier output stays byte for byte, and one line says what happened."""
+    import signal as signals
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    before = _tree_digest(existing_out)
+    proc = subprocess.Popen([*CLI, "compile", str(DEMO_MODEL), "--calib", str(REPO / "demo" / "images"), "--out", str(existing_out),
+                             "--force", "--num-calib", "8", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp)))
+    try:  # the onnx2tf work folder exists from conversion until verification: a signal there must clean up both
+        _wait_for(lambda: any(p.name.startswith(f"quantune-onnx2tf-{proc.pid}-") for p in tmp.iterdir()))
+        assert any(p.name.startswith(f".out.partial-{proc.pid}-") for p in tmp_path.iterdir())
+        proc.send_signal(getattr(signals, signame))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    number = getattr(signals, signame).value
+    assert proc.returncode == 128 + number
+    assert err.strip().splitlines() == [f"error: compile interrupted ({signame}); nothing half-written was left, "
+                                        "and earlier outputs are as they were"], err
+    assert _tree_digest(existing_out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")] and not list(tmp.iterdir())
+
+
+def test_what_a_killed_compile_left_is_removed_by_the_next(tmp_path, tiny_images, save_model):
+    """SIGKILL cannot be handled: the next compile removes a dead process's partial folder and temp
+    folder, and leaves a live one's alone."""
+    model = save_model(pad_conv_net(), "pad_killed")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    live = str(os.getpid())
+    left = [tmp_path / f".out.partial-{dead}-abc", tmp / f"quantune-onnx2tf-{dead}-xyz"]
+    running = [tmp_path / f".out.partial-{live}-abc", tmp / f"quantune-onnx2tf-{live}-xyz"]
+    for folder in left + running:
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"x" * 1000)
+    result = subprocess.run([*CLI, "compile", str(model), "--calib", str(tiny_images), "--out", str(tmp_path / "out"),
+                             "--num-calib", "4", "--quiet"], capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp)))
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in left) and all(p.is_dir() for p in running)
+
+
+def test_quiet_compile_still_says_which_images_were_skipped(tmp_path, tiny_images, save_model):
+    import shutil
+
+    model = save_model(pad_conv_net(), "pad_skip")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in sorted(tiny_images.glob("*.jpg"))[:4]:
+        shutil.copy(f, calib / f.name)
+    (calib / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run_cli("compile", model, "--calib", calib, "--out", tmp_path / "out", "--num-calib", "5", "--quiet")
+    assert result.returncode == 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: 4 of 5 calibration images used; unreadable: broken.jpg"), result.stderr

@@ -145,7 +145,9 @@ def test_wrong_conversion_fails_loudly_and_writes_nothing(tiny_images, save_mode
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
+    (out / "compile.json").write_text('{"kind": "quantune-edge/compile"}')  # an earlier compile: what --force may replace
     with pytest.raises(VerificationError, match="does not match ONNX Runtime"):
         compile_model(save_model(pad_conv_net(), "pad_wrong"), tiny_images, out, CompileOptions(num_calib=4, force=True))
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["compile.json", "keep.txt"]
+    assert (out / "keep.txt").read_text() == "previous result"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -365,3 +366,169 @@ def test_server_gone_mid_command_is_an_error_not_a_hang(tmp_path):
         timer.join()
         conn.close()
         server.stop()
+
+
+def future_op_model(model: Path, out: Path) -> Path:
+    """A real model whose first op claims version 99: a valid flatbuffer (the host parses it) that no
+    runtime has a kernel for, as a model from a newer converter is to an older device runtime."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(model.read_bytes(), 0)
+    m.operatorCodes[0].version = 99
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out
+
+
+def bad_model_files(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user might pass as a model, each with the reason the host gives for refusing it."""
+    from conftest import DEMO_IMAGES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = good.read_bytes()
+    (folder / "half.tflite").write_bytes(raw[: len(raw) // 2])
+    (folder / "cut.tflite").write_bytes(raw[: len(raw) * 9 // 10])
+    (folder / "notes.tflite").write_text("these are my notes, not a model\n")
+    (folder / "photo.tflite").write_bytes(next(DEMO_IMAGES.glob("*.jpg")).read_bytes())
+    (folder / "empty.tflite").write_bytes(b"")
+    return {"half": (folder / "half.tflite", "not a valid .tflite model"), "cut": (folder / "cut.tflite", "not a valid .tflite model"),
+            "text": (folder / "notes.tflite", "not a TFLite model (no TFL3 file identifier)"),
+            "jpeg": (folder / "photo.tflite", "not a TFLite model (no TFL3 file identifier)"),
+            "empty": (folder / "empty.tflite", "not a TFLite model (empty file)")}
+
+
+def test_deploy_never_replaces_a_model_with_what_the_device_cannot_load(target_path, models, tmp_path):
+    _mk(target_path)
+    device = open_device(load_target(str(target_path)))
+    folder = tmp_path / "device" / "models"
+    try:
+        device.deploy(models[1], "m.tflite")
+        for name, (path, reason) in bad_model_files(models[1], tmp_path / "bad").items():
+            with pytest.raises(InputError, match=re.escape(reason)):
+                device.deploy(path, "m.tflite")
+            assert sha(folder / "m.tflite") == sha(models[1]) and os.listdir(folder) == ["m.tflite"], name
+        future = future_op_model(models[1], tmp_path / "future.tflite")
+        with pytest.raises(DeviceError, match=r"the device's TFLite runtime cannot load future.tflite \(.*version '99'.*\); "
+                                              r"the deployed model was left as it was"):
+            device.deploy(future, "m.tflite")
+        assert sha(folder / "m.tflite") == sha(models[1]) and os.listdir(folder) == ["m.tflite"]  # the .part went too
+    finally:
+        device.conn.close()
+
+
+def test_deploy_and_bench_cli_refuse_bad_models_in_one_line(sshd, models, tmp_path):
+    folder = tmp_path / "targets"
+    sshd.target_toml(folder / "loop.toml", python=sys.executable, work_dir=tmp_path / "device")
+    bad = bad_model_files(models[1], tmp_path / "bad")
+    for path, reason in (bad["text"], bad["half"]):
+        for args in (["deploy", str(path), "--target", "loop", "--name", "app.tflite"],
+                     ["bench", str(path), "--target", "loop", "--results", str(tmp_path / "results")]):
+            cli = subprocess.run([*CLI, *args, "--targets-dir", str(folder)], capture_output=True, text=True, timeout=300)
+            lines = cli.stderr.strip().splitlines()
+            assert cli.returncode == 2 and len(lines) == 1 and reason in lines[0], cli.stderr
+    assert not (tmp_path / "device" / "models").exists() or not os.listdir(tmp_path / "device" / "models")
+    assert not (tmp_path / "results").exists()
+
+
+def test_trusting_a_new_host_key_says_which_and_where(sshd, models, tmp_path):
+    folder = tmp_path / "targets"
+    known = tmp_path / "kh" / "known_hosts"
+    sshd.target_toml(folder / "loop.toml", python=sys.executable, work_dir=tmp_path / "device", known_hosts=str(known))
+    cli = subprocess.run([*CLI, "deploy", str(models[1]), "--target", "loop", "--targets-dir", str(folder), "--trust-new-host-key"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    said = " ".join(cli.stderr.split())  # rich wraps long lines
+    fingerprint = re.search(r"trusted a new host key: \[127.0.0.1\]:\d+ ssh-ed25519 (SHA256:[A-Za-z0-9+/]+), recorded in (\S+)", said)
+    assert fingerprint and fingerprint.group(2) == str(known), cli.stderr
+    assert subprocess.run(["ssh-keygen", "-lf", str(known)], capture_output=True, text=True).stdout.split()[1] == fingerprint.group(1)
+
+
+def _listener(mode: str):
+    """A loopback port that answers but is not SSH: it closes at once, speaks HTTP, or stays silent."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            if mode == "close":
+                conn.close()
+            elif mode == "http":
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                conn.close()
+            else:
+                held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("mode", ["close", "http", "silent", "refused"])
+def test_a_port_that_is_not_ssh_is_one_clear_line(mode, tmp_path):
+    server = _listener(mode) if mode != "refused" else None
+    port = server.getsockname()[1] if server else free_port()
+    (tmp_path / "t.toml").write_text(f'host = "127.0.0.1"\nport = {port}\nidentity_file = "{keygen(tmp_path / "k")}"\n'
+                                     f'known_hosts = "{tmp_path / "kh"}"\nconnect_timeout_s = 1.0\n')
+    try:
+        start = time.monotonic()
+        cli = subprocess.run([*CLI, "targets", "check", str(tmp_path / "t.toml")], capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - start
+    finally:
+        if server:
+            server.close()
+    *notes, error = cli.stderr.strip().splitlines()
+    assert cli.returncode == 3 and "Traceback" not in cli.stderr and "Exception" not in cli.stderr, cli.stderr
+    assert not notes or (mode in ("silent", "refused") and " ".join(notes).endswith("retrying once")), cli.stderr  # the one retry, said
+    lines = [error]
+    expected = {"close": "the port answers but is not an SSH server", "http": "the port answers but is not an SSH server",
+                "silent": "no SSH answer within 1 s (connect_timeout_s in the target file)", "refused": "connection refused"}[mode]
+    assert lines[0].startswith(f"error: target t: cannot reach 127.0.0.1:{port}: {expected}"), lines[0]
+    if mode in ("close", "http"):
+        assert "retrying" not in cli.stderr and seconds < 60  # a wrong answer is not tried twice
+
+
+def test_bench_with_every_target_failing_promises_no_results_folder(sshd, models, tmp_path):
+    folder = tmp_path / "targets"
+    sshd.target_toml(_mk(folder / "good.toml"), python=sys.executable, work_dir=tmp_path / "device")
+    (folder / "dead.toml").write_text((folder / "good.toml").read_text().replace(f"port = {sshd.port}", f"port = {free_port()}"))
+    results = tmp_path / "results"
+    cli = subprocess.run([*CLI, "bench", str(models[1]), "--target", "dead", "--targets-dir", str(folder), "--runs", "1",
+                          "--results", str(results)], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 3 and "0/1 targets ok; no report written" in cli.stderr, cli.stderr
+    assert not results.exists()
+
+
+def test_bench_and_report_write_only_their_own_folders_and_pages(sshd, models, tmp_path):
+    folder = tmp_path / "targets"
+    sshd.target_toml(_mk(folder / "loop.toml"), python=sys.executable, work_dir=tmp_path / "device")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    base = [*CLI, "bench", str(models[1]), "--target", "loop", "--targets-dir", str(folder), "--runs", "1", "--warmup", "0"]
+    for results, message in ((mine, "holds files and is not a bench results folder (no .quantune-results)"),
+                             (models[1].parent, "holds the model model_int8.tflite, an input of this command")):
+        cli = subprocess.run([*base, "--results", str(results)], capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1 and message in cli.stderr, cli.stderr
+    results = tmp_path / "results"
+    assert subprocess.run([*base, "--results", str(results)], capture_output=True, text=True, timeout=300).returncode == 0
+    assert (results / ".quantune-results").is_file()
+    report = [*CLI, "report", str(results)]
+    for page, message in ((mine / "thesis.tex", "exists and is not a page quantune-edge wrote; not replaced"),
+                          (mine, "is a folder, not an HTML page")):
+        cli = subprocess.run([*report, "--html", str(page)], capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 2 and message in cli.stderr, cli.stderr
+    assert (mine / "thesis.tex").read_text() == "keep"
+    for _ in range(2):  # a page it wrote is replaced
+        cli = subprocess.run([*report, "--html", str(mine / "page.html")], capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr
+    assert "quantune-edge benchmark report" in (mine / "page.html").read_text()

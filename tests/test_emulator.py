@@ -51,6 +51,31 @@ def test_eval_on_emulated_arm_matches_host(emulated_target, effnet_compiled, tmp
     assert result["predictions"] == host
 
 
+def test_emulated_board_refuses_a_model_its_runtime_cannot_load(emulated_target, effnet_compiled, tmp_path):
+    """tflite-runtime 2.14 on aarch64 loads the deployed model in a forked child before the rename: a
+    model with an op version it lacks never replaces the working one."""
+    import re
+
+    import pytest
+    from test_deploy import future_op_model
+
+    from quantune_edge.errors import DeviceError
+
+    model = effnet_compiled / "model_int8.tflite"
+    future = future_op_model(model, tmp_path / "future.tflite")
+    device = open_device(load_target(str(emulated_target)))
+    try:
+        name = f"refusal-{os.getpid()}.tflite"
+        dep = device.deploy(model, name)
+        with pytest.raises(DeviceError, match=r"the device's TFLite runtime cannot load future.tflite \(.*version '99'"):
+            device.deploy(future, name)
+        assert device.agent(["hash", dep.remote_path])["sha256"] == dep.sha256
+        assert not [f for f in device.conn.sftp.listdir(device.models_dir) if re.fullmatch(rf"\.{re.escape(name)}\..*\.part", f)]
+        device.remove_model(dep.remote_path)
+    finally:
+        device.conn.close()
+
+
 def test_status_down_and_up_again(emulated_target):
     state = emulator.status()
     assert state.running and state.built and state.port

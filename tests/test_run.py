@@ -137,3 +137,33 @@ def test_stage_keys_change_with_the_code(monkeypatch):
     same_inputs = pipeline._key("tune", "analyze-key", 1.0)
     monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "another version of the code")
     assert pipeline._key("tune", "analyze-key", 1.0) != same_inputs
+
+
+def test_run_refuses_nonsense_budgets_and_foreign_out_folders_before_any_work(tmp_path):
+    """Before compiling anything: a budget that means nothing, an --out that is an input or holds a
+    user's other files, or a compiled/ inside it that is not a compile folder, each one line, exit 2."""
+    from conftest import REPO
+
+    calib = tmp_path / "calib"
+    shutil.copytree(DEMO_IMAGES, calib)
+    mine = tmp_path / "mine"
+    (mine / "compiled").mkdir(parents=True)
+    (mine / "compiled" / "draft.txt").write_text("keep")
+    (mine / "stages.json").write_text("{}")
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "thesis.tex").write_text("keep")
+    target = ["--target", "local-arm", "--targets-dir", REPO / "targets"]
+    common = ["--eval", DEMO_IMAGES, *target, "--num-calib", 4]
+    cases = [(["--calib", calib, "--out", tmp_path / "new", "--max-drop", "-5"], "--max-drop must be a finite number of points"),
+             (["--calib", calib, "--out", tmp_path / "new", "--max-latency-ratio", "nan"], "--max-latency-ratio must be a finite ratio"),
+             (["--calib", calib, "--out", calib], "is the --calib data, an input of this command"),
+             (["--calib", calib, "--out", tmp_path], "holds the ONNX model" if DEMO_MODEL.is_relative_to(tmp_path) else "holds the --calib data"),
+             (["--calib", calib, "--out", others], "holds files and is not a run folder (no stages.json)"),
+             (["--calib", calib, "--out", mine], "compiled holds files and is not a compile output folder (no compile.json)")]
+    for args, message in cases:
+        result = run_cli("run", DEMO_MODEL, *common, *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in calib.iterdir()) == sorted(p.name for p in DEMO_IMAGES.iterdir())
+    assert (others / "thesis.tex").read_text() == "keep" and (mine / "compiled" / "draft.txt").read_text() == "keep"
