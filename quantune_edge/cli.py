@@ -490,8 +490,6 @@ def targets_check_cmd(
         _print_json({"target": target.to_dict(), "work_dir": device.work_dir, **info})
         return
     dev, rt = info["device"], info["runtime"]
-    if device.conn.trusted_key:
-        reporter.warn(f"trusted new host key {device.conn.trusted_key} (recorded in {device.conn.known_hosts})")
     reporter.console.print(
         f"[bold]{target.name}[/] ({target.address}{', emulated' if target.emulated else ''}): {dev['machine']}, {dev['cpu_count']} cores, "
         f"{dev['os']}, Python {dev['python']}, {rt['package']} {rt['version']}, {dev['free_disk_bytes'] / 2**30:.1f} GiB free in {device.work_dir}")
@@ -565,8 +563,6 @@ def deploy_cmd(
         check_model_file(model)  # before connecting: a file that is not a model never reaches the device
         (tgt,) = _load_targets(target, targets_dir)
         device = open_device(tgt, trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, log=reporter.info)
-        if device.conn.trusted_key:
-            reporter.warn(f"trusted a new host key: {device.conn.trusted_key}, recorded in {device.conn.known_hosts}")
         try:
             deployment = device.deploy(model, name)
         finally:

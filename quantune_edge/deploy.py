@@ -321,6 +321,8 @@ def open_device(target: Target, *, trust_new_host_key: bool = False, install_run
                 log: Callable[[str], None] = lambda _m: None) -> Device:
     """Connect, bootstrap the agent and check the runtime; close with ``device.conn.close()``."""
     conn = Connection(target, trust_new_host_key=trust_new_host_key, log=log).connect()
+    if conn.trusted_key:  # every command that may trust a key says which one, and where it went
+        log(f"{target.name}: trusted a new host key: {conn.trusted_key}, recorded in {conn.known_hosts}")
     try:
         device = Device(conn, log)
         device.bootstrap(install_runtime=install_runtime)
