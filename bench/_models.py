@@ -8,6 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from quantune_edge.compile.artifacts import INT8_MODEL  # noqa: E402
+
 ASSETS = REPO.parent / "shared" / "assets"
 MODELS = {
     "efficientnet-lite0": ("efficientnet-lite0.onnx", dict(mean="127,127,127", std="128,128,128"), 0),
@@ -21,7 +23,7 @@ def demo_models(out: Path | None = None) -> Path:
     from quantune_edge import CompileOptions, compile_model, make_preprocessing
 
     out = out or REPO / "runs" / "demo"
-    if not (out / "model_int8.tflite").is_file():
+    if not (out / INT8_MODEL).is_file():
         prep = make_preprocessing(mean="127,127,127", std="128,128,128")
         compile_model(REPO / "demo" / "models" / "efficientnet-lite0.onnx", REPO / "demo" / "images", out,
                       CompileOptions(preprocessing=prep, num_calib=32))

@@ -12,12 +12,13 @@ import sys
 import time
 
 import numpy as np
+from _models import REPO, demo_models  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from _models import REPO, demo_models  # noqa: E402
 from device_agent.bench import random_input  # noqa: E402
 from device_agent.runtime import load_interpreter, runtime_facts  # noqa: E402
+from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E402
 
 
 def bare_mean_ms(path: str, threads: int, warmup: int, runs: int) -> float:
@@ -55,7 +56,7 @@ def main() -> None:
                         f"{args.rounds} interleaved rounds x {args.runs} runs)")
     for col in ("model", "bare mean ms", "agent mean ms", "overhead"):
         table.add_column(col, justify="right")
-    for name in ("model_int8.tflite", "model_float32.tflite"):
+    for name in (INT8_MODEL, FLOAT_MODEL):
         path = str(folder / name)
         bare, agent = [], []
         for _ in range(args.rounds):

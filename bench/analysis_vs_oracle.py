@@ -27,14 +27,14 @@ import math
 import tempfile
 from pathlib import Path
 
+from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
-from quantune_edge.analysis import LOCAL_SAMPLES, AnalysisOptions, analyze  # noqa: E402
-from quantune_edge.artifacts import CompiledModel  # noqa: E402
-from quantune_edge.oracle import correlations, rank_agreement, run_oracle  # noqa: E402
-from quantune_edge.sensitivity import DEFAULT_METRIC, SCORES  # noqa: E402
+from quantune_edge.analyze.analysis import LOCAL_SAMPLES, AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.analyze.oracle import correlations, rank_agreement, run_oracle  # noqa: E402
+from quantune_edge.analyze.sensitivity import DEFAULT_METRIC, SCORES  # noqa: E402
+from quantune_edge.compile.artifacts import CompiledModel  # noqa: E402
 
 
 def oracle_repeat(folder: Path, data: str, samples: int, report) -> tuple[float, float]:

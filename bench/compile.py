@@ -9,15 +9,17 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, MODELS, add_data_args, compile_shared  # noqa: E402
-from quantune_edge import make_preprocessing, metrics  # noqa: E402
-from quantune_edge.compiler import _onnxruntime_outputs  # noqa: E402
-from quantune_edge.onnx_model import input_spec, load  # noqa: E402
-from quantune_edge.preprocessing import load_samples  # noqa: E402
-from quantune_edge.runtime import TfliteRunner  # noqa: E402
+from quantune_edge import make_preprocessing  # noqa: E402
+from quantune_edge.common import metrics  # noqa: E402
+from quantune_edge.common.preprocessing import load_samples  # noqa: E402
+from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E402
+from quantune_edge.compile.compiler import onnxruntime_outputs  # noqa: E402
+from quantune_edge.model.onnx_model import input_spec, load  # noqa: E402
+from quantune_edge.model.runtime import TfliteRunner  # noqa: E402
 
 
 def main() -> None:
@@ -41,13 +43,13 @@ def main() -> None:
             prep = make_preprocessing(**prep_kwargs)
             spec, _ = input_spec(load(model))
             held_out = load_samples(args.eval_dir, prep.with_input_size(spec.hwc[0]), spec.hwc, spec.layout, args.eval_num, seed=1, what="evaluation")
-            ort_top1 = metrics.top1_accuracy(_onnxruntime_outputs(model, spec, held_out.for_layout(spec.layout)), held_out.labels, offset)
+            ort_top1 = metrics.top1_accuracy(onnxruntime_outputs(model, spec, held_out.for_layout(spec.layout)), held_out.labels, offset)
             for per_channel in (True, False):
                 out = Path(tmp) / f"{name}-{per_channel}"
                 console.print(f"compiling {name} ({'per-channel' if per_channel else 'per-tensor'}) ...")
                 r = compile_shared(name, args.calib, out, args.calib_num, per_channel=per_channel)
-                f32 = metrics.top1_accuracy(TfliteRunner(out / "model_float32.tflite").run(held_out.data), held_out.labels, offset)
-                i8 = metrics.top1_accuracy(TfliteRunner(out / "model_int8.tflite").run(held_out.data), held_out.labels, offset)
+                f32 = metrics.top1_accuracy(TfliteRunner(out / FLOAT_MODEL).run(held_out.data), held_out.labels, offset)
+                i8 = metrics.top1_accuracy(TfliteRunner(out / INT8_MODEL).run(held_out.data), held_out.labels, offset)
                 t = r.timings_s
                 unfused = len(r.fusions["float32"]["unfused"]) + len(r.fusions["int8"]["unfused"])
                 weights = "per-channel" if per_channel else "per-tensor"

@@ -13,15 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from _models import REPO, demo_models  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from _models import REPO, demo_models  # noqa: E402
-
 sys.path.insert(0, str(REPO / "tests"))
 from loopback_sshd import LoopbackSshd  # noqa: E402
-from quantune_edge.deploy import open_device  # noqa: E402
-from quantune_edge.targets import load_target  # noqa: E402
+
+from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E402
+from quantune_edge.deploy.device import open_device  # noqa: E402
+from quantune_edge.deploy.targets import load_target  # noqa: E402
 
 
 def roundtrip(target, model: Path, runs: int) -> dict:
@@ -57,7 +58,7 @@ def main() -> None:
             table = Table(title=f"deploy + {args.runs}-run bench on {target.name} ({target.address}), seconds")
             for col in ("model", "run", "connect+agent", "upload+verify", "total", "pure bench", "overhead"):
                 table.add_column(col, justify="right")
-            for name in ("model_int8.tflite", "model_float32.tflite"):
+            for name in (INT8_MODEL, FLOAT_MODEL):
                 model = folder / name
                 for run in ("cold", "warm"):
                     r = roundtrip(target, model, args.runs)

@@ -14,18 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from _models import ASSETS, compile_shared  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from _models import ASSETS, compile_shared  # noqa: E402
-from quantune_edge import selection  # noqa: E402
-from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
-from quantune_edge.artifacts import CompiledModel  # noqa: E402
-from quantune_edge.console import captured_native_output  # noqa: E402
-from quantune_edge.device_costs import device_cost_model, profile_on_device  # noqa: E402
-from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
-from quantune_edge.targets import load_target  # noqa: E402
-from quantune_edge.tuning import MIXED_MODEL, TuneOptions, _Evaluator, predicted_gain, tune  # noqa: E402
+from quantune_edge.analyze.analysis import AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.common.console import captured_native_output  # noqa: E402
+from quantune_edge.compile.artifacts import CompiledModel  # noqa: E402
+from quantune_edge.deploy.targets import load_target  # noqa: E402
+from quantune_edge.model.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
+from quantune_edge.tune import selection  # noqa: E402
+from quantune_edge.tune.costs import device_cost_model, profile_on_device  # noqa: E402
+from quantune_edge.tune.tuning import MIXED_MODEL, Evaluator, TuneOptions, predicted_gain, tune  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
         host_cost = selection.CostModel.from_measurements(lg, host_int8, host_float)
         console.print(f"measuring layer costs on {target.name} ...")
         device_cost, record = device_cost_model(compiled, lg, names, target, Path(tmp), log=console.print)
-        ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
+        ev = Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
         rows, models, gain = [], [], predicted_gain(analysis.to_dict())
         for k in (int(x) for x in args.ks.split(",")):
             order = analysis.sensitivity_order

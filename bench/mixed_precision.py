@@ -22,17 +22,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _models import MODELS, add_data_args, compile_shared  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from _models import MODELS, add_data_args, compile_shared  # noqa: E402
-from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
-from quantune_edge.artifacts import CompiledModel  # noqa: E402
-from quantune_edge.console import captured_native_output  # noqa: E402
-from quantune_edge.layers import tensor_key  # noqa: E402
-from quantune_edge.metrics import paired_top1, top1_accuracy  # noqa: E402
-from quantune_edge.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
-from quantune_edge.tuning import MIXED_MODEL, TuneOptions, TuneReport, _Evaluator, tune  # noqa: E402
+from quantune_edge.analyze.analysis import AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.common.console import captured_native_output  # noqa: E402
+from quantune_edge.common.metrics import paired_top1, top1_accuracy  # noqa: E402
+from quantune_edge.compile.artifacts import CompiledModel  # noqa: E402
+from quantune_edge.model.layers import tensor_key  # noqa: E402
+from quantune_edge.model.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
+from quantune_edge.tune.tuning import MIXED_MODEL, Evaluator, TuneOptions, TuneReport, tune  # noqa: E402
 
 
 def debugger_ranking(compiled: CompiledModel, calib: np.ndarray, names: dict[int, str]) -> list[int]:
@@ -120,7 +120,7 @@ def main() -> None:
             with captured_native_output(True):
                 float_out = TfliteRunner(compiled.float_model, args.threads).run(inputs)
             f_acc = top1_accuracy(float_out, samples.labels, offset)
-            ev = _Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
+            ev = Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
             ref = ours.reference
             i8_acc = ref["int8"]["accuracy"]
             gap = f_acc - i8_acc

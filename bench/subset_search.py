@@ -23,17 +23,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _models import MODELS, add_data_args, compile_shared  # noqa: E402
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from _models import MODELS, add_data_args, compile_shared  # noqa: E402
-from quantune_edge.analysis import AnalysisOptions, analyze  # noqa: E402
-from quantune_edge.artifacts import CompiledModel  # noqa: E402
-from quantune_edge.console import captured_native_output  # noqa: E402
-from quantune_edge.runtime import TfliteRunner  # noqa: E402
-from quantune_edge.tracing import onnx_label  # noqa: E402
-from quantune_edge.tuning import TuneOptions, tune  # noqa: E402
+from quantune_edge.analyze.analysis import AnalysisOptions, analyze  # noqa: E402
+from quantune_edge.common.console import captured_native_output  # noqa: E402
+from quantune_edge.compile.artifacts import CompiledModel  # noqa: E402
+from quantune_edge.compile.tracing import onnx_label  # noqa: E402
+from quantune_edge.model.runtime import TfliteRunner  # noqa: E402
+from quantune_edge.tune.tuning import TuneOptions, tune  # noqa: E402
 
 
 def main() -> None:

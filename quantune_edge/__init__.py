@@ -9,10 +9,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .compiler import CompileOptions, compile_model  # noqa: E402
-from .errors import ConversionError, InputError, QuantuneError, VerificationError  # noqa: E402
-from .preprocessing import Preprocessing, Samples, load_samples, make_preprocessing  # noqa: E402
-from .reports import CompileReport  # noqa: E402
+from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples, make_preprocessing  # noqa: E402
+from quantune_edge.common.records import CompileReport  # noqa: E402
+from quantune_edge.compile.compiler import CompileOptions, compile_model  # noqa: E402
+from quantune_edge.errors import ConversionError, InputError, QuantuneError, VerificationError  # noqa: E402
 
 __all__ = [
     "CompileOptions", "CompileReport", "ConversionError", "InputError", "Preprocessing", "QuantuneError",

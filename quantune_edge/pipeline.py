@@ -14,16 +14,18 @@ import hashlib
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .console import Reporter
-from .errors import QuantuneError
-from .outputs import COMPILE_FOLDER, RUN_FOLDER, check_output_folder, write_page
-from .preprocessing import Preprocessing
-from .reports import _jsonable, now_iso, sha256_file, write_json
-from .targets import Target
+from quantune_edge.common.console import Reporter
+from quantune_edge.common.outputs import RUN_FOLDER, check_output_folder, write_page
+from quantune_edge.common.preprocessing import Preprocessing
+from quantune_edge.common.records import jsonable, now_iso, sha256_file, write_json
+from quantune_edge.compile.artifacts import COMPILE_FOLDER
+from quantune_edge.deploy.targets import Target
+from quantune_edge.errors import QuantuneError
 
 STAGES = ("compile", "analyze", "tune", "bench", "device-eval", "report")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".csv", ".npy"}
@@ -84,7 +86,7 @@ def code_fingerprint() -> str:
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(_jsonable((code_fingerprint(), *parts)), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(jsonable((code_fingerprint(), *parts)), sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _Stages:
@@ -134,12 +136,13 @@ class _Stages:
 def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, targets: list[Target], out: str | Path,
                  options: RunOptions | None = None, reporter: Reporter | None = None) -> dict:
     """Compile, analyze, tune, benchmark on every target, and write OUT/report.json + report.html."""
-    from . import report as report_mod
-    from .analysis import AnalysisOptions, analyze
-    from .benchmark import BenchOptions, bench_with_progress
-    from .compiler import CompileOptions, compile_model
-    from .errors import DeviceError, InputError
-    from .tuning import TuneOptions, check_budget, tune
+    from quantune_edge.analyze.analysis import AnalysisOptions, analyze
+    from quantune_edge.compile import artifacts as layout
+    from quantune_edge.compile.compiler import CompileOptions, compile_model
+    from quantune_edge.errors import DeviceError, InputError
+    from quantune_edge.measure.latency import BenchOptions, bench_with_progress
+    from quantune_edge.report import run_report as report_mod
+    from quantune_edge.tune.tuning import TuneOptions, check_budget, tune
 
     options = options or RunOptions()
     reporter = reporter or Reporter(quiet=True)
@@ -162,13 +165,13 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
 
     compile_key = _key("compile", sha256_file(model), data_fingerprint(calib), o.preprocessing.to_dict(), o.label_offset,
                        o.per_tensor, o.num_calib)
-    stages.run("compile", compile_key, lambda: [compiled / "compile.json", compiled / "model_int8.tflite"],
+    stages.run("compile", compile_key, lambda: [compiled / layout.REPORT, compiled / layout.INT8_MODEL],
                lambda: compile_model(model, calib, compiled, CompileOptions(
                    preprocessing=o.preprocessing, num_calib=o.num_calib, per_channel=not o.per_tensor,
                    label_offset=o.label_offset, force=True, verbose=o.verbose, threads=o.threads), reporter), reporter)
 
     analyze_key = _key("analyze", compile_key, o.analysis_samples)
-    stages.run("analyze", analyze_key, lambda: [compiled / "analysis.json"],
+    stages.run("analyze", analyze_key, lambda: [compiled / layout.ANALYSIS_JSON],
                lambda: analyze(compiled, calib, AnalysisOptions(num_samples=o.analysis_samples, threads=o.threads,
                                                                   verbose=o.verbose), reporter), reporter)
 
@@ -176,13 +179,13 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     timed_on = targets[0] if o.max_latency_ratio is not None and targets else None
     tune_key = _key("tune", analyze_key, eval_fingerprint, o.max_drop, o.max_latency_ratio, timed_on.to_dict() if timed_on else None,
                     o.num_eval, o.best_effort, o.pareto)
-    stages.run("tune", tune_key, lambda: [compiled / "tune.json", compiled / "model_mixed.tflite"],
+    stages.run("tune", tune_key, lambda: [compiled / layout.TUNE_JSON, compiled / layout.MIXED_MODEL],
                lambda: tune(compiled, eval_data, TuneOptions(
                    max_drop=o.max_drop if o.max_latency_ratio is None else None, max_latency_ratio=o.max_latency_ratio,
                    latency_source=timed_on, num_eval=o.num_eval, threads=o.threads, best_effort=o.best_effort, pareto=o.pareto,
                    verbose=o.verbose), reporter), reporter)
 
-    models = [compiled / f"model_{k}.tflite" for k in ("float32", "int8", "mixed")]
+    models = [compiled / name for name in (layout.FLOAT_MODEL, layout.INT8_MODEL, layout.MIXED_MODEL)]
     bench_key = _key("bench", tune_key, [t.to_dict() for t in targets], o.runs, o.warmup)
 
     def do_bench() -> list[str]:
@@ -198,8 +201,8 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
 
     device_eval = out / "device_eval.json"
     if o.eval_on_device and targets:
-        from .artifacts import CompiledModel
-        from .device_eval import evaluate_on_device
+        from quantune_edge.compile.artifacts import CompiledModel
+        from quantune_edge.measure.accuracy import evaluate_on_device
 
         def do_device_eval() -> list[str]:
             result = evaluate_on_device(CompiledModel.open(compiled), models, eval_data, o.num_eval, TuneOptions.seed,

@@ -161,7 +161,8 @@ def emulated_target():
     cached in ~/.cache/quantune-edge/emulator). Outside CI it is skipped when the host cannot run it
     (not root, or qemu/debootstrap missing); in CI (CI=true) that is a failure, never a silent skip."""
     from loopback_sshd import free_port
-    from quantune_edge import emulator
+
+    from quantune_edge.deploy import emulator
     from quantune_edge.errors import DeviceError
 
     try:

@@ -63,7 +63,7 @@ class LoopbackSshd:
         kind, blob = self.host_key.with_suffix(".pub").read_text().split()[:2]
         return f"[127.0.0.1]:{self.port} {kind} {blob}\n"
 
-    def start(self) -> "LoopbackSshd":
+    def start(self) -> LoopbackSshd:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "sshd.log", "ab")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)

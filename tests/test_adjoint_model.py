@@ -2,13 +2,14 @@
 against finite differences): op by op on padding/stride corner cases, and through the shipped model."""
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES
-from quantune_edge import adjoint_model, backprop, tflite_graph
-from quantune_edge.artifacts import CompiledModel
-from quantune_edge.reference_ops import SAME, VALID
-from quantune_edge.runtime import TfliteRunner, softmax_input
-from quantune_edge.tflite_graph import OpInfo, TensorInfo, TfliteGraph
+
+from quantune_edge.analyze.grad import adjoint_model, backprop
+from quantune_edge.analyze.grad.reference_ops import SAME, VALID
+from quantune_edge.compile.artifacts import CompiledModel
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.runtime import TfliteRunner, softmax_input
+from quantune_edge.model.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
 RNG = np.random.default_rng(7)
 

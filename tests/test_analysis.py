@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES, GraphBuilder, nhwc_net, residual_net
-from quantune_edge import CompileOptions, compile_model, tflite_graph
-from quantune_edge.analysis import AnalysisError, AnalysisOptions, analyze
-from quantune_edge.artifacts import CompiledModel
+
+from quantune_edge import CompileOptions, compile_model
+from quantune_edge.analyze.analysis import AnalysisError, AnalysisOptions, analyze
+from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.errors import InputError
-from quantune_edge.runtime import TfliteRunner
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.runtime import TfliteRunner
 
 K = 8
 
@@ -75,7 +76,7 @@ def test_metrics_match_numpy_on_one_layer(effnet_analysis, effnet_compiled):
     samples = compiled.load_samples(DEMO_IMAGES, K, 0)
     assert samples.names == effnet_analysis.samples["files"]
     layer = next(l for l in effnet_analysis.layers if l["op_type"] == "DEPTHWISE_CONV_2D" and l["index"] > 5)
-    from quantune_edge.layers import match_layers
+    from quantune_edge.model.layers import match_layers
 
     match = match_layers(fg, qg)
     info = match.layers[layer["index"]]
@@ -106,7 +107,7 @@ def test_metrics_match_numpy_on_one_layer(effnet_analysis, effnet_compiled):
 
 def test_local_error_is_the_layers_own_error_on_its_int8_input(effnet_analysis, effnet_compiled):
     """local_rmse_lsb of a conv = RMS(int8 output - float conv of the int8 input) / output scale, by hand."""
-    from quantune_edge.layers import match_layers
+    from quantune_edge.model.layers import match_layers
 
     compiled = CompiledModel.open(effnet_compiled)
     fg, qg = tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model)
@@ -157,8 +158,8 @@ def test_outputs_written(effnet_analysis, effnet_compiled):
 
 
 def test_a_failed_plot_keeps_the_previous_analysis_files_together(effnet_analysis, effnet_compiled, tmp_path, monkeypatch):
-    from quantune_edge import plots
-    from quantune_edge.analysis import save
+    from quantune_edge.analyze import figures
+    from quantune_edge.analyze.analysis import save
 
     folder = tmp_path / "out"
     folder.mkdir()
@@ -170,7 +171,7 @@ def test_a_failed_plot_keeps_the_previous_analysis_files_together(effnet_analysi
         Path(path).write_bytes(b"half a png")
         raise RuntimeError("no space left on device")
 
-    monkeypatch.setattr(plots, "plot_analysis", broken)
+    monkeypatch.setattr(figures, "plot_analysis", broken)
     with pytest.raises(RuntimeError, match="no space"):
         save(dataclasses.replace(effnet_analysis, created="a later analysis"), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing replaced, no temp file left
@@ -192,7 +193,7 @@ def test_damaged_layer_ranks_first(effnet_compiled, effnet_analysis, tmp_path):
     folder = tmp_path / "damaged"
     shutil.copytree(effnet_compiled, folder)
     compiled = CompiledModel.open(folder)
-    from quantune_edge.layers import match_layers
+    from quantune_edge.model.layers import match_layers
 
     match = match_layers(tflite_graph.read(compiled.float_model), tflite_graph.read(compiled.int8_model))
     victim = next(l for l in match.layers if l.op_type == "CONV_2D" and l.index >= 20 and l.fused_activation == "NONE")
@@ -300,8 +301,8 @@ def test_output_share_predicts_what_keeping_a_layer_float_does(effnet_compiled, 
     import tempfile
     from pathlib import Path
 
-    from quantune_edge.metrics import sqnr_db
-    from quantune_edge.oracle import build_and_run
+    from quantune_edge.analyze.oracle import build_and_run
+    from quantune_edge.common.metrics import sqnr_db
 
     compiled = CompiledModel.open(effnet_compiled)
     samples = compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, K, 0))
@@ -357,10 +358,10 @@ def test_the_threaded_comparison_equals_a_single_thread(small_compiled, tiny_ima
 
 
 def test_balanced_partition_deals_every_item_once():
-    from quantune_edge.analysis import _balanced
+    from quantune_edge.analyze.analysis import balanced
 
     sizes = {0: 90, 1: 50, 2: 40, 3: 10, 4: 10}
-    parts = _balanced(list(sizes), sizes.get, 2)
+    parts = balanced(list(sizes), sizes.get, 2)
     assert sorted(i for p in parts for i in p) == list(sizes)
     assert sorted(sum(sizes[i] for i in p) for p in parts) == [100, 100]
-    assert _balanced([7], lambda i: 1, 4) == [[7]] and _balanced([], sizes.get, 2) == []
+    assert balanced([7], lambda i: 1, 4) == [[7]] and balanced([], sizes.get, 2) == []

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES
-from quantune_edge import backprop, reference_ops, tflite_graph
-from quantune_edge.artifacts import CompiledModel
-from quantune_edge.runtime import softmax_input
-from quantune_edge.tflite_graph import OpInfo, TensorInfo, TfliteGraph
+
+from quantune_edge.analyze.grad import backprop, reference_ops
+from quantune_edge.compile.artifacts import CompiledModel
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.runtime import softmax_input
+from quantune_edge.model.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
 RNG = np.random.default_rng(0)
 

@@ -1,15 +1,14 @@
 """The CLI as a user runs it: a subprocess, exit codes, one-line errors, nothing half-written."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import DEMO_MODEL, GraphBuilder, REPO, pad_conv_net
+from conftest import DEMO_MODEL, REPO, GraphBuilder, pad_conv_net
 
 CLI = [sys.executable, "-m", "quantune_edge.cli"]
 

@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
-from quantune_edge import CompileOptions, VerificationError, compile_model, compiler, make_preprocessing, metrics
-from quantune_edge import tflite_graph
-from quantune_edge.runtime import TfliteRunner
-
 from conftest import nhwc_net, pad_conv_net, residual_net, shared
+
+from quantune_edge import CompileOptions, VerificationError, compile_model, make_preprocessing
+from quantune_edge.common import metrics
+from quantune_edge.compile import compiler
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.runtime import TfliteRunner
 
 CONV_LIKE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 
@@ -69,16 +70,16 @@ def test_efficientnet_compiles_fused_and_verified(effnet_compiled):
 
 def test_efficientnet_accuracy_on_held_out_real_images(effnet_compiled):
     """Float TFLite agrees with ONNX Runtime on labelled images not used for calibration."""
-    from quantune_edge.compiler import _onnxruntime_outputs
-    from quantune_edge.onnx_model import input_spec, load
-    from quantune_edge.preprocessing import load_samples
+    from quantune_edge.common.preprocessing import load_samples
+    from quantune_edge.compile.compiler import onnxruntime_outputs
+    from quantune_edge.model.onnx_model import input_spec, load
 
     report = json.loads((effnet_compiled / "compile.json").read_text())
     prep = make_preprocessing(mean="127,127,127", std="128,128,128").with_input_size(224)
     samples = load_samples(shared("imagenet-val"), prep, (224, 224, 3), "NCHW", num=48, seed=1)
     assert not set(samples.names) & set(report["calibration"]["files"])
     spec, _ = input_spec(load(report["model"]["path"]))
-    ort_out = _onnxruntime_outputs(report["model"]["path"], spec, samples.for_layout("NCHW"))
+    ort_out = onnxruntime_outputs(report["model"]["path"], spec, samples.for_layout("NCHW"))
     f32 = TfliteRunner(effnet_compiled / "model_float32.tflite").run(samples.data)
     i8 = TfliteRunner(effnet_compiled / "model_int8.tflite").run(samples.data)
     acc = {k: metrics.top1_accuracy(v, samples.labels) for k, v in (("ort", ort_out), ("f32", f32), ("i8", i8))}
@@ -140,8 +141,8 @@ def test_squeezenet_bgr_caffe_preset(tmp_path):
 
 def test_wrong_conversion_fails_loudly_and_writes_nothing(tiny_images, save_model, tmp_path, monkeypatch):
     """Fault injection: if the converted model disagreed with ONNX Runtime, nothing may ship."""
-    real = compiler._onnxruntime_outputs
-    monkeypatch.setattr(compiler, "_onnxruntime_outputs", lambda *a, **k: real(*a, **k)[::-1] * -1.0)
+    real = compiler.onnxruntime_outputs
+    monkeypatch.setattr(compiler, "onnxruntime_outputs", lambda *a, **k: real(*a, **k)[::-1] * -1.0)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous result")

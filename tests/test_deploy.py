@@ -13,16 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from loopback_sshd import LoopbackSshd, free_port, keygen
 from test_device_agent import blocked_runtime_env
 
-from quantune_edge.benchmark import BenchOptions, bench, machine_of
-from quantune_edge.deploy import open_device
+from quantune_edge.deploy.device import open_device
+from quantune_edge.deploy.targets import Target, load_target
+from quantune_edge.deploy.transport import Connection
 from quantune_edge.errors import DeviceError, InputError
-from quantune_edge.results import summarize
-from quantune_edge.targets import Target, load_target
-from quantune_edge.transport import Connection
+from quantune_edge.measure.latency import BenchOptions, bench, machine_of
+from quantune_edge.measure.saved import summarize
 
 pytestmark = pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
                                 reason="needs OpenSSH's sshd (make test installs openssh-server)")
@@ -270,7 +269,7 @@ def test_device_timer_leaves_deployed_models_alone(sshd, models, tmp_path):
     """tune's DeviceTimer times a model deployed by content where it is, uploads any other under a name
     of its own, and removes only those: the same bytes deployed by content meanwhile (as `bench`
     would) stay on the device."""
-    from quantune_edge.device_costs import DeviceTimer
+    from quantune_edge.tune.costs import DeviceTimer
 
     float_model, int8_model = models
     target = load_target(str(sshd.target_toml(_mk(tmp_path / "t.toml"), python=sys.executable, work_dir=tmp_path / "device")))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES, REPO
 
 AGENT_ALLOWED_IMPORTS = {"__future__", "argparse", "hashlib", "importlib", "json", "os", "platform", "resource", "shutil", "signal",
@@ -36,7 +35,7 @@ def blocked_runtime_env(tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def samples(effnet_compiled, tmp_path_factory):
-    from quantune_edge.artifacts import CompiledModel
+    from quantune_edge.compile.artifacts import CompiledModel
 
     loaded = CompiledModel.open(effnet_compiled).load_samples(DEMO_IMAGES, 12, seed=3)
     path = tmp_path_factory.mktemp("agent") / "samples.npz"
@@ -94,7 +93,7 @@ def test_bench_input_file_and_bad_shape(effnet_compiled, samples, tmp_path):
 
 
 def test_eval_matches_host_runtime(effnet_compiled, samples):
-    from quantune_edge.runtime import TfliteRunner
+    from quantune_edge.model.runtime import TfliteRunner
 
     path, loaded = samples
     model = effnet_compiled / "model_int8.tflite"

@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from conftest import DEMO_IMAGES
 
-from quantune_edge import emulator
-from quantune_edge.deploy import open_device
-from quantune_edge.targets import load_target
+from quantune_edge.deploy import emulator
+from quantune_edge.deploy.device import open_device
+from quantune_edge.deploy.targets import load_target
 
 CLI = [sys.executable, "-m", "quantune_edge.cli"]
 
@@ -31,8 +30,8 @@ def test_bench_on_emulated_arm_reports_aarch64(emulated_target, effnet_compiled,
 
 
 def test_eval_on_emulated_arm_matches_host(emulated_target, effnet_compiled, tmp_path):
-    from quantune_edge.artifacts import CompiledModel
-    from quantune_edge.runtime import TfliteRunner
+    from quantune_edge.compile.artifacts import CompiledModel
+    from quantune_edge.model.runtime import TfliteRunner
 
     samples = CompiledModel.open(effnet_compiled).load_samples(DEMO_IMAGES, 4, seed=5)
     npz = tmp_path / "s.npz"

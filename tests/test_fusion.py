@@ -1,9 +1,8 @@
 import numpy as np
-
-from quantune_edge import fusion
-from quantune_edge.tflite_graph import OpInfo, TensorInfo, TfliteGraph
-
 from conftest import pad_conv_net, residual_net
+
+from quantune_edge.compile import fusion
+from quantune_edge.model.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
 
 def test_onnx_patterns_on_built_graphs():

@@ -2,12 +2,13 @@
 model's own op outputs when fed its own tensors, and compute on any other input independently."""
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES
-from quantune_edge import kernel_model, tflite_graph
-from quantune_edge.artifacts import CompiledModel
+
+from quantune_edge.analyze.grad import kernel_model
+from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.errors import InputError
-from quantune_edge.runtime import TfliteRunner
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.runtime import TfliteRunner
 
 
 def test_kernel_copies_reproduce_the_float_ops(effnet_compiled):

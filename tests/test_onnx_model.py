@@ -2,11 +2,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-from quantune_edge import onnx_model
-from quantune_edge.errors import ConversionError, InputError
-
 from conftest import DEMO_MODEL, GraphBuilder, nhwc_net, pad_conv_net, residual_net
+
+from quantune_edge.errors import ConversionError, InputError
+from quantune_edge.model import onnx_model
 
 
 def _run(model, x):

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
-from quantune_edge import outputs
+from quantune_edge.common import outputs
+from quantune_edge.common.outputs import check_output_folder, check_output_page, staged_folder, temp_folder
+from quantune_edge.compile.artifacts import COMPILE_FOLDER
 from quantune_edge.errors import InputError
-from quantune_edge.outputs import COMPILE_FOLDER, check_output_folder, check_output_page, staged_folder, temp_folder
 
 
 def _earlier(folder):

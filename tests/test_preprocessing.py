@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+from conftest import DEMO_IMAGES
 from PIL import Image
 
+from quantune_edge.common.preprocessing import PRESETS, Preprocessing, load_image, load_samples, make_preprocessing, select
 from quantune_edge.errors import InputError
-from quantune_edge.preprocessing import PRESETS, Preprocessing, load_image, load_samples, make_preprocessing, select
-
-from conftest import DEMO_IMAGES
 
 
 def test_presets_and_overrides():

@@ -1,11 +1,12 @@
 """The numpy reference kernels behind the local (own-input) error: checked against explicit loops
 and against TFLite's own float kernels on every supported op of the shipped EfficientNet-Lite0."""
 import numpy as np
-
 from conftest import DEMO_IMAGES
-from quantune_edge import reference_ops, tflite_graph
-from quantune_edge.artifacts import CompiledModel
-from quantune_edge.runtime import TfliteRunner
+
+from quantune_edge.analyze.grad import reference_ops
+from quantune_edge.compile.artifacts import CompiledModel
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.runtime import TfliteRunner
 
 
 def _loop_conv(x, w, b, stride, pad_top_left, out_hw, depthwise=False):

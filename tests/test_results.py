@@ -1,8 +1,9 @@
 """Reading benchmark rows back: a file benchmarked twice under two labels is shown as one model; a latency budget per target."""
 import html
 
-from quantune_edge.report import budget_warnings, latency_budget_check
-from quantune_edge.results import SAME_FILE_NOTE, ResultRow, display_labels, render_html
+from quantune_edge.measure.saved import ResultRow
+from quantune_edge.report.bench_page import SAME_FILE_NOTE, display_labels, render_html
+from quantune_edge.report.run_report import budget_warnings, latency_budget_check
 
 
 def _row(target: str, label: str, sha: str, p50: float) -> ResultRow:

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES, DEMO_MODEL
 from loopback_sshd import LoopbackSshd, free_port
 

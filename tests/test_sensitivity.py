@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from quantune_edge.metrics import ErrorStats, paired_top1, pooled_sqnr_db, top1_correct
-from quantune_edge.sensitivity import IDEAL_INT8_SQNR_DB, LayerMetrics, ranking, score, spearman, sqnr_delta, SCORES
+from quantune_edge.analyze.sensitivity import IDEAL_INT8_SQNR_DB, SCORES, LayerMetrics, ranking, score, spearman, sqnr_delta
+from quantune_edge.common.metrics import ErrorStats, paired_top1, pooled_sqnr_db, top1_correct
 
 
 def test_error_stats_match_numpy_over_several_samples():
@@ -89,7 +89,7 @@ def test_spearman():
 
 
 def test_oracle_repeatability_and_its_ceiling():
-    from quantune_edge.oracle import repeatability
+    from quantune_edge.analyze.oracle import repeatability
 
     same = repeatability([(0.1, 0.2), (0.5, 0.9), (0.3, 0.4), (float("inf"), 0.0)], 16)
     assert same["spearman_between_halves"] == pytest.approx(1.0)  # the non-finite pair is left out

@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
+from quantune_edge.deploy.targets import list_targets, load_target, parse_target
+from quantune_edge.deploy.transport import resolve
 from quantune_edge.errors import InputError
-from quantune_edge.targets import list_targets, load_target, parse_target
 
 CLI = [sys.executable, "-m", "quantune_edge.cli"]
 
@@ -46,10 +47,10 @@ def test_ssh_config_alias(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".ssh").mkdir()
     (tmp_path / ".ssh" / "config").write_text("Host pi5\n  HostName 10.0.0.5\n  User pi\n  Port 2200\n  IdentityFile ~/.ssh/pi_key\n")
-    target = parse_target({"ssh_config_host": "pi5"}, "t.toml", "pi5").resolved()
+    target = resolve(parse_target({"ssh_config_host": "pi5"}, "t.toml", "pi5"))
     assert (target.host, target.user, target.port) == ("10.0.0.5", "pi", 2200)
     assert target.identity_file == str(tmp_path / ".ssh" / "pi_key")
-    explicit = parse_target({"ssh_config_host": "pi5", "user": "me", "port": 2022}, "t.toml", "pi5").resolved()
+    explicit = resolve(parse_target({"ssh_config_host": "pi5", "user": "me", "port": 2022}, "t.toml", "pi5"))
     assert (explicit.user, explicit.port) == ("me", 2022)
 
 

@@ -8,16 +8,17 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from conftest import DEMO_MODEL, pad_conv_net, residual_net
 from typer.testing import CliRunner
 
-from conftest import DEMO_MODEL, pad_conv_net, residual_net
-from quantune_edge import CompileOptions, compile_model, tflite_graph
-from quantune_edge.analysis import AnalysisOptions, analyze
-from quantune_edge.artifacts import CompiledModel
+from quantune_edge import CompileOptions, compile_model
+from quantune_edge.analyze.analysis import AnalysisOptions, analyze
 from quantune_edge.cli import app
+from quantune_edge.compile.artifacts import CompiledModel
+from quantune_edge.compile.tracing import layout_match, onnx_label, short_label
 from quantune_edge.errors import InputError
-from quantune_edge.tracing import layout_match, onnx_label, short_label
-from quantune_edge.tuning import TuneOptions, tune
+from quantune_edge.model import tflite_graph
+from quantune_edge.tune.tuning import TuneOptions, tune
 
 WEIGHTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 

@@ -9,15 +9,17 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_IMAGES, DEMO_MODEL
-from quantune_edge import CompileOptions, compile_model, make_preprocessing, selection, tflite_graph
-from quantune_edge.analysis import AnalysisOptions, OutputShares, analyze, output_shares
-from quantune_edge.artifacts import CompiledModel
+
+from quantune_edge import CompileOptions, compile_model, make_preprocessing
+from quantune_edge.analyze.analysis import AnalysisOptions, OutputShares, analyze, output_shares
+from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.errors import InputError
-from quantune_edge.layers import match_layers, tensor_key
-from quantune_edge.runtime import TfliteRunner
-from quantune_edge.tuning import BudgetError, TuneOptions, predicted_gain, tune
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.layers import match_layers, tensor_key
+from quantune_edge.model.runtime import TfliteRunner
+from quantune_edge.tune import selection
+from quantune_edge.tune.tuning import BudgetError, TuneOptions, predicted_gain, tune
 
 NUM_EVAL = 24
 
@@ -99,7 +101,7 @@ def test_a_missed_budget_writes_its_best_beside_the_result_it_does_not_replace(f
 
 def test_nonsense_budgets_are_refused_before_any_work(folder, monkeypatch):
     """Each would have run the whole search and then replaced a good result with an all-float model."""
-    from quantune_edge import tuning
+    from quantune_edge.tune import tuning
 
     tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, num_eval=8, latency_runs=3))
     good = _digest(folder)
@@ -220,7 +222,7 @@ def test_latency_budget_and_unlabelled_eval(folder, tmp_path):
 def test_latency_ratio_near_the_limit_is_measured_three_times(folder, monkeypatch):
     """A machine hiccup cannot be made on demand, so the host clock is scripted: each model's first
     paired ratio lands 1 % over the limit, the next ones well over it, and the median of three decides."""
-    from quantune_edge import tuning
+    from quantune_edge.tune import tuning
 
     calls: dict[str, int] = {}
 
@@ -275,8 +277,8 @@ def test_rank_by_another_stored_metric(folder):
 
 
 def _toy_graph() -> selection.LayerGraph:
-    from quantune_edge.layers import Layer
-    from quantune_edge.tflite_graph import OpInfo, TensorInfo, TfliteGraph
+    from quantune_edge.model.layers import Layer
+    from quantune_edge.model.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
     # float t0 -QUANTIZE-> t1 -L0-> t2 -> L1 -> t3 ; t2 -> L2 -> t5 ; (t3, t5) -L3 add-> t4 -DEQUANTIZE-> float t6
     tensors = [TensorInfo(i, f"t{i}", (1, 4), "float32" if i in (0, 6) else "int8", 0) for i in range(7)]
@@ -389,7 +391,8 @@ def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
 
     from loopback_sshd import LoopbackSshd
     from PIL import Image
-    from quantune_edge.targets import load_target
+
+    from quantune_edge.deploy.targets import load_target
 
     server = LoopbackSshd(tmp_path / "sshd").start()
     try:
@@ -430,7 +433,7 @@ def test_latency_budget_is_timed_on_the_latency_source(folder, tmp_path):
     from loopback_sshd import LoopbackSshd
     from test_cli import run_cli
 
-    from quantune_edge.deploy import content_name
+    from quantune_edge.deploy.device import content_name
 
     device = tmp_path / "device"
     server = LoopbackSshd(tmp_path / "sshd").start()
@@ -522,8 +525,8 @@ def test_cli_tune(folder):
 def test_failed_sweep_keeps_the_previous_model_and_report(folder, monkeypatch):
     """A tune that fails after choosing (here its Pareto sweep, as when the --latency-source device is
     lost mid-sweep) leaves model_mixed.tflite and tune.json as the previous tune wrote them."""
-    from quantune_edge import tuning
     from quantune_edge.errors import DeviceError
+    from quantune_edge.tune import tuning
 
     tune(folder, DEMO_IMAGES, TuneOptions(float_layers=1, num_eval=8, rerank=0))
     before = {name: (folder / name).read_bytes() for name in ("model_mixed.tflite", "tune.json")}

@@ -1,0 +1,239 @@
+"""Vector-Jacobian products through a float TFLite graph, in numpy (pure: graph and arrays in, arrays out).
+
+The analysis measures the error each layer adds on its own input (its local error). What the model's
+output gains when that error is removed depends on everything after the layer: a ReLU may cut it, a wide
+1×1 conv may amplify it, a residual Add may dilute it. One backward pass from a probe vector at the
+logits, linearised around the activations of one run (ReLU masks, max-pool routing), tells for every
+layer at once how its output maps onto that probe — so the output error caused by each layer's local
+error can be estimated without one model run per layer. The rules compute in float32, as the models do.
+
+Ops without a rule here stop the pass for what lies before them (:class:`Unsupported`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+
+from quantune_edge.analyze.grad.reference_ops import VALID, patches, strides_dilations, window_padding
+from quantune_edge.model.tflite_graph import OpInfo, TfliteGraph
+
+G = TypeVar("G")  # a gradient: an array, or a tensor of a model being written
+
+SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
+             "CONCATENATION", "RESHAPE", "SQUEEZE")
+
+
+class Unsupported(ValueError):
+    """An op on the backward path that has no vector-Jacobian rule here."""
+
+
+_DERIVATIVES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "RELU": lambda y: y > 0,
+    "RELU6": lambda y: (y > 0) & (y < 6),
+    "RELU_N1_TO_1": lambda y: (y > -1) & (y < 1),
+    "TANH": lambda y: 1 - y * y,
+}
+
+
+def has_mask(name: str | None) -> bool:
+    """Whether a fused activation multiplies the gradient by a mask; raises Unsupported for one without a rule."""
+    if name in (None, "NONE"):
+        return False
+    if name not in _DERIVATIVES:
+        raise Unsupported(f"fused activation {name}")
+    return True
+
+
+def activation_mask(y: np.ndarray, name: str | None) -> np.ndarray | None:
+    """Derivative of the fused activation at its float output ``y`` (None = identity)."""
+    return _DERIVATIVES[name](y).astype(np.float32) if has_mask(name) else None
+
+
+def _accumulate_taps(tap: Callable[[int, int], np.ndarray], out_shape: tuple[int, ...], in_shape: tuple[int, ...],
+                     kh: int, kw: int, options: dict) -> np.ndarray:
+    """Sum over kernel taps (i, j) of ``tap(i, j)`` (N, OH, OW, C), each added to the input pixels it
+    read (strided, dilated, padding cropped): the input gradient of any windowed op, one tap at a time."""
+    n, oh, ow = out_shape[:3]
+    sh, sw, dh, dw = strides_dilations(options)
+    (top, bottom), (left, right) = window_padding(*in_shape[1:3], kh, kw, options) or ((0, 0), (0, 0))
+    gx = np.zeros((n, in_shape[1] + top + bottom, in_shape[2] + left + right, in_shape[3]), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :] += tap(i, j)
+    return gx[:, top: top + in_shape[1], left: left + in_shape[2], :]
+
+
+def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(..., K) @ (K, M) as one 2-D BLAS call (a 4-D @ runs one small product per image row)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
+
+
+def _conv_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
+    out_c, kh, kw, in_c = w.shape
+    if kh == kw == 1 and options.get("strideH", 1) == options.get("strideW", 1) == 1:
+        return _matmul(g, w[:, 0, 0, :]).reshape(in_shape)
+    # One GEMM to every tap's contribution (a wide product runs far faster than kh·kw narrow ones).
+    cols = _matmul(g, w.reshape(out_c, kh * kw * in_c)).reshape(*g.shape[:3], kh, kw, in_c)
+    return _accumulate_taps(lambda i, j: cols[..., i, j, :], g.shape, in_shape, kh, kw, options)
+
+
+def _transposed_windows(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
+    """(N, H, W, C, KH, KW) windows over ``g`` such that a windowed op's input gradient is their
+    correlation with the kernel flipped in both axes: ``g`` spread out by the stride, framed so every
+    input pixel sees the outputs that read it (the adjoint as a forward correlation, which numpy's
+    einsum runs faster than kh·kw scattered adds)."""
+    n, oh, ow, c = g.shape
+    sh, sw, dh, dw = strides_dilations(options)
+    (top, _), (left, _) = window_padding(*in_shape[1:3], kh, kw, options) or ((0, 0), (0, 0))
+    reach_h, reach_w = (kh - 1) * dh, (kw - 1) * dw
+    rows = max(reach_h + (oh - 1) * sh + 1, top + in_shape[1] + reach_h)
+    cols = max(reach_w + (ow - 1) * sw + 1, left + in_shape[2] + reach_w)
+    spread = np.zeros((n, rows, cols, c), np.float32)
+    spread[:, reach_h: reach_h + (oh - 1) * sh + 1: sh, reach_w: reach_w + (ow - 1) * sw + 1: sw] = g
+    frame = spread[:, top: top + in_shape[1] + reach_h, left: left + in_shape[2] + reach_w]
+    return patches(frame, kh, kw, {"padding": VALID, "dilationHFactor": dh, "dilationWFactor": dw})
+
+
+def _depthwise_input_grad(g: np.ndarray, w: np.ndarray, in_shape: tuple[int, ...], options: dict) -> np.ndarray:
+    """Output channel o reads input channel o // M (depth multiplier M), so its gradient goes back there."""
+    _, kh, kw, out_c = w.shape
+    in_c = in_shape[3]
+    windows = _transposed_windows(g, in_shape, kh, kw, options)
+    grouped = windows.reshape(*windows.shape[:3], in_c, out_c // in_c, kh, kw)
+    return np.einsum("nhwcmij,ijcm->nhwc", grouped, w[0, ::-1, ::-1].reshape(kh, kw, in_c, -1))
+
+
+def max_pool_routes(x: np.ndarray, options: dict) -> dict[tuple[int, int], np.ndarray]:
+    """Per kernel tap (i, j): which outputs took their value from that tap — each window's (first)
+    maximum, as the float op picks it."""
+    kh, kw = options["filterHeight"], options["filterWidth"]
+    windows = patches(x, kh, kw, options, pad_value=-np.inf)
+    peak = windows.max(axis=(-2, -1))
+    taken = np.zeros(peak.shape, bool)
+    routes = {}
+    for i in range(kh):
+        for j in range(kw):
+            hit = (windows[..., i, j] == peak) & ~taken
+            taken |= hit
+            routes[i, j] = hit
+    return routes
+
+
+def _max_pool_input_grad(g: np.ndarray, x: np.ndarray, options: dict) -> np.ndarray:
+    """Route each window's gradient to the window's maximum; tap by tap, without materialising the windows."""
+    routes = max_pool_routes(x, options)
+    kh, kw = options["filterHeight"], options["filterWidth"]
+    return _accumulate_taps(lambda i, j: g * routes[i, j], g.shape, x.shape, kh, kw, options)
+
+
+def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[[int], np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """(input tensor, gradient) pairs for the activation inputs of ``op``, given the gradient at its output."""
+    t = graph.tensors
+    acts = [i for i in op.inputs if i >= 0 and not t[i].is_constant]
+    probes = g.shape[0]
+
+    def shape_of(i: int) -> tuple[int, ...]:
+        return (probes, *t[i].shape[1:])
+
+    if op.type == "CONV_2D":
+        return [(acts[0], _conv_input_grad(g, t[op.inputs[1]].data.astype(np.float32), shape_of(acts[0]), op.options))]
+    if op.type == "DEPTHWISE_CONV_2D":
+        return [(acts[0], _depthwise_input_grad(g, t[op.inputs[1]].data.astype(np.float32), shape_of(acts[0]), op.options))]
+    if op.type == "FULLY_CONNECTED":
+        w = t[op.inputs[1]].data.astype(np.float32)
+        return [(acts[0], _matmul(g.reshape(-1, w.shape[0]), w).reshape(shape_of(acts[0])))]
+    if op.type == "ADD":
+        return [(i, _unbroadcast(g, shape_of(i))) for i in acts]
+    if op.type in ("RESHAPE", "SQUEEZE"):
+        return [(acts[0], g.reshape(shape_of(acts[0])))]
+    if op.type == "MEAN":
+        axes = tuple(int(a) % len(t[acts[0]].shape) for a in np.atleast_1d(t[op.inputs[1]].data))
+        shape = shape_of(acts[0])
+        count = int(np.prod([shape[a] for a in axes]))
+        keep = [1 if a in axes else s for a, s in enumerate(shape)]
+        return [(acts[0], np.broadcast_to(g.reshape(keep) / count, shape).astype(np.float32))]
+    if op.type == "AVERAGE_POOL_2D":
+        kh, kw = op.options["filterHeight"], op.options["filterWidth"]
+        return [(acts[0], _avg_pool_input_grad(g, shape_of(acts[0]), kh, kw, op.options))]
+    if op.type == "MAX_POOL_2D":
+        return [(acts[0], _max_pool_input_grad(g, np.broadcast_to(value(acts[0]), shape_of(acts[0])), op.options))]
+    if op.type == "CONCATENATION":
+        axis = op.options.get("axis", -1) % len(t[op.outputs[0]].shape)
+        sizes = [t[i].shape[axis] for i in op.inputs]
+        parts = np.split(g, np.cumsum(sizes)[:-1], axis=axis)
+        return [(i, p) for i, p in zip(op.inputs, parts) if not t[i].is_constant]
+    raise Unsupported(op.type)
+
+
+def _avg_pool_input_grad(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
+    """TFLite's average pool divides by the number of in-bounds pixels of each window; every tap
+    of a window gets the same share."""
+    valid = patches(np.ones((1, *in_shape[1:3], 1), np.float32), kh, kw, options).sum(axis=(-1, -2))
+    share = g / valid
+    return _accumulate_taps(lambda i, j: share, g.shape, in_shape, kh, kw, options)
+
+
+def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``g`` over the axes an operand of ``shape`` was broadcast along."""
+    if g.shape == shape:
+        return g
+    axes = tuple(a for a, (gs, s) in enumerate(zip(g.shape, shape)) if s == 1 and gs != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def walk_backward(graph: TfliteGraph, start: int, seed: G, wanted: set[int], masked: Callable[[OpInfo, G], G],
+                  input_grads: Callable[[OpInfo, G], list[tuple[int, G]]], add: Callable[[G, G], G]) -> dict[int, G]:
+    """The reverse walk every backward pass takes, whatever a gradient is (a numpy array here, a tensor
+    of the TFLite model being written in ``adjoint_model``): ``seed`` at ``start``, each op's output
+    gradient recorded if wanted, passed through its fused activation (``masked``), then to its inputs
+    (``input_grads``), summed (``add``) where a tensor feeds several ops. Ops after ``start`` are
+    ignored; returns the wanted tensors reached."""
+    grads: dict[int, G] = {start: seed}
+    out: dict[int, G] = {}
+    for op in reversed(graph.ops):
+        g = grads.pop(op.outputs[0], None)
+        if g is None:
+            continue
+        if op.outputs[0] in wanted:
+            out[op.outputs[0]] = g
+        if op.type == "SOFTMAX":
+            raise Unsupported("SOFTMAX inside the backward path (start at its input)")
+        g = masked(op, g)
+        if all(i in graph.inputs and i not in wanted for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant):
+            continue  # reads only the model input, which nobody asked for: the costliest rule, skipped
+        for tensor, gi in input_grads(op, g):
+            grads[tensor] = add(grads[tensor], gi) if tensor in grads else gi
+    out.update({t: g for t, g in grads.items() if t in wanted})  # graph inputs: produced by no op
+    return out
+
+
+def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int], np.ndarray], wanted: set[int]) -> dict[int, np.ndarray]:
+    """Backward pass of ``probes`` (P, *shape of tensor ``start``) to every tensor in ``wanted``.
+
+    ``value(t)`` is tensor t's (dequantized) value in the run being linearised (batch 1); it is read for
+    activation masks and max-pool routing. Returns tensor -> (P, *shape) gradient for the wanted
+    tensors the pass reached. Ops after ``start`` are ignored; ops before it must be in
+    :data:`SUPPORTED` or the pass raises :class:`Unsupported`.
+    """
+    def masked(op: OpInfo, g: np.ndarray) -> np.ndarray:
+        mask = activation_mask(value(op.outputs[0]), op.fused_activation)
+        return g if mask is None else g * mask
+
+    return walk_backward(graph, start, probes.astype(np.float32), wanted, masked,
+                         lambda op, g: _input_grads(op, graph, g, value), np.add)
+
+
+def output_error_attribution(back: dict[int, np.ndarray], local_errors: dict[int, np.ndarray]) -> dict[int, float]:
+    """How much of ||residual||² each layer's removable error accounts for, to first order, all layers at once.
+
+    ``back`` holds Jᵀr at every layer's float tensor: one backward pass (:func:`vjp`, or its TFLite
+    form in ``adjoint_model``) of the int8 model's logit error r (int8 − float) on one sample.
+    ``local_errors`` maps a float tensor to the error e that keeping its layer float would remove (same
+    shape). Through the layer's Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e.
+    Removing e lowers ||r||² by 2·r·J·e − ||J·e||²; when the layers' errors are independent
+    r·J·e ≈ ||J·e||², so r·J·e alone ranks layers as that drop does, without the one pass per layer
+    ||J·e||² would need.
+    """
+    return {t: float(np.vdot(back[t], e)) for t, e in local_errors.items() if t in back}

@@ -1,0 +1,3 @@
+from quantune_edge.cli.app import main
+
+main()

@@ -1,0 +1,176 @@
+"""A compile output folder as an object: its report, model paths and how to feed it samples.
+
+Later stages (analyze, tune, deploy) start from a compile folder; this is the one place that knows
+its layout and turns user data into inputs with the preprocessing the compile used.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from quantune_edge.common.outputs import OutputKind
+from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
+from quantune_edge.common.records import CompileReport
+from quantune_edge.compile import converter, tracing
+from quantune_edge.errors import InputError
+from quantune_edge.model import tflite_graph
+from quantune_edge.model.layers import LayerMatch, match_layers
+from quantune_edge.model.onnx_model import InputSpec
+
+# The compile folder's layout: every file name the stages write into it, and only here.
+REPORT = "compile.json"
+FLOAT_MODEL = "model_float32.tflite"
+INT8_MODEL = "model_int8.tflite"
+CALIBRATED_MODEL = "model_calibrated.tflite"  # activation ranges recorded, nothing quantized: re-quantized by tune
+SAVED_MODEL = "saved_model"
+PREPARED_ONNX = "model_prepared.onnx"
+ANALYSIS_JSON, ANALYSIS_CSV, ANALYSIS_PNG = "analysis.json", "analysis.csv", "analysis.png"
+MIXED_MODEL, TUNE_JSON, PARETO_PNG = "model_mixed.tflite", "tune.json", "pareto.png"
+BEST_FOUND = "best-found"  # infix of the files a tune that missed its budget writes beside the accepted ones
+HOST_LATENCY_JSON = "host_latency.json"  # this host's float32 / int8 latencies, measured once and reused
+COMPILE_FOLDER = OutputKind("compile output folder", REPORT)  # what compile --force may replace
+
+
+def device_costs_file(target_name: str) -> str:
+    """The per-layer costs measured on one target (``device_costs_<target>.json``), reused while the models stay the same."""
+    return f"device_costs_{target_name}.json"
+
+
+@dataclass
+class CompiledModel:
+    folder: Path
+    report: CompileReport
+    spec: InputSpec
+
+    @classmethod
+    def open(cls, folder: str | Path) -> CompiledModel:
+        folder = Path(folder)
+        path = folder / REPORT
+        if not path.is_file():
+            raise InputError(f"{folder} is not a compile output folder (no {REPORT}); run 'quantune-edge compile' first")
+        try:
+            report = CompileReport.load(path)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"{path}: unreadable compile report ({exc})") from None
+        for name in (FLOAT_MODEL, INT8_MODEL, CALIBRATED_MODEL):
+            if not (folder / name).is_file():
+                raise InputError(f"{folder / name} is missing; re-run 'quantune-edge compile'")
+        spec_d = report.model["input"]
+        spec = InputSpec(spec_d["name"], spec_d["layout"], tuple(spec_d["shape"]), spec_d.get("dtype", "float32"))
+        return cls(folder, report, spec)
+
+    @property
+    def float_model(self) -> Path:
+        return self.folder / FLOAT_MODEL
+
+    @property
+    def int8_model(self) -> Path:
+        return self.folder / INT8_MODEL
+
+    @property
+    def calibrated_model(self) -> Path:
+        return self.folder / CALIBRATED_MODEL
+
+    # Parsed once per object: tune's re-ranking rounds match every mixed model against the same two.
+    @cached_property
+    def float_graph(self) -> tflite_graph.TfliteGraph:
+        return tflite_graph.read(self.float_model)
+
+    @cached_property
+    def int8_graph(self) -> tflite_graph.TfliteGraph:
+        return tflite_graph.read(self.int8_model)
+
+    @cached_property
+    def calibrated_graph(self) -> tflite_graph.TfliteGraph:
+        return tflite_graph.read(self.calibrated_model)
+
+    @cached_property
+    def layer_match(self) -> LayerMatch:
+        """The layers of this compile: float and int8 ops matched by name (calibrated names break ties)."""
+        return match_layers(self.float_graph, self.int8_graph, self.calibrated_graph)
+
+    @cached_property
+    def _calibrated_bytes(self) -> bytes:
+        return self.calibrated_model.read_bytes()
+
+    def requantize(self, float_nodes: list[str]) -> bytes:
+        """The int8 model again from the same calibration, with ``float_nodes`` (calibrated-model
+        tensor names) kept float: TF selective quantization."""
+        return converter.quantize(self._calibrated_bytes, self.per_channel, self.int8_io, float_nodes)
+
+    @property
+    def per_channel(self) -> bool:
+        return "per-channel" in self.report.quantization["weights"]
+
+    @property
+    def int8_io(self) -> bool:
+        return self.report.quantization.get("model_io") == "int8"
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.report.preprocessing)
+
+    @property
+    def label_offset(self) -> int:
+        return int(self.report.accuracy.get("label_offset", 0))
+
+    def load_samples(
+        self, source: str | Path, num: int | None, seed: int = 0, preprocessing: Preprocessing | None = None,
+        on_item: Callable[[], None] | None = None, what: str = "calibration",
+    ) -> Samples:
+        prep = (preprocessing or self.preprocessing).with_input_size(self.spec.hwc[0])
+        return load_samples(source, prep, self.spec.hwc, self.spec.layout, num, seed, on_item=on_item, what=what)
+
+    @staticmethod
+    def tflite_inputs(samples: Samples) -> np.ndarray:
+        """The TFLite models take channels-last input (the compiler checks this)."""
+        return samples.data
+
+    @cached_property
+    def trace(self) -> dict:
+        """compile.json's TFLite-op -> ONNX-node trace. A compile made before tracing existed is
+        traced now, from its ONNX model and calibration images, and compile.json keeps the result."""
+        if self.report.trace is not None:
+            return self.report.trace
+        from quantune_edge.common.records import sha256_file, write_json
+        from quantune_edge.model.onnx_model import load as load_onnx
+
+        model = Path(self.report.model["path"])
+        if not model.is_file() or sha256_file(model) != self.report.model["sha256"]:
+            raise InputError(f"{self.folder} was compiled before ONNX tracing and its model {model} is gone or changed; re-run 'quantune-edge compile'")
+        samples = self.load_samples(self.report.calibration["source"], tracing.TRACE_SAMPLES, self.report.calibration.get("seed", 0))
+        self.report.trace = tracing.trace_or_error(load_onnx(model), samples.for_layout(self.spec.layout), self.float_model,
+                                                    self.int8_model, self.tflite_inputs(samples))
+        write_json(self.folder / REPORT, self.report.to_dict())
+        return self.report.trace
+
+    def onnx_sources(self) -> dict[int, dict]:
+        """float32 op index -> its trace entry (ONNX nodes and op types); empty if tracing failed."""
+        return {entry["op"]: entry for entry in self.trace.get("float32", [])}
+
+
+def layer_table(compile_dir) -> dict:
+    """What ``quantune-edge layers`` prints: every layer (the indices analyze and tune use) with its
+    TFLite name, ONNX nodes, parameters, MACs and int8 output scale, plus what was not traced."""
+    from quantune_edge.common.records import SCHEMA_VERSION
+
+    compiled = CompiledModel.open(compile_dir)
+    qg, match = compiled.int8_graph, compiled.layer_match
+    sources = compiled.onnx_sources()
+    rows = []
+    for layer in match.layers:
+        q = qg.tensors[layer.int8_output]
+        source = sources.get(layer.float_op, {})
+        rows.append({"index": layer.index, "op_type": layer.op_type, "fused_activation": layer.fused_activation,
+                     "name": layer.name, "short_name": layer.short_name,
+                     "onnx_nodes": source.get("onnx_nodes", []), "onnx_ops": source.get("onnx_ops", []),
+                     "params": layer.params, "macs": layer.macs,
+                     "int8_scale": q.scales[0] if q.scales else None, "int8_zero_point": q.zero_points[0] if q.zero_points else None})
+    trace = compiled.trace
+    return {"kind": "quantune-edge/layers", "schema_version": SCHEMA_VERSION, "compile_dir": str(compiled.folder.resolve()),
+            "onnx_model": compiled.report.model["path"], "layers": rows, "untraced": trace.get("untraced"),
+            "onnx_nodes_without_op": trace.get("onnx_nodes_without_op", []), "error": trace.get("error")}

@@ -1,0 +1,221 @@
+"""ONNX -> SavedModel (onnx2tf) -> float32 and full-int8 TFLite, with fused ops and a numerical check.
+
+Stages: validate and clean the ONNX graph, convert it with onnx2tf to a SavedModel (kept: later
+stages re-quantize from it), convert that with the TF converter to float32 and to full-integer int8
+calibrated on the user's samples (the calibrated model is kept too, so mixed-precision variants need no
+recalibration), then check the float32 TFLite against ONNX Runtime. Everything is
+built in a staging folder next to the output and moved into place only when every stage passed.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from quantune_edge.common import metrics
+from quantune_edge.common.console import NativeLog, Reporter, captured_native_output
+from quantune_edge.common.outputs import check_output_folder, staged_folder, temp_folder
+from quantune_edge.common.preprocessing import Preprocessing, load_samples
+from quantune_edge.common.records import CompileReport, sha256_file, write_json
+from quantune_edge.compile import converter, fusion, tracing
+from quantune_edge.compile.artifacts import CALIBRATED_MODEL, COMPILE_FOLDER, FLOAT_MODEL, INT8_MODEL, PREPARED_ONNX, REPORT, SAVED_MODEL
+from quantune_edge.errors import ConversionError, InputError, VerificationError
+from quantune_edge.model import onnx_model, tflite_graph
+from quantune_edge.model.runtime import TfliteRunner
+
+
+@dataclass
+class CompileOptions:
+    """How to compile. Defaults: per-channel int8 weights, float model I/O, 100 calibration samples."""
+
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    num_calib: int | None = 100
+    seed: int = 0
+    per_channel: bool = True
+    int8_io: bool = False
+    threads: int = 2
+    label_offset: int = 0
+    force: bool = False
+    verbose: bool = False
+    min_cosine: float = 0.999
+    min_top1_agreement: float = 0.9
+
+
+@contextlib.contextmanager
+def _stage(name: str, timings: dict, quiet_native: bool) -> Iterator[NativeLog]:
+    start = time.perf_counter()
+    with captured_native_output(quiet_native) as log:
+        yield log
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+def onnxruntime_outputs(model_path: Path, spec: onnx_model.InputSpec, data: np.ndarray, on_item=None) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    outputs = []
+    for x in data:
+        outputs.append(session.run(None, {spec.name: x[None]})[0])
+        if on_item:
+            on_item()
+    return np.concatenate(outputs, axis=0)
+
+
+def compile_model(
+    model_path: str | Path,
+    calib: str | Path,
+    out_dir: str | Path,
+    options: CompileOptions | None = None,
+    reporter: Reporter | None = None,
+) -> CompileReport:
+    """Compile an ONNX image model to float32 and int8 TFLite in ``out_dir``; returns the report."""
+    options = options or CompileOptions()
+    reporter = reporter or Reporter(quiet=True)
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    check_output_folder(out_dir, COMPILE_FOLDER, "--out", {"the ONNX model": model_path, "the --calib data": calib}, replace=options.force)
+    if options.num_calib is not None and options.num_calib <= 0:
+        raise InputError(f"--num-calib must be positive, got {options.num_calib}")
+    timings: dict[str, float] = {}
+    quiet_native = not options.verbose
+
+    start = time.perf_counter()
+    original = onnx_model.load(model_path)
+    with captured_native_output(quiet_native):
+        prepared = onnx_model.prepare(original, options.preprocessing.input_size)
+    onnx_model.check_supported(prepared.model)
+    spec = prepared.spec
+    prep = options.preprocessing.with_input_size(spec.hwc[0])
+    timings["prepare_onnx"] = round(time.perf_counter() - start, 3)
+    for note in prepared.notes:
+        reporter.info(f"[dim]note:[/dim] {note}")
+
+    with reporter.progress() as progress:
+        task = progress.add_task("reading calibration samples", total=options.num_calib)
+        start = time.perf_counter()
+        samples = load_samples(calib, prep, spec.hwc, spec.layout, options.num_calib, options.seed, on_item=lambda: progress.advance(task))
+        progress.update(task, total=len(samples) + len(samples.skipped), completed=len(samples) + len(samples.skipped))
+        timings["load_samples"] = round(time.perf_counter() - start, 3)
+
+        with staged_folder(out_dir) as stage, temp_folder("onnx2tf") as work:
+            import onnx
+
+            onnx.save(prepared.model, stage / PREPARED_ONNX)
+            task = progress.add_task("converting ONNX -> SavedModel (onnx2tf)", total=1)
+            with _stage("onnx2tf_saved_model", timings, quiet_native) as log:
+                converter.write_onnx2tf_samples(work, samples)
+                converter.convert_to_saved_model(prepared, work, stage / SAVED_MODEL, log)
+            progress.advance(task)
+
+            task = progress.add_task("converting float32 TFLite", total=1)
+            with _stage("tflite_float32", timings, quiet_native):
+                converter.convert_float(stage / SAVED_MODEL, stage / FLOAT_MODEL)
+            progress.advance(task)
+
+            with captured_native_output(quiet_native):
+                float_runner = TfliteRunner(stage / FLOAT_MODEL, options.threads)
+            if float_runner.input_shape[1:] != spec.hwc:
+                raise ConversionError(f"converted model takes input {float_runner.input_shape}, expected channels-last {(1, *spec.hwc)}")
+            calib_data = samples.data
+
+            task = progress.add_task("calibrating + converting int8 TFLite", total=len(samples))
+            with _stage("tflite_int8_calibrated", timings, quiet_native):
+                calibrated = converter.calibrate(stage / SAVED_MODEL, calib_data, on_sample=lambda: progress.advance(task))
+                (stage / CALIBRATED_MODEL).write_bytes(calibrated)
+                (stage / INT8_MODEL).write_bytes(converter.quantize(calibrated, options.per_channel, options.int8_io))
+
+            task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
+            with _stage("verify", timings, quiet_native):
+                advance = lambda: progress.advance(task)  # noqa: E731
+                ort_out = onnxruntime_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
+                float_out = float_runner.run(calib_data, advance)
+                int8_out = TfliteRunner(stage / INT8_MODEL, options.threads).run(calib_data, advance)
+
+            task = progress.add_task("tracing TFLite ops to ONNX nodes", total=1)
+            with _stage("trace", timings, quiet_native):
+                trace = tracing.trace_or_error(original, samples.for_layout(spec.layout)[:tracing.TRACE_SAMPLES], stage / FLOAT_MODEL,
+                                       stage / INT8_MODEL, calib_data[:tracing.TRACE_SAMPLES])
+            progress.advance(task)
+            if trace.get("error"):
+                reporter.warn(f"could not trace TFLite ops to ONNX nodes: {trace['error']}")
+            elif untraced := trace["untraced"]["float32"]:
+                reporter.warn(f"{len(untraced)} float32 TFLite op(s) have no ONNX tensor of their own "
+                              f"({', '.join(sorted({u['op_type'] for u in untraced}))}); 'quantune-edge layers {out_dir}' lists them")
+
+            report = _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings)
+            report.trace = trace
+            write_json(stage / REPORT, report.to_dict())
+            _raise_if_wrong(report, options)
+    return report
+
+
+def _raise_if_wrong(report: CompileReport, options: CompileOptions) -> None:
+    check = report.verification["float32_vs_onnxruntime"]
+    if not report.verification["passed"]:
+        raise VerificationError(
+            f"float32 TFLite does not match ONNX Runtime (min cosine {check['cosine_min']:.4f} < {options.min_cosine}, "
+            f"top-1 agreement {check['top1_agreement']:.2%}, max abs diff {check['max_abs_diff']:.3g}); nothing was written"
+        )
+
+
+def _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings) -> CompileReport:
+    f_graph = tflite_graph.read(stage / FLOAT_MODEL)
+    q_graph = tflite_graph.read(stage / INT8_MODEL)
+    patterns = fusion.onnx_patterns(original)
+    float_check = metrics.compare_outputs(ort_out, float_out)
+    int8_check = metrics.compare_outputs(ort_out, int8_out)
+    passed = bool(
+        np.isfinite(float_check["cosine_min"])
+        and float_check["cosine_min"] >= options.min_cosine
+        and float_check["top1_agreement"] >= options.min_top1_agreement
+    )
+    accuracy: dict = {"samples": len(samples), "labelled": int(np.sum(samples.labels >= 0)), "label_offset": options.label_offset}
+    if samples.has_labels:
+        accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
+        for key, out in (("onnxruntime_float32", ort_out), ("tflite_float32", float_out), ("tflite_int8", int8_out)):
+            accuracy[key] = metrics.top1_accuracy(metrics.align_layout(ort_out, out), samples.labels, options.label_offset)
+    return CompileReport(
+        model={
+            "path": str(Path(model_path).resolve()),
+            "sha256": sha256_file(model_path),
+            "input": prepared.spec.to_dict(),
+            "simplified": prepared.simplified,
+            "pads_folded_by_quantune": prepared.pads_folded,
+        },
+        preprocessing=prep.to_dict(),
+        calibration={
+            "source": str(Path(samples.source).resolve()),
+            "num_samples": len(samples),
+            "seed": options.seed,
+            "files": samples.names,
+            "skipped": samples.skipped,
+        },
+        quantization={
+            "weights": "int8 per-channel" if options.per_channel else "int8 per-tensor",
+            "activations": "int8",
+            "model_io": "int8" if options.int8_io else "float32",
+        },
+        onnx_ops={"original": onnx_model.op_histogram(original), "prepared": onnx_model.op_histogram(prepared.model),
+                  "original_count": len(original.graph.node), "prepared_count": len(prepared.model.graph.node)},
+        tflite_ops={"float32": f_graph.histogram(), "int8": q_graph.histogram(),
+                    "float32_count": len(f_graph.ops), "int8_count": len(q_graph.ops)},
+        fusions={"onnx_patterns": patterns, "float32": fusion.summarize(patterns, f_graph), "int8": fusion.summarize(patterns, q_graph)},
+        quantize_ops={"int8_quantize": q_graph.count("QUANTIZE"), "int8_dequantize": q_graph.count("DEQUANTIZE")},
+        sizes_bytes={"onnx": Path(model_path).stat().st_size, "float32": f_graph.size_bytes, "int8": q_graph.size_bytes},
+        timings_s=dict(timings),
+        verification={
+            "float32_vs_onnxruntime": float_check,
+            "int8_vs_onnxruntime": int8_check,
+            "thresholds": {"min_cosine": options.min_cosine, "min_top1_agreement": options.min_top1_agreement},
+            "passed": passed,
+        },
+        accuracy=accuracy,
+        files={"float32": FLOAT_MODEL, "int8": INT8_MODEL, "calibrated": CALIBRATED_MODEL, "saved_model": SAVED_MODEL, "prepared_onnx": PREPARED_ONNX},
+        notes=list(prepared.notes),
+    )

@@ -1,0 +1,1 @@
+"""Stage 4, deploy: targets, SSH transport, the device with its agent, the emulated board."""

@@ -1,0 +1,1 @@
+"""Stage 5, measure: latency and accuracy on devices, and the reports bench saves."""

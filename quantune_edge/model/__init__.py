@@ -1,0 +1,1 @@
+"""Reading and running models on the host: TFLite flatbuffers, ONNX graphs, layers, the TFLite runtime."""

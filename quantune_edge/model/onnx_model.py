@@ -1,0 +1,249 @@
+"""Reading, validating and cleaning up ONNX image models before conversion.
+
+Real exports carry graph noise that onnx2tf cannot convert (PyTorch's "same" padding written as
+Pad/Slice/Concat subgraphs on computed shapes). :func:`prepare` fixes the input shape, simplifies the
+graph (constant folding + shape inference via onnxsim) and folds any remaining zero Pad into the
+following Conv's padding, so the converter sees one Conv where the user wrote Pad+Conv.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantune_edge.errors import ConversionError, InputError
+
+CHANNEL_COUNTS = (1, 3, 4)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's image input: name, layout and fixed shape (batch 1, in the ONNX layout)."""
+
+    name: str
+    layout: str  # "NCHW" or "NHWC"
+    shape: tuple[int, int, int, int]
+    dtype: str = "float32"
+
+    @property
+    def hwc(self) -> tuple[int, int, int]:
+        n, a, b, c = self.shape
+        return (b, c, a) if self.layout == "NCHW" else (a, b, c)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "layout": self.layout, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def load(path: str | Path) -> onnx.ModelProto:  # noqa: F821
+    """Load and check an ONNX file, turning every failure into a one-line :class:`InputError`."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"model path is not a file: {path}")
+    raw = path.read_bytes()
+    if not raw:
+        raise InputError(f"model file is empty: {path}")
+    try:
+        model = onnx.load_from_string(raw)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        kind = "truncated or corrupt ONNX file" if raw[:1] == b"\x08" else "not an ONNX model"
+        raise InputError(f"{path}: {kind} ({exc})") from None
+    if model.ir_version == 0 or not model.graph.node or not model.opset_import:
+        raise InputError(f"{path}: not an ONNX model (no graph, opset or IR version)")
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: invalid ONNX model ({first})") from None
+    return model
+
+
+def _dims(value_info) -> list[int | str]:
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?"))
+    return dims
+
+
+def graph_inputs(model) -> list:
+    initializers = {init.name for init in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def input_spec(model, input_size: int | None = None) -> tuple[InputSpec, list[str]]:
+    """Find the single image input; returns it with notes on what was fixed (dynamic dims)."""
+    import onnx
+
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise InputError(f"model has {len(inputs)} inputs ({names}); one image input is supported")
+    inp = inputs[0]
+    elem = inp.type.tensor_type.elem_type
+    dims = _dims(inp)
+    if elem != onnx.TensorProto.FLOAT:
+        raise InputError(f"model input {inp.name!r} is {onnx.TensorProto.DataType.Name(elem)}; an image input must be FLOAT")
+    if len(dims) != 4:
+        raise InputError(f"model input {inp.name!r} has shape {dims}; expected a 4-D image tensor (NCHW or NHWC)")
+    notes: list[str] = []
+    if isinstance(dims[1], int) and dims[1] in CHANNEL_COUNTS:
+        layout, spatial = "NCHW", (2, 3)
+    elif isinstance(dims[3], int) and dims[3] in CHANNEL_COUNTS:
+        layout, spatial = "NHWC", (1, 2)
+    else:
+        raise InputError(f"model input {inp.name!r} has shape {dims}; no channel dimension of 1, 3 or 4 found, not an image input")
+    if not isinstance(dims[0], int):
+        notes.append(f"dynamic batch dimension {dims[0]!r} of input {inp.name!r} fixed to 1")
+    elif dims[0] != 1:
+        notes.append(f"batch dimension {dims[0]} of input {inp.name!r} set to 1")
+    dims[0] = 1
+    for axis in spatial:
+        if not isinstance(dims[axis], int):
+            if input_size is None:
+                raise InputError(f"model input {inp.name!r} has dynamic spatial size {dims}; pass --input-size")
+            notes.append(f"dynamic spatial dimension of input {inp.name!r} fixed to {input_size}")
+            dims[axis] = input_size
+    if input_size is not None and (dims[spatial[0]], dims[spatial[1]]) != (input_size, input_size):
+        raise InputError(f"--input-size {input_size} does not match the model input {inp.name!r} of shape {dims}")
+    return InputSpec(inp.name, layout, tuple(int(d) for d in dims)), notes  # type: ignore[arg-type]
+
+
+def op_histogram(model) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+@functools.lru_cache(maxsize=1)
+def onnx2tf_supported_ops() -> frozenset[str]:
+    """onnx2tf has one module per ONNX op it converts; that list is the ground truth.
+
+    Found without importing onnx2tf (which would import TensorFlow just to validate a graph)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnx2tf")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("onnx2tf is not installed; install the host extra: pip install 'quantune-edge[host]'")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "ops"
+    return frozenset(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def check_supported(model) -> None:
+    """Fail before converting if any node is an op onnx2tf has no converter for."""
+    supported = onnx2tf_supported_ops()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in supported:
+            domain = f" (domain {node.domain!r})" if node.domain not in ("", "ai.onnx") else ""
+            raise ConversionError(f"unsupported op {node.op_type!r}{domain} at node {node.name or node.output[0]!r}: onnx2tf cannot convert it")
+
+
+def _fix_input_shape(model, spec: InputSpec) -> None:
+    for inp in model.graph.input:
+        if inp.name == spec.name:
+            for dim, value in zip(inp.type.tensor_type.shape.dim, spec.shape):
+                dim.Clear()
+                dim.dim_value = value
+
+
+def fold_pads(model) -> int:
+    """Fold constant zero-padding Pad nodes into the padding of the Conv they feed.
+
+    Only a Pad whose sole consumer is a Conv without auto_pad, padding spatial axes with zeros, is
+    folded; anything else is left for the converter. Returns the number of Pads folded.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: Counter[str] = Counter(name for n in model.graph.node for name in n.input)
+    graph_outputs = {o.name for o in model.graph.output}
+    by_input = {}
+    for n in model.graph.node:
+        for name in n.input:
+            by_input.setdefault(name, []).append(n)
+    folded = 0
+    for pad in [n for n in model.graph.node if n.op_type == "Pad"]:
+        out = pad.output[0]
+        users = by_input.get(out, [])
+        if len(users) != 1 or consumers[out] != 1 or out in graph_outputs or users[0].op_type != "Conv":
+            continue
+        conv = users[0]
+        if conv.input[0] != out:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        mode = attrs.get("mode", b"constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            continue
+        if len(pad.input) > 1 and pad.input[1]:
+            if pad.input[1] not in inits:
+                continue
+            pads = numpy_helper.to_array(inits[pad.input[1]]).astype(int).tolist()
+        else:
+            pads = list(attrs.get("pads", []))
+        if len(pad.input) > 2 and pad.input[2]:
+            if pad.input[2] not in inits or np.any(numpy_helper.to_array(inits[pad.input[2]]) != 0):
+                continue
+        if len(pad.input) > 3 and pad.input[3]:
+            continue  # explicit axes: leave to the converter
+        rank = len(pads) // 2
+        if rank < 3 or any(pads[i] != 0 or pads[i + rank] != 0 for i in (0, 1)) or any(p < 0 for p in pads):
+            continue
+        conv_attrs = {a.name: a for a in conv.attribute}
+        auto_pad = helper.get_attribute_value(conv_attrs["auto_pad"]) if "auto_pad" in conv_attrs else b"NOTSET"
+        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+            continue
+        spatial = rank - 2
+        old = list(helper.get_attribute_value(conv_attrs["pads"])) if "pads" in conv_attrs else [0] * (2 * spatial)
+        begin = [old[i] + pads[2 + i] for i in range(spatial)]
+        end = [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+        if "pads" in conv_attrs:
+            conv.attribute.remove(conv_attrs["pads"])
+        conv.attribute.append(helper.make_attribute("pads", begin + end))
+        conv.input[0] = pad.input[0]
+        model.graph.node.remove(pad)
+        folded += 1
+    return folded
+
+
+@dataclass
+class PreparedModel:
+    """The cleaned-up model handed to the converter, and what the clean-up did."""
+
+    model: object
+    spec: InputSpec
+    notes: list[str]
+    simplified: bool
+    pads_folded: int
+
+
+def prepare(model, input_size: int | None = None) -> PreparedModel:
+    """Fix the input shape to batch 1, simplify, fold pads; keeps the original model untouched."""
+    import onnx
+
+    spec, notes = input_spec(model, input_size)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _fix_input_shape(work, spec)
+    simplified = False
+    try:
+        import onnxsim
+
+        candidate, ok = onnxsim.simplify(work)
+        if ok:
+            work, simplified = candidate, True
+        else:
+            notes.append("onnxsim could not verify the simplified graph; converting the original graph")
+    except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++ on odd graphs
+        notes.append(f"graph simplification skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    folded = fold_pads(work)
+    if folded:
+        notes.append(f"folded {folded} Pad node(s) into Conv padding")
+    try:
+        work = onnx.shape_inference.infer_shapes(work)
+    except Exception:
+        pass
+    return PreparedModel(work, spec, notes, simplified, folded)

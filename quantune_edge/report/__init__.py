@@ -1,0 +1,1 @@
+"""Stage 6, report: the run report page and the bench comparison page."""
