@@ -1,3 +1,3 @@
-from quantune_edge.cli.app import main
+from quantune_edge.cli import main
 
 main()

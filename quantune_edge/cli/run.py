@@ -1,0 +1,151 @@
+"""`run`, `demo`, `version`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantune_edge import __version__
+from quantune_edge.cli.shared import (
+    ChannelOrder,
+    InputSize,
+    InstallRuntime,
+    JsonOut,
+    Mean,
+    Preset,
+    Quiet,
+    Resize,
+    Std,
+    TargetsDir,
+    TrustNew,
+    Verbose,
+    app,
+    fail,
+    load_targets,
+    one_line,
+    one_line_errors,
+    print_json,
+    print_results,
+)
+from quantune_edge.common.console import Reporter
+from quantune_edge.errors import InputError, QuantuneError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_DIR = REPO_ROOT / "demo"
+DEMO_MODEL = DEMO_DIR / "models" / "efficientnet-lite0.onnx"
+DEMO_IMAGES = DEMO_DIR / "images"
+# The shipped EfficientNet-Lite0 was trained on (pixel - 127) / 128, RGB.
+DEMO_PREPROCESSING = {"mean": "127,127,127", "std": "128,128,128"}
+
+
+
+@app.command("run")
+def run_cmd(
+    model: Annotated[Path, typer.Argument(help="ONNX image model.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration images (folder) or .npy.")],
+    eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1) or .npy.")],
+    target: Annotated[str, typer.Option("--target", help="Target name(s), comma-separated.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything (kept; stages are cached in it).")] = Path("runs/run"),
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
+    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8, timed on the first target (instead of --max-drop).")] = None,
+    num_calib: Annotated[int, typer.Option("--num-calib")] = 100,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the two-run analysis.")] = 32,
+    num_eval: Annotated[int, typer.Option("--num-eval")] = 200,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor int8 weights.")] = False,
+    label_offset: Annotated[int, typer.Option("--label-offset")] = 0,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on each target.")] = 20,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Also sweep k on the host and plot pareto.png.")] = False,
+    eval_on_device: Annotated[bool, typer.Option("--eval-on-device", help="Also measure top-1 on each target (the agent's eval).")] = False,
+    best_effort: Annotated[bool, typer.Option("--best-effort", help="Go on with the best model when the budget is unreachable.")] = False,
+    targets_dir: TargetsDir = None,
+    trust_new_host_key: TrustNew = False,
+    install_runtime: InstallRuntime = False,
+    preset: Preset = None,
+    mean: Mean = None,
+    std: Std = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    channel_order: ChannelOrder = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """ONNX to on-device report: compile, analyze, tune, deploy and bench float32/int8/mixed, report.html."""
+    from quantune_edge.common.preprocessing import make_preprocessing
+    from quantune_edge.pipeline import RunOptions
+
+    with one_line_errors():
+        if max_drop is not None and max_latency_ratio is not None:
+            raise InputError("give one of --max-drop, --max-latency-ratio")
+        targets = load_targets(target, targets_dir)
+        options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order),
+                             label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
+                             analysis_samples=num_samples, max_drop=1.0 if max_drop is None else max_drop, max_latency_ratio=max_latency_ratio,
+                             num_eval=num_eval, best_effort=best_effort, pareto=pareto, eval_on_device=eval_on_device, runs=runs,
+                             trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, verbose=verbose)
+    _run(model, calib, eval_data, targets, out, options, quiet=quiet, verbose=verbose, json_out=json_out)
+
+
+def _run(model: Path, calib: Path, eval_data: Path, targets, out: Path, options, *, quiet: bool, verbose: bool, json_out: bool) -> None:
+    from quantune_edge.measure.saved import ResultRow
+    from quantune_edge.pipeline import run_pipeline
+    from quantune_edge.report.run_report import budget_warnings
+
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    with one_line_errors():
+        data = run_pipeline(model, calib, eval_data, targets, out, options, reporter)
+    if json_out:
+        print_json(data)
+        return
+    if quiet:
+        return
+    acc = data["accuracy"]
+    reporter.console.print(f"accuracy ({acc['is']}, {acc['samples']} images, host): "
+                           + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc["host"].items() if v is not None)
+                           + f"; float layers: {', '.join(one_line(l) for l in data['tune']['chosen_layers']) or 'none'}", markup=False)
+    if data["device"]:
+        print_results(reporter, [ResultRow(**r) for r in data["device"]])
+    for line in budget_warnings(data.get("latency_budget")):
+        reporter.warn(line)
+    cached = [s for s, v in data["stages"].items() if v.get("cached")]
+    reporter.console.print(f"wrote {out / 'report.html'} and report.json" + (f" (cached stages: {', '.join(cached)})" if cached else ""))
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (stages are cached in it).")] = Path("runs/demo"),
+    num_calib: Annotated[int, typer.Option("--num-calib")] = 32,
+    no_device: Annotated[bool, typer.Option("--no-device", help="No emulated ARM board: compile, analyze, tune and report only.")] = False,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on the emulated board.")] = 5,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    json_out: JsonOut = False,
+) -> None:
+    """`run` on the built-in EfficientNet-Lite0 and demo images against the emulated ARM board
+    (started, and built once, as needed): compile, analyze, tune, bench float32/int8/mixed, report."""
+    from quantune_edge.common.preprocessing import make_preprocessing
+    from quantune_edge.deploy import emulator
+    from quantune_edge.deploy.targets import load_target
+    from quantune_edge.pipeline import RunOptions
+
+    if not DEMO_MODEL.is_file() or not DEMO_IMAGES.is_dir():
+        fail(QuantuneError(f"demo assets not found under {DEMO_DIR} (run from a clone of the repository)"))
+    reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
+    targets = []
+    if not no_device:
+        with one_line_errors():
+            state = emulator.up(log=reporter.info)
+        targets = [load_target(state.target_file)]
+    options = RunOptions(preprocessing=make_preprocessing(**DEMO_PREPROCESSING), num_calib=num_calib, analysis_samples=num_calib,
+                         num_eval=40, runs=runs, warmup=1, verbose=verbose)
+    _run(DEMO_MODEL, DEMO_IMAGES, DEMO_IMAGES, targets, out, options, quiet=quiet, verbose=verbose, json_out=json_out)
+    if targets and not (quiet or json_out):
+        reporter.info("the emulated board keeps running ('quantune-edge targets emulate down' stops it); "
+                      "its latency is qemu's, not a Pi's")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    typer.echo(__version__)

@@ -1,0 +1,136 @@
+"""What every command shares: the app, option types, one-line errors, --json output, formatting."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from quantune_edge.common.console import Reporter
+from quantune_edge.common.records import jsonable
+from quantune_edge.errors import QuantuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Mixed-precision post-training quantization (QuantuneV2) from ONNX to ARM edge devices.",
+)
+
+# Preprocessing options shared by every command that reads images.
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Center-crop size S (default: the model's input size).")]
+Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shorter side to R before the crop (default round(S/0.875)).")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean a,b,c in 0-255 pixel units, model channel order.")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std a,b,c in 0-255 pixel units: x = (pixel - mean) / std.")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="torch | tf | raw | caffe (BGR, mean 104,117,123). Default torch.")]
+ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rgb | bgr: channel order the model expects.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/onnx2tf logs.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+TargetsDir = Annotated[Optional[Path], typer.Option("--targets-dir", help="Folder of target TOML files (default ./targets).")]
+TrustNew = Annotated[bool, typer.Option("--trust-new-host-key", help="Trust an unknown host key on first use and record it in known_hosts.")]
+InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install tflite-runtime on the device if it has no TFLite runtime.")]
+
+
+def print_json(data: dict) -> None:
+    """--json output: the result alone on stdout (human output goes to stderr)."""
+    sys.stdout.write(json.dumps(jsonable(data), indent=2) + "\n")
+
+
+def fail(exc: QuantuneError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A QuantuneError in the block becomes one line on stderr and its exit code, never a traceback."""
+    try:
+        yield
+    except QuantuneError as exc:
+        fail(exc)
+
+
+def preprocessing_override(preset, mean, std, input_size, resize, channel_order):
+    """None (= reuse compile.json's preprocessing) unless a flag was given."""
+    from quantune_edge.common.preprocessing import make_preprocessing
+
+    if all(v is None for v in (preset, mean, std, input_size, resize, channel_order)):
+        return None
+    return make_preprocessing(preset, mean, std, input_size, resize, channel_order)
+
+
+def fmt_db(v) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return "inf" if v == float("inf") else f"{v:.1f}"
+
+
+def fmt_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+_OP_ABBREV = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dwconv", "FULLY_CONNECTED": "fc", "TRANSPOSE_CONV": "deconv"}
+
+
+def op_label(layer: dict) -> str:
+    """``dwconv+relu6``: the TFLite op, short, with its fused activation."""
+    op = _OP_ABBREV.get(layer["op_type"], layer["op_type"].lower())
+    return op + (f"+{layer['fused_activation'].lower()}" if layer["fused_activation"] not in (None, "NONE") else "")
+
+
+def both_names(layer: dict) -> str:
+    """The layer's short ONNX name with its TFLite short name below (or the TFLite name alone)."""
+    from rich.markup import escape
+
+    from quantune_edge.compile.tracing import onnx_label
+
+    onnx = onnx_label(layer)
+    return f"{escape(onnx)}\n[dim]{escape(layer['short_name'])}[/]" if onnx else escape(layer["short_name"])
+
+
+def one_line(layer: dict) -> str:
+    from quantune_edge.compile.tracing import onnx_label
+
+    onnx = onnx_label(layer)
+    return f"{onnx} ({layer['short_name']})" if onnx else layer["short_name"]
+
+
+targets_app = typer.Typer(no_args_is_help=True, help="Device definitions (targets/*.toml) and the emulated ARM board.")
+emulate_app = typer.Typer(no_args_is_help=True, help="An emulated Raspberry Pi: Debian arm64 under qemu-user with sshd on loopback.")
+app.add_typer(targets_app, name="targets")
+targets_app.add_typer(emulate_app, name="emulate")
+
+
+def load_targets(names: str, directory: Optional[Path]):
+    from quantune_edge.deploy.targets import load_target
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if not wanted:
+        raise QuantuneError("--target needs at least one target name")
+    return [load_target(n, directory) for n in wanted]
+
+
+def print_results(reporter: Reporter, rows) -> None:
+    from rich.markup import escape
+
+    from quantune_edge.report.bench_page import display_labels
+
+    table = Table(title="on-device latency (ms)", box=box.SIMPLE_HEAD, header_style="bold")
+    for col in ("target", "arch", "model", "size MB", "p50", "p90", "vs float"):
+        table.add_column(col, justify="right" if col not in ("target", "model") else "left")
+    labels, same_file = display_labels(rows)
+    for r, label in zip(rows, labels):
+        table.add_row(r.target + (" [yellow](emu)[/]" if r.emulated else ""), r.machine, escape(label), f"{r.size_bytes / 1e6:.2f}",
+                      f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "–")
+    reporter.console.print(table)
+    if same_file:
+        reporter.console.print(same_file, markup=False)
+    if any(r.emulated for r in rows):
+        reporter.console.print("[yellow](emu)[/]: emulated under qemu-user, for pipeline checks only; not a real board's latency")
