@@ -72,7 +72,7 @@ def run(argv: list) -> dict:
     if args.command is None:
         raise AgentError("usage", "a command is required: info, bench, eval, profile or hash")
     if args.command == "hash":
-        from .bench import sha256_file
+        from .measure import sha256_file
 
         if not os.path.isfile(args.path):
             raise AgentError("model_missing", "%s: no such file" % args.path)
@@ -86,17 +86,17 @@ def run(argv: list) -> dict:
         return result
     result = _envelope(args.command)
     if args.command == "bench":
-        from .bench import bench
+        from .measure import bench
 
         result.update(bench(args.model, warmup=args.warmup, runs=args.runs, threads=args.threads,
                             xnnpack=not args.no_xnnpack, input_path=args.input, seed=args.seed))
     elif args.command == "profile":
-        from .bench import profile
+        from .measure import profile
 
         result.update(profile(args.models, warmup=args.warmup, runs=args.runs, rounds=args.rounds, threads=args.threads,
                               xnnpack=not args.no_xnnpack))
     elif args.command == "eval":
-        from .bench import evaluate
+        from .measure import evaluate
 
         result.update(evaluate(args.model, args.samples, threads=args.threads, xnnpack=not args.no_xnnpack))
     return result

@@ -3,6 +3,8 @@ compiled models cached per session so the slow conversion of a real model runs o
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,10 +162,9 @@ def emulated_target():
     """The emulated Raspberry Pi's target file. Built once per machine (debootstrap, about 2-3 minutes,
     cached in ~/.cache/quantune-edge/emulator). Outside CI it is skipped when the host cannot run it
     (not root, or qemu/debootstrap missing); in CI (CI=true) that is a failure, never a silent skip."""
-    from loopback_sshd import free_port
-
     from quantune_edge.deploy import emulator
     from quantune_edge.errors import DeviceError
+    from quantune_edge.testing.loopback_sshd import free_port
 
     try:
         emulator._require_host()
@@ -176,3 +177,36 @@ def emulated_target():
     yield Path(state.target_file)
     if not before.running:
         emulator.down()
+
+
+# ---------------------------------------------------------------- helpers several test modules use
+
+CLI = [sys.executable, "-m", "quantune_edge.cli"]
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def blocked_runtime_env(tmp_path: Path) -> dict:
+    """A Python on which neither TFLite runtime imports: a device without a runtime."""
+    blocked = tmp_path / "blocked"
+    for pkg in ("tflite_runtime", "ai_edge_litert"):
+        (blocked / pkg).mkdir(parents=True, exist_ok=True)
+        (blocked / pkg / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    return dict(os.environ, PYTHONPATH=str(blocked))
+
+
+def future_op_model(model: Path, out: Path) -> Path:
+    """A real model whose first op claims version 99: a valid flatbuffer (the host parses it) that no
+    runtime has a kernel for, as a model from a newer converter is to an older device runtime."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.ModelT.InitFromPackedBuf(model.read_bytes(), 0)
+    m.operatorCodes[0].version = 99
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out

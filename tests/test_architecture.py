@@ -34,14 +34,14 @@ def _private_uses(path: Path) -> list[str]:
 
 
 def test_no_private_name_is_used_across_modules():
-    found = [use for path in _sources(PACKAGE, REPO / "bench") for use in _private_uses(path)]
+    found = [use for path in _sources(PACKAGE, REPO / "benchmarks") for use in _private_uses(path)]
     assert not found, found
 
 
 def test_a_compile_folders_file_names_are_spelled_only_in_artifacts():
     assert {"compile.json", "model_int8.tflite", "model_mixed.tflite", "tune.json", "analysis.json"} <= LAYOUT_NAMES
     found = []
-    for path in _sources(PACKAGE, REPO / "bench"):
+    for path in _sources(PACKAGE, REPO / "benchmarks"):
         if path == Path(artifacts.__file__):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -55,7 +55,7 @@ def test_every_import_of_the_package_resolves_including_those_inside_functions()
     import importlib
 
     missing = []
-    for path in _sources(PACKAGE, REPO / "bench", REPO / "tests"):
+    for path in _sources(PACKAGE, REPO / "benchmarks", REPO / "tests"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "quantune_edge":
                 module = importlib.import_module(node.module)

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 from conftest import DEMO_IMAGES, DEMO_MODEL
-from loopback_sshd import LoopbackSshd, free_port
+
+from quantune_edge.testing.loopback_sshd import LoopbackSshd, free_port
 
 CLI = [sys.executable, "-m", "quantune_edge.cli"]
 CHROMIUM = shutil.which("chromium")

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_MODEL, REPO, GraphBuilder, pad_conv_net
-
-CLI = [sys.executable, "-m", "quantune_edge.cli"]
-
-
-def run_cli(*args, cwd=None):
-    env = dict(os.environ, COLUMNS="200")
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+from conftest import CLI, DEMO_MODEL, REPO, GraphBuilder, pad_conv_net, run_cli
 
 
 @pytest.fixture()

@@ -3,11 +3,9 @@ and the data options the benchmarks share."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 from quantune_edge.compile.artifacts import INT8_MODEL  # noqa: E402
 
 ASSETS = REPO.parent / "shared" / "assets"

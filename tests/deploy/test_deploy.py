@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from loopback_sshd import LoopbackSshd, free_port, keygen
-from test_device_agent import blocked_runtime_env
+from conftest import blocked_runtime_env, future_op_model
 
 from quantune_edge.deploy.device import open_device
 from quantune_edge.deploy.targets import Target, load_target
@@ -22,6 +21,7 @@ from quantune_edge.deploy.transport import Connection
 from quantune_edge.errors import DeviceError, InputError
 from quantune_edge.measure.latency import BenchOptions, bench, machine_of
 from quantune_edge.measure.saved import summarize
+from quantune_edge.testing.loopback_sshd import LoopbackSshd, free_port, keygen
 
 # Outside CI a machine without sshd skips these; in CI (CI=true, set by .ci/run) they run and fail.
 pytestmark = pytest.mark.skipif(shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"),
@@ -366,20 +366,6 @@ def test_server_gone_mid_command_is_an_error_not_a_hang(tmp_path):
         timer.join()
         conn.close()
         server.stop()
-
-
-def future_op_model(model: Path, out: Path) -> Path:
-    """A real model whose first op claims version 99: a valid flatbuffer (the host parses it) that no
-    runtime has a kernel for, as a model from a newer converter is to an older device runtime."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    m = schema.ModelT.InitFromPackedBuf(model.read_bytes(), 0)
-    m.operatorCodes[0].version = 99
-    builder = flatbuffers.Builder(1 << 20)
-    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-    out.write_bytes(bytes(builder.Output()))
-    return out
 
 
 def bad_model_files(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:

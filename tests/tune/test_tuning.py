@@ -389,10 +389,10 @@ def test_cost_model_fit_recovers_device_costs():
 def test_latency_source_prices_layers_with_device_costs(folder, tmp_path):
     import sys
 
-    from loopback_sshd import LoopbackSshd
     from PIL import Image
 
     from quantune_edge.deploy.targets import load_target
+    from quantune_edge.testing.loopback_sshd import LoopbackSshd
 
     server = LoopbackSshd(tmp_path / "sshd").start()
     try:
@@ -430,10 +430,10 @@ def test_latency_budget_is_timed_on_the_latency_source(folder, tmp_path):
     budget and the next k is not, and the models uploaded only to be timed are removed again."""
     import sys
 
-    from loopback_sshd import LoopbackSshd
-    from test_cli import run_cli
+    from conftest import run_cli
 
     from quantune_edge.deploy.device import content_name
+    from quantune_edge.testing.loopback_sshd import LoopbackSshd
 
     device = tmp_path / "device"
     server = LoopbackSshd(tmp_path / "sshd").start()
@@ -487,7 +487,7 @@ def test_bisection_bound_and_non_monotonic_accuracy():
 
 
 def test_cli_tune(folder):
-    from test_cli import run_cli
+    from conftest import run_cli
 
     ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--float-layers", "3", "--num-eval", "8", "--pareto", "--rerank", "1")
     assert ok.returncode == 0, ok.stderr

@@ -16,7 +16,7 @@ from _models import REPO, demo_models  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
-from device_agent.bench import random_input  # noqa: E402
+from device_agent.measure import random_input  # noqa: E402
 from device_agent.runtime import load_interpreter, runtime_facts  # noqa: E402
 from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E402
 

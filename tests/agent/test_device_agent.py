@@ -3,14 +3,12 @@ runtime) on the shipped EfficientNet-Lite0 compiled for real; every failure is o
 import ast
 import hashlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_IMAGES, REPO
+from conftest import DEMO_IMAGES, REPO, blocked_runtime_env
 
 AGENT_ALLOWED_IMPORTS = {"__future__", "argparse", "hashlib", "importlib", "json", "os", "platform", "resource", "shutil", "signal",
                          "sys", "time", "typing", "numpy"}
@@ -22,15 +20,6 @@ def agent(*args, env=None):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, f"stdout must be exactly one JSON line, got {proc.stdout!r} / {proc.stderr[-300:]}"
     return proc.returncode, json.loads(lines[0])
-
-
-def blocked_runtime_env(tmp_path: Path) -> dict:
-    """A Python on which neither TFLite runtime imports: a device without a runtime."""
-    blocked = tmp_path / "blocked"
-    for pkg in ("tflite_runtime", "ai_edge_litert"):
-        (blocked / pkg).mkdir(parents=True, exist_ok=True)
-        (blocked / pkg / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    return dict(os.environ, PYTHONPATH=str(blocked))
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def test_emulated_board_refuses_a_model_its_runtime_cannot_load(emulated_target,
     import re
 
     import pytest
-    from test_deploy import future_op_model
+    from conftest import future_op_model
 
     from quantune_edge.errors import DeviceError
 

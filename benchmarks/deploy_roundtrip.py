@@ -13,16 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import REPO, demo_models  # noqa: E402
+from _models import demo_models  # noqa: E402
 from rich.console import Console
 from rich.table import Table
-
-sys.path.insert(0, str(REPO / "tests"))
-from loopback_sshd import LoopbackSshd  # noqa: E402
 
 from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E402
 from quantune_edge.deploy.device import open_device  # noqa: E402
 from quantune_edge.deploy.targets import load_target  # noqa: E402
+from quantune_edge.testing.loopback_sshd import LoopbackSshd  # noqa: E402
 
 
 def roundtrip(target, model: Path, runs: int) -> dict:
