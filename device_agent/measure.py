@@ -132,9 +132,18 @@ def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnn
     }
 
 
-def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = True) -> dict:
+# What eval may return per sample instead of the raw output: named numpy reducers. The agent knows no
+# task; the host names the reducer its task needs and scores the answers itself.
+REDUCERS = {"argmax": lambda out: int(np.argmax(out.reshape(-1)))}
+
+
+def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = True, reduce: str = "argmax") -> dict:
     """Runs every sample of an .npz (``x``: (N, ...) float32 or the model's dtype; optional ``labels``:
-    (N,) output indices) and returns top-1 predictions, accuracy and a digest of the raw outputs."""
+    (N,) output indices, scored as top-1 with the argmax reducer) and returns each output reduced
+    by ``reduce`` and a digest of the raw outputs."""
+    if reduce not in REDUCERS:
+        raise AgentError("usage", "unknown reducer %r (known: %s)" % (reduce, ", ".join(sorted(REDUCERS))))
+    reducer = REDUCERS[reduce]
     try:
         with np.load(samples_path, allow_pickle=False) as npz:
             if "x" not in npz.files:
@@ -154,22 +163,23 @@ def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = 
     if len(inputs) != 1:
         raise AgentError("bad_input", "eval supports single-input models; this one has %d inputs" % len(inputs))
     digest = hashlib.sha256()
-    predictions = []
+    reduced = []
     for i, sample in enumerate(x):
         interpreter.set_tensor(inputs[0]["index"], _fit(sample, inputs[0], "sample %d" % i))
         interpreter.invoke()
         out = interpreter.get_tensor(output["index"])
         digest.update(np.ascontiguousarray(out).tobytes())
-        predictions.append(int(np.argmax(out.reshape(-1))))
+        reduced.append(reducer(out))
     result = {
         "model": model_facts(path, interpreter),
         "samples": len(x),
-        "predictions": predictions,
+        "reducer": reduce,
+        "reduced": reduced,
         "outputs_sha256": digest.hexdigest(),
         "wall_time_s": time.perf_counter() - start,
     }
-    if labels is not None:
-        result["top1"] = float(np.mean(np.asarray(predictions) == labels.astype(np.int64)))
+    if labels is not None and reduce == "argmax":
+        result["top1"] = float(np.mean(np.asarray(reduced) == labels.astype(np.int64)))
     return result
 
 

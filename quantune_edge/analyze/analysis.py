@@ -25,14 +25,14 @@ import numpy as np
 from quantune_edge.analyze import sensitivity
 from quantune_edge.analyze.grad import adjoint_model, backprop, kernel_model
 from quantune_edge.common.console import Reporter, captured_native_output
-from quantune_edge.common.metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db, top1_accuracy
+from quantune_edge.common.metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db
 from quantune_edge.common.preprocessing import Preprocessing
 from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_json
 from quantune_edge.compile.artifacts import ANALYSIS_CSV, ANALYSIS_JSON, ANALYSIS_PNG, CompiledModel
 from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import WEIGHTED_OPS, Layer, LayerMatch, dequantized_weights, match_layers
-from quantune_edge.model.runtime import TfliteRunner, softmax_input
+from quantune_edge.model.runtime import TfliteRunner
 
 CONSISTENCY_SAMPLES = 2
 # Layers whose own error is measured: weighted ops and ops that join tensors.
@@ -167,12 +167,6 @@ def _lap(clock: dict[str, float], part: str, since: float) -> float:
     return now
 
 
-def _logits(fg: tflite_graph.TfliteGraph) -> int:
-    """The float model's logits: what a final SOFTMAX reads, else its output."""
-    t = softmax_input(fg)
-    return fg.outputs[0] if t is None else t
-
-
 def _quantized_model_inputs(match: LayerMatch, fg: tflite_graph.TfliteGraph) -> set[int]:
     """The int8 model's quantized copies of the float model's inputs."""
     return {t for t, f in match.tensor_map.items() if f in fg.inputs}
@@ -221,6 +215,7 @@ def collect_tensor_stats(
     fg: tflite_graph.TfliteGraph,
     qg: tflite_graph.TfliteGraph,
     inputs: np.ndarray,
+    attributed: int,
     on_item: Callable[[], None] | None = None,
     local_samples: int = LOCAL_SAMPLES,
     shares_only: bool = False,
@@ -234,7 +229,8 @@ def collect_tensor_stats(
 
     ``shares_only`` skips every error statistic (tensor and local), which callers of the attribution
     alone do not read (tune's re-ranking rounds: about 0.3 s of each round's 2.4 s). ``float_side`` is
-    used when it covers this match's layers; otherwise one is built for them."""
+    used when it covers this match's layers; otherwise one is built for them. ``attributed`` is the float
+    model's tensor the task attributes error to (a classifier's logits)."""
     needed: set[int] = set()
     if not shares_only:
         needed = {layer.int8_output for layer in match.layers}
@@ -245,7 +241,7 @@ def collect_tensor_stats(
     jobs = _kernel_jobs(match, fg)
     local = {i: ErrorStats() for i in jobs}
     int8_of = {f: q for q, f in match.tensor_map.items()}
-    float_logits = _logits(fg)
+    float_logits = attributed
     int8_logits = int8_of.get(float_logits)
     note = None if int8_logits is not None else "the int8 model's logits are not matched to the float model's"
     attribution = {i: 0.0 for i in jobs}
@@ -363,7 +359,8 @@ class OutputShares:
             mixed_runner = TfliteRunner(model, self.threads, preserve_all_tensors=True)
             if self.float_side is None:
                 self.float_side = self._full_int8_side()
-        collected = collect_tensor_stats(match, self.float_runner, mixed_runner, fg, mg, inputs, local_samples=len(inputs),
+        collected = collect_tensor_stats(match, self.float_runner, mixed_runner, fg, mg, inputs, compiled.task.attributed_tensor(fg),
+                                         local_samples=len(inputs),
                                          shares_only=True, float_side=self.float_side)
         if collected.attribution_note:
             raise AnalysisError(f"no output shares for {model.name}: {collected.attribution_note}")
@@ -373,7 +370,7 @@ class OutputShares:
         """The float side for every layer of the full-int8 model; None when that model has no such
         layers or unmatched logits (each call then builds what it needs, or says why it cannot)."""
         match, fg = self.compiled.layer_match, self.compiled.float_graph
-        logits = _logits(fg)
+        logits = self.compiled.task.attributed_tensor(fg)
         kernel_jobs, wanted = _float_side_needs(match, fg, _kernel_jobs(match, fg))
         if not kernel_jobs or logits not in match.tensor_map.values():
             return None
@@ -474,7 +471,7 @@ def analyze(
         with captured_native_output(not options.verbose):
             float_runner = TfliteRunner(compiled.float_model, options.threads, preserve_all_tensors=True)
             int8_runner = TfliteRunner(compiled.int8_model, options.threads, preserve_all_tensors=True)
-        collected = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs,
+        collected = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs, compiled.task.attributed_tensor(fg),
                                          lambda: progress.advance(task), options.local_samples)
         float_out, int8_out = collected.float_out, collected.int8_out
         metrics = layer_metrics(match, collected, fg, qg, _onnx_sources(compiled, reporter))
@@ -507,8 +504,8 @@ def analyze(
 
     output = compare_outputs(float_out, int8_out)
     if samples.has_labels:
-        output["float32_top1"] = top1_accuracy(float_out, samples.labels, compiled.label_offset)
-        output["int8_top1"] = top1_accuracy(int8_out, samples.labels, compiled.label_offset)
+        output["float32_top1"] = compiled.task.metric(float_out, samples.labels)
+        output["int8_top1"] = compiled.task.metric(int8_out, samples.labels)
     scores = {name: [float(v) for v in sensitivity.score(metrics, name)] for name in sensitivity.SCORES}
     report = AnalysisReport(
         model={"compile_dir": str(compiled.folder.resolve()), "sha256": compiled.report.model["sha256"],

@@ -18,7 +18,7 @@ import numpy as np
 
 from quantune_edge.analyze import sensitivity
 from quantune_edge.common.console import captured_native_output
-from quantune_edge.common.metrics import compare_outputs, sqnr_db, top1_accuracy
+from quantune_edge.common.metrics import compare_outputs, sqnr_db
 from quantune_edge.common.outputs import temp_folder
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.model.runtime import TfliteRunner
@@ -72,13 +72,13 @@ def run_oracle(
             results.append(OracleLayer(
                 index=layer["index"], name=layer["name"], output_sqnr_db=cmp["sqnr_db"],
                 output_sqnr_gain_db=cmp["sqnr_db"] - base["sqnr_db"], top1_agreement=cmp["top1_agreement"],
-                top1_accuracy=top1_accuracy(out, labels, compiled.label_offset),
+                top1_accuracy=compiled.task.metric(out, labels),
             ))
             if on_layer:
                 on_layer()
     return {
         "baseline_int8": {"output_sqnr_db": base["sqnr_db"], "top1_agreement": base["top1_agreement"],
-                          "top1_accuracy": top1_accuracy(base_out, labels, compiled.label_offset)},
+                          "top1_accuracy": compiled.task.metric(base_out, labels)},
         "layers": [asdict(r) for r in results],
         "compared": "logits (the input of the final SOFTMAX)" if reference.logits_tensor is not None else "model output",
         "repeatability": repeatability(halves, h),

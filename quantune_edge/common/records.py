@@ -73,6 +73,7 @@ class CompileReport:
     files: dict
     notes: list[str] = field(default_factory=list)
     trace: dict | None = None  # TFLite op -> ONNX nodes (:mod:`tracing`); None in compiles made before it
+    task: dict | None = None  # what judges the model (:mod:`tasks`); None in compiles made before tasks: a classifier
     kind: str = "quantune-edge/compile"
     schema_version: int = SCHEMA_VERSION
     created: str = field(default_factory=now_iso)

@@ -20,6 +20,7 @@ from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import LayerMatch, match_layers
 from quantune_edge.model.onnx_model import InputSpec
+from quantune_edge.tasks import Task, task_from_record
 
 # The compile folder's layout: every file name the stages write into it, and only here.
 REPORT = "compile.json"
@@ -115,8 +116,9 @@ class CompiledModel:
         return Preprocessing.from_dict(self.report.preprocessing)
 
     @property
-    def label_offset(self) -> int:
-        return int(self.report.accuracy.get("label_offset", 0))
+    def task(self) -> Task:
+        """What judges this model, as compile.json names it (a compile made before tasks: a classifier)."""
+        return task_from_record(self.report.task, int(self.report.accuracy.get("label_offset", 0)))
 
     def load_samples(
         self, source: str | Path, num: int | None, seed: int = 0, preprocessing: Preprocessing | None = None,

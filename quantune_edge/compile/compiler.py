@@ -26,6 +26,7 @@ from quantune_edge.compile.artifacts import CALIBRATED_MODEL, COMPILE_FOLDER, FL
 from quantune_edge.errors import ConversionError, InputError, VerificationError
 from quantune_edge.model import onnx_model, tflite_graph
 from quantune_edge.model.runtime import TfliteRunner
+from quantune_edge.tasks import make_task
 
 
 @dataclass
@@ -38,7 +39,7 @@ class CompileOptions:
     per_channel: bool = True
     int8_io: bool = False
     threads: int = 2
-    label_offset: int = 0
+    label_offset: int = 0  # the classify task's: output index = class index + offset
     force: bool = False
     verbose: bool = False
     min_cosine: float = 0.999
@@ -175,11 +176,13 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
         and float_check["cosine_min"] >= options.min_cosine
         and float_check["top1_agreement"] >= options.min_top1_agreement
     )
-    accuracy: dict = {"samples": len(samples), "labelled": int(np.sum(samples.labels >= 0)), "label_offset": options.label_offset}
+    task = make_task("classify", label_offset=options.label_offset)
+    accuracy: dict = {"samples": len(samples), "labelled": int(np.sum(samples.labels >= 0)), "label_offset": options.label_offset,
+                      "metric": task.metric_name}
     if samples.has_labels:
         accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
         for key, out in (("onnxruntime_float32", ort_out), ("tflite_float32", float_out), ("tflite_int8", int8_out)):
-            accuracy[key] = metrics.top1_accuracy(metrics.align_layout(ort_out, out), samples.labels, options.label_offset)
+            accuracy[key] = task.metric(metrics.align_layout(ort_out, out), samples.labels)
     return CompileReport(
         model={
             "path": str(Path(model_path).resolve()),
@@ -218,4 +221,5 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
         accuracy=accuracy,
         files={"float32": FLOAT_MODEL, "int8": INT8_MODEL, "calibrated": CALIBRATED_MODEL, "saved_model": SAVED_MODEL, "prepared_onnx": PREPARED_ONNX},
         notes=list(prepared.notes),
+        task=task.to_dict(),
     )

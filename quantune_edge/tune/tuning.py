@@ -26,7 +26,7 @@ import numpy as np
 from quantune_edge.analyze import sensitivity
 from quantune_edge.analyze.analysis import ANALYSIS_JSON, LOCAL_SAMPLES, AnalysisError, OutputShares
 from quantune_edge.common.console import Reporter, captured_native_output
-from quantune_edge.common.metrics import compare_outputs, paired_top1, top1, top1_accuracy, top1_correct
+from quantune_edge.common.metrics import compare_outputs, paired_top1
 from quantune_edge.common.outputs import temp_folder
 from quantune_edge.common.preprocessing import Preprocessing
 from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_json
@@ -164,10 +164,10 @@ class Evaluator:
         self.correct: dict[frozenset[int], np.ndarray] = {}  # per image, for the paired comparison with float32
 
     def image_correct(self, out: np.ndarray) -> np.ndarray:
-        """Per image: top-1 right (labelled), or the same top-1 as float32 (unlabelled)."""
+        """Per image: right by the task (labelled), or deciding as float32 does (unlabelled)."""
         if self.labelled:
-            return top1_correct(out, self.labels, self.compiled.label_offset)
-        return top1(out) == top1(self.float_out)
+            return self.compiled.task.correct(out, self.labels)
+        return self.compiled.task.agreement(out, self.float_out)
 
     def model_bytes(self, float_set: frozenset[int]) -> bytes:
         with captured_native_output(self.quiet):
@@ -190,7 +190,7 @@ class Evaluator:
             "quantize_ops": graph.count("QUANTIZE") + graph.count("DEQUANTIZE"),
             "size_bytes": path.stat().st_size,
         }
-        result["accuracy"] = result["top1"] if self.labelled else result["top1_agreement"]
+        result["accuracy"] = float(correct.mean()) if correct.size else 0.0  # the task's judge, per image, averaged
         return result, path
 
 
@@ -249,7 +249,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     inputs = compiled.tflite_inputs(samples)
     labelled = samples.has_labels
     if not labelled:
-        reporter.warn(f"{samples.source} has no labels.csv: accuracy = top-1 agreement with the float32 model")
+        reporter.warn(f"{samples.source} has no labels.csv: accuracy = {compiled.task.metric_name} agreement with the float32 model")
     with captured_native_output(not options.verbose):
         float_out = TfliteRunner(compiled.float_model, options.threads).run(inputs)
     from quantune_edge.tune.costs import HOST_LATENCY_JSON, host_latencies  # imports paramiko: only when tuning
@@ -260,7 +260,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     if host["reused"]:
         reporter.info(f"host latencies from {HOST_LATENCY_JSON} ({host['created']}): float32 {float_ms:.2f} ms, int8 {int8_ms:.2f} ms; "
                       "--remeasure to measure again")
-    float_acc = top1_accuracy(float_out, samples.labels, compiled.label_offset) if labelled else 1.0
+    judge = compiled.task  # (``task`` names the progress bars below)
+    float_acc = judge.metric(float_out, samples.labels) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)
     cost = selection.CostModel.from_measurements(lg, int8_ms, float_ms)
@@ -402,7 +403,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     report = TuneReport(
         budget={**mode, "met": met, "keep_float": options.keep_float, "keep_int8": options.keep_int8, "fusion_aware": options.fusion_aware,
                 "ranking_metric": analysis["metric"], "latency_source": source},
-        reference={"float32_accuracy": float_acc, "accuracy_is": "top-1" if labelled else "top-1 agreement with float32",
+        reference={"float32_accuracy": float_acc, "accuracy_is": judge.metric_name if labelled else f"{judge.metric_name} agreement with float32",
                    "eval_samples": len(samples), "eval_source": samples.source,
                    "float32_latency_ms": float_ms, "int8_latency_ms": int8_ms,
                    "host_latency": {"file": HOST_LATENCY_JSON, "reused": host["reused"], "measured": host["created"]},

@@ -89,7 +89,7 @@ def test_eval_matches_host_runtime(effnet_compiled, samples):
     code, rep = agent("eval", model, "--samples", path, "--threads", 2)
     assert code == 0, rep
     host = TfliteRunner(model, 2).run(loaded.data).argmax(axis=1).tolist()
-    assert rep["predictions"] == host and rep["samples"] == 12
+    assert rep["reducer"] == "argmax" and rep["reduced"] == host and rep["samples"] == 12
     assert rep["top1"] == pytest.approx(float(np.mean(np.asarray(host) == loaded.labels)))
     assert rep["top1"] >= 0.5 and len(rep["outputs_sha256"]) == 64
 

@@ -47,7 +47,7 @@ def test_eval_on_emulated_arm_matches_host(emulated_target, effnet_compiled, tmp
         device.conn.close()
     host = TfliteRunner(model, 2).run(samples.data).argmax(axis=1).tolist()
     assert result["device"]["machine"] == "aarch64"
-    assert result["predictions"] == host
+    assert result["reducer"] == "argmax" and result["reduced"] == host
 
 
 def test_emulated_board_refuses_a_model_its_runtime_cannot_load(emulated_target, effnet_compiled, tmp_path):

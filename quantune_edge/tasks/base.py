@@ -1,0 +1,79 @@
+"""The Task interface and its registry (a name in compile.json -> the class that judges the model)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from quantune_edge.errors import InputError
+from quantune_edge.model.tflite_graph import TfliteGraph
+
+
+@runtime_checkable
+class Task(Protocol):
+    """How outputs are judged. ``labels`` hold one entry per sample, negative where a sample has none."""
+
+    name: ClassVar[str]  # the registry key, stored in compile.json
+    metric_name: ClassVar[str]  # what the metric is called in tables ("top-1")
+    device_reducer: ClassVar[str]  # the named numpy reducer the device agent's eval applies per sample ("argmax")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as compile.json stores it: ``{"name": ..., **options}``."""
+        ...
+
+    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Per labelled sample, in order: is the model right."""
+        ...
+
+    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """Per sample: does the model decide as the reference model does (the judge without labels)."""
+        ...
+
+    def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float | None:
+        """The task's metric over the labelled samples; None without any."""
+        ...
+
+    def reduce(self, outputs: np.ndarray) -> np.ndarray:
+        """``device_reducer`` applied on the host, to compare the device's answers with the host's."""
+        ...
+
+    def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Per labelled sample: is the device's reduced answer right."""
+        ...
+
+    def attributed_tensor(self, graph: TfliteGraph) -> int:
+        """The float model's tensor whose int8 error the analysis attributes to layers."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a task findable by ``name`` (as compile.json and --task spell it)."""
+    def add(cls: type) -> type:
+        _REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def registered_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_task(name: str, **options: Any) -> Task:
+    if name not in _REGISTRY:
+        raise InputError(f"unknown task {name!r} (known: {', '.join(registered_tasks())})")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        raise InputError(f"task {name!r}: {exc}") from None
+
+
+def task_from_record(record: dict | None, label_offset: int = 0) -> Task:
+    """The task compile.json names; a compile made before tasks existed was a classifier."""
+    if not record:
+        return make_task("classify", label_offset=label_offset)
+    options = {k: v for k, v in record.items() if k != "name"}
+    return make_task(record["name"], **options)

@@ -1,0 +1,47 @@
+"""Image classification judged by top-1: the rules every stage used to spell out for itself."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from quantune_edge.common.metrics import top1, top1_accuracy, top1_correct
+from quantune_edge.model.runtime import softmax_input
+from quantune_edge.model.tflite_graph import TfliteGraph
+from quantune_edge.tasks.base import register
+
+
+@register("classify")
+@dataclass(frozen=True)
+class Classification:
+    """``label_offset``: output index = class index + offset (1 for 1001-class models with a background class)."""
+
+    label_offset: int = 0
+    name: ClassVar[str] = "classify"
+    metric_name: ClassVar[str] = "top-1"
+    device_reducer: ClassVar[str] = "argmax"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label_offset": self.label_offset}
+
+    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return top1_correct(outputs, labels, self.label_offset)
+
+    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        return top1(outputs) == top1(reference)
+
+    def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float | None:
+        return top1_accuracy(outputs, labels, self.label_offset)
+
+    def reduce(self, outputs: np.ndarray) -> np.ndarray:
+        return top1(outputs)
+
+    def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        known = labels >= 0
+        return np.asarray(reduced)[known] == labels[known] + self.label_offset
+
+    def attributed_tensor(self, graph: TfliteGraph) -> int:
+        """The logits: what a final SOFTMAX reads, else the model output."""
+        t = softmax_input(graph)
+        return graph.outputs[0] if t is None else t

@@ -1,0 +1,52 @@
+"""The Task registry and the classification task: the top-1 rules every stage now asks it for."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from quantune_edge.compile.artifacts import CompiledModel
+from quantune_edge.errors import InputError
+from quantune_edge.model import tflite_graph
+from quantune_edge.tasks import Task, make_task, registered_tasks, task_from_record
+from quantune_edge.tasks.classification import Classification
+
+
+def test_registry_finds_classify_and_names_what_it_knows():
+    task = make_task("classify", label_offset=1)
+    assert isinstance(task, Task) and task == Classification(1) and "classify" in registered_tasks()
+    assert task.to_dict() == {"name": "classify", "label_offset": 1}
+    assert task_from_record(task.to_dict()) == task
+    assert task_from_record(None, label_offset=1) == task  # a compile made before tasks was a classifier
+    with pytest.raises(InputError, match=r"unknown task 'segment' \(known: classify"):
+        make_task("segment")
+    with pytest.raises(InputError, match="task 'classify': .*unexpected keyword argument 'classes'"):
+        make_task("classify", classes=10)
+
+
+def test_classification_judges_by_top1_with_the_label_offset():
+    task = Classification(label_offset=1)
+    outputs = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.2, 0.7], [0.3, 0.3, 0.4]], np.float32)
+    labels = np.array([0, 0, -1, 1])  # class 0 is output 1; the third image has no label
+    assert task.correct(outputs, labels).tolist() == [True, False, True]  # the fourth: label 1 is output 2
+    assert task.metric(outputs, labels) == pytest.approx(2 / 3)
+    assert task.metric(outputs, np.full(4, -1)) is None
+    reference = np.array([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    assert task.agreement(outputs, reference).tolist() == [True, True, False, True]
+    reduced = task.reduce(outputs)
+    assert reduced.tolist() == [1, 0, 2, 2] and task.reduced_correct(reduced, labels).tolist() == [True, False, True]
+
+
+def test_the_compile_records_its_task_and_older_compiles_are_classifiers(effnet_compiled, tmp_path):
+    compiled = CompiledModel.open(effnet_compiled)
+    assert json.loads((effnet_compiled / "compile.json").read_text())["task"] == {"name": "classify", "label_offset": 0}
+    assert compiled.task == Classification(0)
+    graph = tflite_graph.read(compiled.float_model)
+    assert compiled.task.attributed_tensor(graph) == graph.outputs[0]  # EfficientNet-Lite0 ends in its logits
+    old = tmp_path / "old"
+    shutil.copytree(effnet_compiled, old, ignore=shutil.ignore_patterns("saved_model"))
+    report = json.loads((old / "compile.json").read_text())
+    del report["task"]
+    report["accuracy"]["label_offset"] = 1
+    (old / "compile.json").write_text(json.dumps(report))
+    assert CompiledModel.open(old).task == Classification(1)
