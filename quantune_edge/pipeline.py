@@ -139,24 +139,16 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     from quantune_edge.analyze.analysis import AnalysisOptions, analyze
     from quantune_edge.compile import artifacts as layout
     from quantune_edge.compile.compiler import CompileOptions, compile_model
-    from quantune_edge.errors import DeviceError, InputError
+    from quantune_edge.errors import DeviceError
     from quantune_edge.measure.latency import BenchOptions, bench_with_progress
     from quantune_edge.report import run_report as report_mod
-    from quantune_edge.tune.tuning import TuneOptions, check_budget, tune
+    from quantune_edge.tune.tuning import TuneOptions, tune
 
     options = options or RunOptions()
     reporter = reporter or Reporter(quiet=True)
     model, out = Path(model), Path(out)
-    if not model.is_file():
-        raise InputError(f"{model}: no such ONNX model")
-    for what, src in (("calibration", calib), ("evaluation", eval_data)):
-        if not Path(src).exists():
-            raise InputError(f"{what} data not found: {src}")
-    check_budget(options.max_drop if options.max_latency_ratio is None else None, options.max_latency_ratio)
     compiled = out / "compiled"
-    inputs = {"the ONNX model": model, "the --calib data": calib, "the --eval data": eval_data}
-    check_output_folder(out, RUN_FOLDER, "--out", inputs)
-    check_output_folder(compiled, COMPILE_FOLDER, "--out", inputs)
+    _check_before_any_work(model, calib, eval_data, out, compiled, options)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out)
     if not stages.path.exists():  # marks the folder as a run's from the start: an interrupted first run can be resumed
@@ -225,3 +217,20 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     report["stages"] = stages.ran  # now including the report stage itself
     write_json(out / "report.json", report)
     return report
+
+
+def _check_before_any_work(model: Path, calib: str | Path, eval_data: str | Path, out: Path, compiled: Path, options: RunOptions) -> None:
+    """Inputs that exist, a budget that means something, and outputs that may be written: a run that
+    would fail on them fails before compiling anything."""
+    from quantune_edge.errors import InputError
+    from quantune_edge.tune.tuning import check_budget
+
+    if not model.is_file():
+        raise InputError(f"{model}: no such ONNX model")
+    for what, src in (("calibration", calib), ("evaluation", eval_data)):
+        if not Path(src).exists():
+            raise InputError(f"{what} data not found: {src}")
+    check_budget(options.max_drop if options.max_latency_ratio is None else None, options.max_latency_ratio)
+    inputs = {"the ONNX model": model, "the --calib data": calib, "the --eval data": eval_data}
+    check_output_folder(out, RUN_FOLDER, "--out", inputs)
+    check_output_folder(compiled, COMPILE_FOLDER, "--out", inputs)

@@ -26,7 +26,7 @@ from quantune_edge.analyze import sensitivity
 from quantune_edge.analyze.grad import adjoint_model, backprop, kernel_model
 from quantune_edge.common.console import Reporter, captured_native_output
 from quantune_edge.common.metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db
-from quantune_edge.common.preprocessing import Preprocessing
+from quantune_edge.common.preprocessing import Preprocessing, Samples
 from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_json
 from quantune_edge.compile.artifacts import ANALYSIS_CSV, ANALYSIS_JSON, ANALYSIS_PNG, CompiledModel
 from quantune_edge.errors import InputError, QuantuneError
@@ -441,24 +441,11 @@ def analyze(
     """Per-layer local metrics and the sensitivity ranking; writes analysis.json/.csv/.png."""
     options = options or AnalysisOptions()
     reporter = reporter or Reporter(quiet=True)
-    if options.metric not in sensitivity.SCORES:
-        raise InputError(f"unknown metric {options.metric!r}; choose one of {', '.join(sensitivity.SCORES)}")
-    if options.num_samples <= 0:
-        raise InputError(f"--num-samples must be positive, got {options.num_samples}")
-    if options.local_samples <= 0:
-        raise InputError(f"--local-samples must be positive, got {options.local_samples}")
+    _check_options(options)
     compiled = CompiledModel.open(compile_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
-    quantized_ops = sum(op.type not in ("QUANTIZE", "DEQUANTIZE") for op in qg.ops)
-    if not match.layers or len(match.layers) < 0.5 * quantized_ops:
-        raise InputError(
-            f"{compiled.float_model.name} and {compiled.int8_model.name} in {compiled.folder} are not a pair from one compile "
-            f"({len(match.layers)} of {quantized_ops} int8 ops matched); re-run 'quantune-edge compile'"
-        )
-    if fg.tensors[fg.inputs[0]].shape != qg.tensors[qg.inputs[0]].shape:
-        raise InputError(f"float and int8 models in {compiled.folder} take different input shapes: not a pair from one compile")
+    fg, qg, match = compiled.float_graph, compiled.int8_graph, _checked_match(compiled)
     timings["match_layers"] = round(time.perf_counter() - start, 3)
 
     with reporter.progress() as progress:
@@ -488,24 +475,17 @@ def analyze(
         timings["preserve_all_tensors_check"] = round(time.perf_counter() - start, 3)
         oracle_section = None
         if options.oracle:
-            from quantune_edge.analyze.oracle import correlations, run_oracle, top_k_capture
+            from quantune_edge.analyze.oracle import oracle_section as run_oracle_section
 
             task = progress.add_task(f"oracle: {len(metrics) + 1} builds, one layer float each", total=len(metrics))
-            oracle_section = run_oracle(compiled, [m.to_dict() for m in metrics], inputs, samples.labels,
-                                        options.threads, lambda: progress.advance(task), quiet=not options.verbose)
-            oracle_section["spearman"] = correlations(metrics, oracle_section["layers"])
-            oracle_section["top_k_capture"] = top_k_capture(metrics, oracle_section["layers"])
-            analysis_cost = timings["analysis"]
-            oracle_section["time_ratio_oracle_over_analysis"] = round(oracle_section["wall_time_s"] / max(analysis_cost, 1e-9), 1)
+            oracle_section = run_oracle_section(compiled, metrics, inputs, samples.labels, options.threads, timings["analysis"],
+                                                lambda: progress.advance(task), quiet=not options.verbose)
             timings["oracle"] = oracle_section["wall_time_s"]
     if not check["identical"]:
         reporter.warn(f"keeping all tensors changed the model outputs (max diff float {check['float32_max_abs_diff']:.3g}, "
                       f"int8 {check['int8_max_abs_diff']:.3g}); metrics describe the preserved-tensor run")
 
-    output = compare_outputs(float_out, int8_out)
-    if samples.has_labels:
-        output["float32_top1"] = compiled.task.metric(float_out, samples.labels)
-        output["int8_top1"] = compiled.task.metric(int8_out, samples.labels)
+    output = _model_output(compiled, float_out, int8_out, samples)
     scores = {name: [float(v) for v in sensitivity.score(metrics, name)] for name in sensitivity.SCORES}
     report = AnalysisReport(
         model={"compile_dir": str(compiled.folder.resolve()), "sha256": compiled.report.model["sha256"],
@@ -528,6 +508,38 @@ def analyze(
     )
     save(report, compiled.folder)
     return report
+
+
+def _check_options(options: AnalysisOptions) -> None:
+    if options.metric not in sensitivity.SCORES:
+        raise InputError(f"unknown metric {options.metric!r}; choose one of {', '.join(sensitivity.SCORES)}")
+    if options.num_samples <= 0:
+        raise InputError(f"--num-samples must be positive, got {options.num_samples}")
+    if options.local_samples <= 0:
+        raise InputError(f"--local-samples must be positive, got {options.local_samples}")
+
+
+def _checked_match(compiled: CompiledModel) -> LayerMatch:
+    """The layer match of the compile's float32/int8 pair, refused when the two are not from one compile."""
+    fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
+    quantized_ops = sum(op.type not in ("QUANTIZE", "DEQUANTIZE") for op in qg.ops)
+    if not match.layers or len(match.layers) < 0.5 * quantized_ops:
+        raise InputError(
+            f"{compiled.float_model.name} and {compiled.int8_model.name} in {compiled.folder} are not a pair from one compile "
+            f"({len(match.layers)} of {quantized_ops} int8 ops matched); re-run 'quantune-edge compile'"
+        )
+    if fg.tensors[fg.inputs[0]].shape != qg.tensors[qg.inputs[0]].shape:
+        raise InputError(f"float and int8 models in {compiled.folder} take different input shapes: not a pair from one compile")
+    return match
+
+
+def _model_output(compiled: CompiledModel, float_out: np.ndarray, int8_out: np.ndarray, samples: Samples) -> dict:
+    """The whole model's int8 error, and the task's metric of both models where there are labels."""
+    output = compare_outputs(float_out, int8_out)
+    if samples.has_labels:
+        output["float32_top1"] = compiled.task.metric(float_out, samples.labels)
+        output["int8_top1"] = compiled.task.metric(int8_out, samples.labels)
+    return output
 
 
 def save(report: AnalysisReport, folder: Path) -> None:

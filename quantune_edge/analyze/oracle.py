@@ -142,3 +142,14 @@ def top_k_capture(metrics: list[sensitivity.LayerMetrics], oracle_layers: list[d
         out[name] = {f"top{k}": float(gains[order[:k]].sum() / best[:k].sum()) if best[:k].sum() > 0 else float("nan")
                      for k in ks if k <= len(gains)}
     return out
+
+
+def oracle_section(compiled: CompiledModel, metrics: list[sensitivity.LayerMetrics], inputs: np.ndarray, labels: np.ndarray,
+                   threads: int, analysis_seconds: float, on_layer: Callable[[], None] | None = None, quiet: bool = True) -> dict:
+    """analysis.json's ``oracle``: the one-layer-float oracle run, how each score's ranking correlates
+    with it, how much of its top k each score captures, and what it cost next to the two-run analysis."""
+    section = run_oracle(compiled, [m.to_dict() for m in metrics], inputs, labels, threads, on_layer, quiet=quiet)
+    section["spearman"] = correlations(metrics, section["layers"])
+    section["top_k_capture"] = top_k_capture(metrics, section["layers"])
+    section["time_ratio_oracle_over_analysis"] = round(section["wall_time_s"] / max(analysis_seconds, 1e-9), 1)
+    return section

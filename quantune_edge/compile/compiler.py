@@ -19,7 +19,7 @@ import numpy as np
 from quantune_edge.common import metrics
 from quantune_edge.common.console import NativeLog, Reporter, captured_native_output
 from quantune_edge.common.outputs import check_output_folder, staged_folder, temp_folder
-from quantune_edge.common.preprocessing import Preprocessing, load_samples
+from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
 from quantune_edge.common.records import CompileReport, sha256_file, write_json
 from quantune_edge.compile import converter, fusion, tracing
 from quantune_edge.compile.artifacts import CALIBRATED_MODEL, COMPILE_FOLDER, FLOAT_MODEL, INT8_MODEL, PREPARED_ONNX, REPORT, SAVED_MODEL
@@ -84,18 +84,8 @@ def compile_model(
     if options.num_calib is not None and options.num_calib <= 0:
         raise InputError(f"--num-calib must be positive, got {options.num_calib}")
     timings: dict[str, float] = {}
-    quiet_native = not options.verbose
-
-    start = time.perf_counter()
-    original = onnx_model.load(model_path)
-    with captured_native_output(quiet_native):
-        prepared = onnx_model.prepare(original, options.preprocessing.input_size)
-    onnx_model.check_supported(prepared.model)
+    original, prepared, prep = _prepare_onnx(model_path, options, reporter, timings)
     spec = prepared.spec
-    prep = options.preprocessing.with_input_size(spec.hwc[0])
-    timings["prepare_onnx"] = round(time.perf_counter() - start, 3)
-    for note in prepared.notes:
-        reporter.info(f"[dim]note:[/dim] {note}")
 
     with reporter.progress() as progress:
         task = progress.add_task("reading calibration samples", total=options.num_calib)
@@ -105,55 +95,83 @@ def compile_model(
         timings["load_samples"] = round(time.perf_counter() - start, 3)
 
         with staged_folder(out_dir) as stage, temp_folder("onnx2tf") as work:
-            import onnx
-
-            onnx.save(prepared.model, stage / PREPARED_ONNX)
-            task = progress.add_task("converting ONNX -> SavedModel (onnx2tf)", total=1)
-            with _stage("onnx2tf_saved_model", timings, quiet_native) as log:
-                converter.write_onnx2tf_samples(work, samples)
-                converter.convert_to_saved_model(prepared, work, stage / SAVED_MODEL, log)
-            progress.advance(task)
-
-            task = progress.add_task("converting float32 TFLite", total=1)
-            with _stage("tflite_float32", timings, quiet_native):
-                converter.convert_float(stage / SAVED_MODEL, stage / FLOAT_MODEL)
-            progress.advance(task)
-
-            with captured_native_output(quiet_native):
-                float_runner = TfliteRunner(stage / FLOAT_MODEL, options.threads)
-            if float_runner.input_shape[1:] != spec.hwc:
-                raise ConversionError(f"converted model takes input {float_runner.input_shape}, expected channels-last {(1, *spec.hwc)}")
-            calib_data = samples.data
-
-            task = progress.add_task("calibrating + converting int8 TFLite", total=len(samples))
-            with _stage("tflite_int8_calibrated", timings, quiet_native):
-                calibrated = converter.calibrate(stage / SAVED_MODEL, calib_data, on_sample=lambda: progress.advance(task))
-                (stage / CALIBRATED_MODEL).write_bytes(calibrated)
-                (stage / INT8_MODEL).write_bytes(converter.quantize(calibrated, options.per_channel, options.int8_io))
-
-            task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
-            with _stage("verify", timings, quiet_native):
-                advance = lambda: progress.advance(task)  # noqa: E731
-                ort_out = onnxruntime_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
-                float_out = float_runner.run(calib_data, advance)
-                int8_out = TfliteRunner(stage / INT8_MODEL, options.threads).run(calib_data, advance)
-
-            task = progress.add_task("tracing TFLite ops to ONNX nodes", total=1)
-            with _stage("trace", timings, quiet_native):
-                trace = tracing.trace_or_error(original, samples.for_layout(spec.layout)[:tracing.TRACE_SAMPLES], stage / FLOAT_MODEL,
-                                       stage / INT8_MODEL, calib_data[:tracing.TRACE_SAMPLES])
-            progress.advance(task)
-            if trace.get("error"):
-                reporter.warn(f"could not trace TFLite ops to ONNX nodes: {trace['error']}")
-            elif untraced := trace["untraced"]["float32"]:
-                reporter.warn(f"{len(untraced)} float32 TFLite op(s) have no ONNX tensor of their own "
-                              f"({', '.join(sorted({u['op_type'] for u in untraced}))}); 'quantune-edge layers {out_dir}' lists them")
-
+            _convert(prepared, samples, stage, work, options, progress, timings)
+            ort_out, float_out, int8_out = _verify(model_path, spec, samples, stage, options, progress, timings)
+            trace = _trace(original, spec, samples, stage, out_dir, options, progress, reporter, timings)
             report = _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings)
             report.trace = trace
             write_json(stage / REPORT, report.to_dict())
             _raise_if_wrong(report, options)
     return report
+
+
+def _prepare_onnx(model_path: Path, options: CompileOptions, reporter: Reporter, timings: dict):
+    """The ONNX model as given, and cleaned up for conversion (simplified, Pads folded, batch fixed)."""
+    start = time.perf_counter()
+    original = onnx_model.load(model_path)
+    with captured_native_output(not options.verbose):
+        prepared = onnx_model.prepare(original, options.preprocessing.input_size)
+    onnx_model.check_supported(prepared.model)
+    prep = options.preprocessing.with_input_size(prepared.spec.hwc[0])
+    timings["prepare_onnx"] = round(time.perf_counter() - start, 3)
+    for note in prepared.notes:
+        reporter.info(f"[dim]note:[/dim] {note}")
+    return original, prepared, prep
+
+
+def _convert(prepared, samples: Samples, stage: Path, work: Path, options: CompileOptions, progress, timings: dict) -> None:
+    """ONNX -> SavedModel -> float32 TFLite, then calibration and full-int8 quantization, into ``stage``."""
+    import onnx
+
+    quiet_native = not options.verbose
+    onnx.save(prepared.model, stage / PREPARED_ONNX)
+    task = progress.add_task("converting ONNX -> SavedModel (onnx2tf)", total=1)
+    with _stage("onnx2tf_saved_model", timings, quiet_native) as log:
+        converter.write_onnx2tf_samples(work, samples)
+        converter.convert_to_saved_model(prepared, work, stage / SAVED_MODEL, log)
+    progress.advance(task)
+
+    task = progress.add_task("converting float32 TFLite", total=1)
+    with _stage("tflite_float32", timings, quiet_native):
+        converter.convert_float(stage / SAVED_MODEL, stage / FLOAT_MODEL)
+    progress.advance(task)
+    with captured_native_output(quiet_native):
+        input_shape = TfliteRunner(stage / FLOAT_MODEL, options.threads).input_shape
+    if input_shape[1:] != prepared.spec.hwc:
+        raise ConversionError(f"converted model takes input {input_shape}, expected channels-last {(1, *prepared.spec.hwc)}")
+
+    task = progress.add_task("calibrating + converting int8 TFLite", total=len(samples))
+    with _stage("tflite_int8_calibrated", timings, quiet_native):
+        calibrated = converter.calibrate(stage / SAVED_MODEL, samples.data, on_sample=lambda: progress.advance(task))
+        (stage / CALIBRATED_MODEL).write_bytes(calibrated)
+        (stage / INT8_MODEL).write_bytes(converter.quantize(calibrated, options.per_channel, options.int8_io))
+
+
+def _verify(model_path: Path, spec, samples: Samples, stage: Path, options: CompileOptions, progress, timings: dict):
+    """ONNX Runtime's, the float32 TFLite's and the int8 TFLite's outputs on the calibration samples."""
+    task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
+    with _stage("verify", timings, not options.verbose):
+        advance = lambda: progress.advance(task)  # noqa: E731
+        ort_out = onnxruntime_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
+        float_out = TfliteRunner(stage / FLOAT_MODEL, options.threads).run(samples.data, advance)
+        int8_out = TfliteRunner(stage / INT8_MODEL, options.threads).run(samples.data, advance)
+    return ort_out, float_out, int8_out
+
+
+def _trace(original, spec, samples: Samples, stage: Path, out_dir: Path, options: CompileOptions, progress, reporter: Reporter,
+           timings: dict) -> dict:
+    """compile.json's ``trace``: each TFLite op's ONNX nodes; what could not be traced is said, not fatal."""
+    task = progress.add_task("tracing TFLite ops to ONNX nodes", total=1)
+    with _stage("trace", timings, not options.verbose):
+        trace = tracing.trace_or_error(original, samples.for_layout(spec.layout)[:tracing.TRACE_SAMPLES], stage / FLOAT_MODEL,
+                                       stage / INT8_MODEL, samples.data[:tracing.TRACE_SAMPLES])
+    progress.advance(task)
+    if trace.get("error"):
+        reporter.warn(f"could not trace TFLite ops to ONNX nodes: {trace['error']}")
+    elif untraced := trace["untraced"]["float32"]:
+        reporter.warn(f"{len(untraced)} float32 TFLite op(s) have no ONNX tensor of their own "
+                      f"({', '.join(sorted({u['op_type'] for u in untraced}))}); 'quantune-edge layers {out_dir}' lists them")
+    return trace
 
 
 def _raise_if_wrong(report: CompileReport, options: CompileOptions) -> None:
