@@ -220,29 +220,15 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     budget cannot be met (after writing the best model found) unless ``best_effort``."""
     options = options or TuneOptions()
     reporter = reporter or Reporter(quiet=True)
-    check_budget(options.max_drop, options.max_latency_ratio, options.float_layers)
-    if options.max_latency_ratio is None and options.float_layers is None and options.max_drop is None:
-        options.max_drop = 1.0
-    if options.num_eval <= 0:
-        raise InputError(f"--num-eval must be positive, got {options.num_eval}")
-    if options.rerank is not None and options.rerank < 0:
-        raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
+    _check_options(options)
     compiled = CompiledModel.open(compile_dir)
     analysis = _load_analysis(compiled, options.metric)
     fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
         raise InputError(f"{ANALYSIS_JSON} in {compiled.folder} does not match this compile's layers; re-run analyze")
     n = len(match.layers)
-    forced = resolve_layer_names(options.keep_float, analysis["layers"])
-    pinned = resolve_layer_names(options.keep_int8, analysis["layers"], "--keep-int8")
-    if forced & pinned:
-        both = ", ".join(analysis["layers"][i]["short_name"] for i in sorted(forced & pinned))
-        raise InputError(f"--keep-float and --keep-int8 both name layer(s) {both}")
-    order = [i for i in analysis["order"] if i not in forced | pinned]
+    forced, pinned, order = _fixed_and_free(analysis, options)
     free = len(order)  # k counts the layers neither --keep-float nor --keep-int8 fixed
-    if options.float_layers is not None and not 0 <= options.float_layers <= free:
-        raise InputError(f"--float-layers must be between 0 and {free}" + (" (the layers --keep-float/--keep-int8 leave free)" if free < n else "")
-                         + f", got {options.float_layers}")
     names = {l.index: l.name for l in match.layers}
 
     samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
@@ -264,16 +250,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     float_acc = judge.metric(float_out, samples.labels) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)
-    cost = selection.CostModel.from_measurements(lg, int8_ms, float_ms)
-    source: dict = {"kind": "host", "cost_model": asdict(cost)}
-    if options.latency_source is not None:
-        from quantune_edge.tune.costs import device_cost_model
-
-        with temp_folder("costs") as tmp:
-            cost, record = device_cost_model(compiled, lg, names, options.latency_source, Path(tmp),
-                                             quiet=not options.verbose, log=reporter.info)
-        source = {"kind": "device", "target": record["target"], "cost_model": asdict(cost),
-                  "measured_p50_ms": record["measured_p50_ms"]}
+    cost, source = _cost_model(compiled, lg, names, float_ms, int8_ms, options, reporter)
     rerank = options.rerank if options.rerank is not None else DEFAULT_RERANK if analysis["metric"] == "output_share" else 0
     rounds = min(rerank, free if options.float_layers is None else max(options.float_layers - 1, 0))
     reranks = rounds > 0 or (rerank > 0 and bool(forced))  # with --keep-float, one analysis before the first pick
@@ -283,95 +260,24 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                                         predicted_gain=analysis["predicted_gain"])
 
     start = time.perf_counter()
-    results: dict[int, dict] = {}
     with temp_folder("tune") as tmp, reporter.progress() as progress, contextlib.ExitStack() as stack:
         ev = Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
                                                                options, reporter, progress) if reranks else None)
         task = progress.add_task("evaluating candidates", total=None)
-        paths: dict[int, Path] = {}
-
-        by_set: dict[frozenset[int], int] = {}
-
-        def evaluate(k: int) -> dict:
-            if k in results:
-                return results[k]
-            if choices[k] in by_set:  # grown regions can coincide: evaluate each float set once
-                same = by_set[choices[k]]
-                paths[k] = paths[same]
-                results[k] = {**results[same], "k": k}
-                return results[k]
-            result, paths[k] = ev.evaluate(choices[k])
-            result.update(k=k, drop_points=100 * (float_acc - result["accuracy"]),
-                          boundaries=selection.boundaries(lg, choices[k]),
-                          estimated_latency_ms=cost.latency_ms(lg, choices[k]))
-            results[k], by_set[choices[k]] = result, k
-            progress.advance(task)
-            return result
-
         timer = None  # on the --latency-source target; it connects at its first timing
         if options.latency_source is not None:
             from quantune_edge.tune.costs import DeviceTimer
 
             timer = stack.enter_context(DeviceTimer(options.latency_source, log=reporter.info))
-        budget_on = "latency" if options.latency_source is None else "device_latency"  # where --max-latency-ratio is measured
-
-        def latency(k: int, on: str = "latency") -> dict:
-            """Paired p50 of candidate k and full int8: ``latency_*`` on the host, ``device_latency_*`` on
-            the --latency-source target."""
-            if f"{on}_ms" not in results[k]:
-                def once() -> tuple[float, float]:
-                    if on == "device_latency":
-                        mixed, int8 = timer.p50_ms([paths[k], compiled.int8_model])
-                        return mixed, int8
-                    with captured_native_output(not options.verbose):
-                        return paired_latency_ms(paths[k], compiled.int8_model, inputs[0], options.threads,
-                                                 runs=max(1, options.latency_runs // 5))
-
-                pairs = [once()]
-                limit = options.max_latency_ratio if on == budget_on else None
-                if limit is not None and abs(pairs[0][0] / pairs[0][1] / limit - 1) < REMEASURE_MARGIN:
-                    pairs += [once(), once()]
-                mixed, int8 = median_ratio(pairs)
-                results[k].update({f"{on}_ms": mixed, f"{on}_ratio": mixed / int8, f"{on}_measurements": len(pairs)})
-            return results[k]
-
+        search = _Search(compiled, ev, choices, lg, cost, float_acc, inputs[0], options, timer, lambda: progress.advance(task))
+        results, paths, evaluate, latency = search.results, search.paths, search.evaluate, search.latency
         if options.float_layers is not None:
-            chosen_k, met = options.float_layers, True
-            evaluate(chosen_k)
-            mode = {"float_layers": options.float_layers}
+            chosen_k, met, mode = search.fixed_count()
         elif options.max_drop is not None:
-            def meets(r: dict) -> bool:
-                return r["drop_points"] <= options.max_drop + 1e-9
-
-            found = selection.bisect_smallest(free, evaluate, meets, lambda r: r["accuracy"])
-            chosen_k, met = found.best_k, found.k is not None
-            if met and options.latency_source is not None:
-                # Among the evaluated choices that meet the budget, the fastest on that device, timed
-                # there side by side (one model file per float set) rather than trusted to the estimate.
-                ok = sorted(k for k, r in results.items() if meets(r))
-                if len({paths[k] for k in ok}) > 1:
-                    ms = timer.p50_by_model([*(paths[k] for k in ok), compiled.int8_model])
-                    for k in ok:
-                        results[k].update(device_latency_ms=ms[paths[k]], device_latency_ratio=ms[paths[k]] / ms[compiled.int8_model],
-                                          device_latency_measurements=1)
-                chosen_k = min(ok, key=lambda k: (results[k].get("device_latency_ratio", 0.0), k))
-            mode = {"max_drop_points": options.max_drop}
+            chosen_k, met, mode = search.accuracy_budget(free)
         else:
-            limit = options.max_latency_ratio
-
-            def measured(k: int) -> dict:
-                evaluate(k)
-                return latency(k, budget_on)
-
-            # The most float layers within the latency budget = the smallest k that breaks it, minus one.
-            ratio = f"{budget_on}_ratio"
-            over = selection.bisect_smallest(free, measured, lambda r: r[ratio] > limit, lambda r: -r[ratio])
-            chosen_k = free if over.k is None else max(over.k - 1, 0)
-            met = over.k != 0
-            if chosen_k not in results:
-                measured(chosen_k)
-            mode = {"max_latency_ratio": limit}
+            chosen_k, met, mode = search.latency_budget(free)
 
         chosen = latency(chosen_k)
         vs = paired_top1(ev.correct[choices[chosen_k]], ev.image_correct(float_out))
@@ -418,16 +324,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
         pareto=pareto,
     )
-    write_json(compiled.folder / names_out.report, report.to_dict())
-    if pareto:
-        from quantune_edge.tune.figures import plot_pareto
-
-        plot_pareto(report, compiled.folder / names_out.pareto)
-    else:  # an earlier tune's sweep describes a tune.json that is gone
-        (compiled.folder / names_out.pareto).unlink(missing_ok=True)
-    if accepted:  # a best-found pair from an earlier missed budget is superseded by this result
-        TuneFiles.best_found().remove(compiled.folder)
-    else:
+    _save(report, compiled.folder, names_out)
+    if not accepted:
         kept = "were left as they were" if (compiled.folder / MIXED_MODEL).exists() else "were not written"
         where = (f"even with no {'free ' if free < n else ''}layer float" if options.max_latency_ratio is not None
                  else f"even with all {free} {'free ' if free < n else ''}layers float")
@@ -435,6 +333,160 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                           f"{names_out.report} beside {MIXED_MODEL} and {TUNE_JSON}, which {kept}; "
                           "use --best-effort to accept it")
     return report
+
+
+class _Search:
+    """The candidates evaluated so far (by k) and their model files, how each is timed, and the three
+    ways to choose k: a fixed count, an accuracy budget (bisection), a latency budget (bisection over
+    measured ratios, on the host or on the --latency-source target)."""
+
+    def __init__(self, compiled: CompiledModel, ev: Evaluator, choices: _Candidates, lg: selection.LayerGraph,
+                 cost: selection.CostModel, float_acc: float, sample: np.ndarray, options: TuneOptions, timer, advance: Callable[[], None]):
+        self.compiled, self.ev, self.choices, self.lg, self.cost = compiled, ev, choices, lg, cost
+        self.float_acc, self.sample, self.options, self.timer, self.advance = float_acc, sample, options, timer, advance
+        self.results: dict[int, dict] = {}
+        self.paths: dict[int, Path] = {}
+        self.by_set: dict[frozenset[int], int] = {}
+        # where --max-latency-ratio is measured
+        self.budget_on = "latency" if options.latency_source is None else "device_latency"
+
+    def evaluate(self, k: int) -> dict:
+        results, paths, choices = self.results, self.paths, self.choices
+        if k in results:
+            return results[k]
+        if choices[k] in self.by_set:  # grown regions can coincide: evaluate each float set once
+            same = self.by_set[choices[k]]
+            paths[k] = paths[same]
+            results[k] = {**results[same], "k": k}
+            return results[k]
+        result, paths[k] = self.ev.evaluate(choices[k])
+        result.update(k=k, drop_points=100 * (self.float_acc - result["accuracy"]),
+                      boundaries=selection.boundaries(self.lg, choices[k]),
+                      estimated_latency_ms=self.cost.latency_ms(self.lg, choices[k]))
+        results[k], self.by_set[choices[k]] = result, k
+        self.advance()
+        return result
+
+    def latency(self, k: int, on: str = "latency") -> dict:
+        """Paired p50 of candidate k and full int8: ``latency_*`` on the host, ``device_latency_*`` on
+        the --latency-source target."""
+        options, result = self.options, self.results[k]
+        if f"{on}_ms" in result:
+            return result
+
+        def once() -> tuple[float, float]:
+            if on == "device_latency":
+                mixed, int8 = self.timer.p50_ms([self.paths[k], self.compiled.int8_model])
+                return mixed, int8
+            with captured_native_output(not options.verbose):
+                return paired_latency_ms(self.paths[k], self.compiled.int8_model, self.sample, options.threads,
+                                         runs=max(1, options.latency_runs // 5))
+
+        pairs = [once()]
+        limit = options.max_latency_ratio if on == self.budget_on else None
+        if limit is not None and abs(pairs[0][0] / pairs[0][1] / limit - 1) < REMEASURE_MARGIN:
+            pairs += [once(), once()]
+        mixed, int8 = median_ratio(pairs)
+        result.update({f"{on}_ms": mixed, f"{on}_ratio": mixed / int8, f"{on}_measurements": len(pairs)})
+        return result
+
+    def fixed_count(self) -> tuple[int, bool, dict]:
+        k = self.options.float_layers
+        assert k is not None
+        self.evaluate(k)
+        return k, True, {"float_layers": k}
+
+    def accuracy_budget(self, free: int) -> tuple[int, bool, dict]:
+        options, results, paths = self.options, self.results, self.paths
+        max_drop = options.max_drop
+        assert max_drop is not None
+
+        def meets(r: dict) -> bool:
+            return r["drop_points"] <= max_drop + 1e-9
+
+        found = selection.bisect_smallest(free, self.evaluate, meets, lambda r: r["accuracy"])
+        chosen_k, met = found.best_k, found.k is not None
+        if met and options.latency_source is not None:
+            # Among the evaluated choices that meet the budget, the fastest on that device, timed
+            # there side by side (one model file per float set) rather than trusted to the estimate.
+            ok = sorted(k for k, r in results.items() if meets(r))
+            int8_model = self.compiled.int8_model
+            if len({paths[k] for k in ok}) > 1:
+                ms = self.timer.p50_by_model([*(paths[k] for k in ok), int8_model])
+                for k in ok:
+                    results[k].update(device_latency_ms=ms[paths[k]], device_latency_ratio=ms[paths[k]] / ms[int8_model],
+                                      device_latency_measurements=1)
+            chosen_k = min(ok, key=lambda k: (results[k].get("device_latency_ratio", 0.0), k))
+        return chosen_k, met, {"max_drop_points": max_drop}
+
+    def latency_budget(self, free: int) -> tuple[int, bool, dict]:
+        limit = self.options.max_latency_ratio
+        assert limit is not None
+
+        def measured(k: int) -> dict:
+            self.evaluate(k)
+            return self.latency(k, self.budget_on)
+
+        # The most float layers within the latency budget = the smallest k that breaks it, minus one.
+        ratio = f"{self.budget_on}_ratio"
+        over = selection.bisect_smallest(free, measured, lambda r: r[ratio] > limit, lambda r: -r[ratio])
+        chosen_k = free if over.k is None else max(over.k - 1, 0)
+        if chosen_k not in self.results:
+            measured(chosen_k)
+        return chosen_k, over.k != 0, {"max_latency_ratio": limit}
+
+
+def _check_options(options: TuneOptions) -> None:
+    """Everything about the options that can be refused before any work (and the default budget)."""
+    check_budget(options.max_drop, options.max_latency_ratio, options.float_layers)
+    if options.max_latency_ratio is None and options.float_layers is None and options.max_drop is None:
+        options.max_drop = 1.0
+    if options.num_eval <= 0:
+        raise InputError(f"--num-eval must be positive, got {options.num_eval}")
+    if options.rerank is not None and options.rerank < 0:
+        raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
+
+
+def _fixed_and_free(analysis: dict, options: TuneOptions) -> tuple[set[int], set[int], list[int]]:
+    """The layers --keep-float and --keep-int8 fix, and the rest in the analysis's order (what k counts)."""
+    layers = analysis["layers"]
+    forced = resolve_layer_names(options.keep_float, layers)
+    pinned = resolve_layer_names(options.keep_int8, layers, "--keep-int8")
+    if forced & pinned:
+        both = ", ".join(layers[i]["short_name"] for i in sorted(forced & pinned))
+        raise InputError(f"--keep-float and --keep-int8 both name layer(s) {both}")
+    order = [i for i in analysis["order"] if i not in forced | pinned]
+    free, n = len(order), len(layers)
+    if options.float_layers is not None and not 0 <= options.float_layers <= free:
+        raise InputError(f"--float-layers must be between 0 and {free}" + (" (the layers --keep-float/--keep-int8 leave free)" if free < n else "")
+                         + f", got {options.float_layers}")
+    return forced, pinned, order
+
+
+def _cost_model(compiled: CompiledModel, lg: selection.LayerGraph, names: dict[int, str], float_ms: float, int8_ms: float,
+                options: TuneOptions, reporter: Reporter) -> tuple[selection.CostModel, dict]:
+    """What a float layer costs: from this host's float32/int8 latencies, or measured on --latency-source."""
+    cost = selection.CostModel.from_measurements(lg, int8_ms, float_ms)
+    if options.latency_source is None:
+        return cost, {"kind": "host", "cost_model": asdict(cost)}
+    from quantune_edge.tune.costs import device_cost_model
+
+    with temp_folder("costs") as tmp:
+        cost, record = device_cost_model(compiled, lg, names, options.latency_source, Path(tmp), quiet=not options.verbose, log=reporter.info)
+    return cost, {"kind": "device", "target": record["target"], "cost_model": asdict(cost), "measured_p50_ms": record["measured_p50_ms"]}
+
+
+def _save(report: TuneReport, folder: Path, files: TuneFiles) -> None:
+    """tune.json (or its best-found twin) and the Pareto plot; an accepted result retires a best-found pair."""
+    write_json(folder / files.report, report.to_dict())
+    if report.pareto:
+        from quantune_edge.tune.figures import plot_pareto
+
+        plot_pareto(report, folder / files.pareto)
+    else:  # an earlier tune's sweep describes a tune.json that is gone
+        (folder / files.pareto).unlink(missing_ok=True)
+    if files == TuneFiles.accepted():  # a best-found pair from an earlier missed budget is superseded by this result
+        TuneFiles.best_found().remove(folder)
 
 
 @dataclass(frozen=True)
