@@ -130,13 +130,38 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert im.size == (1200, 2400) and len(np.unique(np.asarray(im.convert("L").resize((60, 120))))) > 20  # not a blank page
 
 
-def test_stage_keys_change_with_the_code(monkeypatch):
-    from quantune_edge import pipeline
+def test_a_stage_cached_by_other_code_runs_again(tmp_path):
+    """The stage key hashes the source: in a copy of the package, a stage recorded as done is cached
+    while the code is the same, and runs again once one source file changes (a subprocess imports the
+    copy, so nothing here stands in for the fingerprint)."""
+    from conftest import REPO
 
-    assert len(pipeline.code_fingerprint()) == 64 and pipeline.code_fingerprint() == pipeline.code_fingerprint()
-    same_inputs = pipeline._key("tune", "analyze-key", 1.0)
-    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "another version of the code")
-    assert pipeline._key("tune", "analyze-key", 1.0) != same_inputs
+    copy = tmp_path / "code"
+    for package in ("quantune_edge", "device_agent"):
+        shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "compiled").mkdir()
+    probe = ("import json, sys; from pathlib import Path; from quantune_edge import pipeline as p; "
+             "out = Path(sys.argv[1]); key = p._key('tune', 'analyze-key', 1.0); stages = p._Stages(out); "
+             "cached = stages.cached('tune', key, [out / 'compiled']); "
+             "stages.state['tune'] = {'key': key, 'status': 'done'}; stages.save(); "
+             "print(json.dumps({'file': p.__file__, 'key': key, 'cached': cached}))")
+
+    def run() -> dict:
+        result = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(copy)), cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = run()
+    assert first["file"].startswith(str(copy)) and not first["cached"], first  # the copy is what ran; nothing recorded yet
+    again = run()
+    assert again["key"] == first["key"] and again["cached"], again  # same code, same inputs: the stage is skipped
+    tuning = copy / "quantune_edge" / "tune" / "tuning.py"
+    tuning.write_text(tuning.read_text() + "\n# a newer tune\n")
+    changed = run()
+    assert changed["key"] != first["key"] and not changed["cached"], changed  # other code: the stage runs again
 
 
 def test_run_refuses_nonsense_budgets_and_foreign_out_folders_before_any_work(tmp_path):

@@ -137,6 +137,11 @@ def test_keep_int8_layers_are_never_float_even_to_close_a_region(residual, tiny_
     shutil.copytree(residual[0], folder)
     layers = json.loads((folder / "analysis.json").read_text())["layers"]
     pinned = next(layer for layer in layers if layer["op_type"] == "DEPTHWISE_CONV_2D")
+    others = [layer["name"] for layer in layers if layer is not pinned]
+    # Unpinned, region growth closes the region over the depthwise layer (every other layer is float) ...
+    grown = tune(folder, tiny_images, TuneOptions(float_layers=0, keep_float=others, num_eval=4, latency_runs=2))
+    assert pinned["index"] in grown.chosen["float_layers"], grown.chosen["float_layers"]
+    # ... and --keep-int8 is what stops it.
     report = tune(folder, tiny_images, TuneOptions(float_layers=len(layers) - 1, keep_int8=[pinned["onnx_nodes"][0]],
                                                    num_eval=4, latency_runs=2))
     assert pinned["index"] not in report.chosen["float_layers"]
