@@ -318,6 +318,15 @@ def test_parallel_bench_one_target_failing(sshd, models, tmp_path):
     assert (results / "good").is_dir() and not (results / "dead").exists()
 
 
+def _package_index_reachable() -> bool:
+    return subprocess.run([sys.executable, "-m", "pip", "index", "versions", "tflite-runtime"], capture_output=True,
+                          timeout=120).returncode == 0
+
+
+# --install-runtime pip-installs from the package index, as it does on a real board: offline this test
+# is skipped (and says why); in CI (CI=true), where the index is reachable, it must run.
+@pytest.mark.skipif(not os.environ.get("CI") and not _package_index_reachable(),
+                    reason="needs the package index (PyPI) for pip install tflite-runtime")
 def test_install_runtime_on_a_device_without_one(sshd, tmp_path):
     """A fresh venv with numpy only: refused without --install-runtime, then tflite-runtime is pip-installed."""
     venv = tmp_path / "device-venv"
