@@ -22,8 +22,17 @@ K = 8
 
 
 @pytest.fixture(scope="module")
-def effnet_analysis(effnet_compiled):
-    return analyze(effnet_compiled, DEMO_IMAGES, AnalysisOptions(num_samples=K))
+def analysed(effnet_compiled, tmp_path_factory):
+    """A private copy of the shared compile: other modules analyse the shared folder too (with other
+    options), so the analysis files there are not this module's to read, whatever order tests run in."""
+    folder = tmp_path_factory.mktemp("analysed") / "out"
+    shutil.copytree(effnet_compiled, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def effnet_analysis(analysed):
+    return analyze(analysed, DEMO_IMAGES, AnalysisOptions(num_samples=K))
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +156,13 @@ def test_multi_input_add_pools_its_inputs_and_exact_input_gives_finite_delta(eff
     assert math.isfinite(first["sqnr_delta_db"]) and first["sqnr_delta_db"] > 0
 
 
-def test_outputs_written(effnet_analysis, effnet_compiled):
-    data = json.loads((effnet_compiled / "analysis.json").read_text())
+def test_outputs_written(effnet_analysis, analysed):
+    data = json.loads((analysed / "analysis.json").read_text())
     assert data["kind"] == "quantune-edge/analysis" and data["schema_version"] >= 1
     assert data["invocations"] == {"float32": K, "int8": K, "layer_kernels": K, "backward": K}
-    rows = (effnet_compiled / "analysis.csv").read_text().strip().splitlines()
+    rows = (analysed / "analysis.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(effnet_analysis.layers) and rows[0].startswith("index,rank,name")
-    png = (effnet_compiled / "analysis.png").read_bytes()
+    png = (analysed / "analysis.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
