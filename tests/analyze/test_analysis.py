@@ -215,9 +215,9 @@ def test_damaged_layer_ranks_first(effnet_compiled, effnet_analysis, tmp_path):
         assert analyze(folder, DEMO_IMAGES, AnalysisOptions(num_samples=2, metric=metric)).sensitivity_order[0] == victim.index
 
 
-def test_mismatched_model_pair_is_refused(effnet_compiled, small_compiled, tmp_path):
+def test_mismatched_model_pair_is_refused(effnet_analysis, analysed, small_compiled, tmp_path):
     folder = tmp_path / "mixed_up"
-    shutil.copytree(effnet_compiled, folder)
+    shutil.copytree(analysed, folder)  # with this module's analysis in it, which the refusal must leave alone
     shutil.copy(small_compiled / "model_int8.tflite", folder / "model_int8.tflite")
     before = (folder / "analysis.json").read_bytes()
     with pytest.raises(InputError, match="not a pair"):
