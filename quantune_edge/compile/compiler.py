@@ -95,8 +95,8 @@ def compile_model(
         timings["load_samples"] = round(time.perf_counter() - start, 3)
 
         with staged_folder(out_dir) as stage, temp_folder("onnx2tf") as work:
-            _convert(prepared, samples, stage, work, options, progress, timings)
-            ort_out, float_out, int8_out = _verify(model_path, spec, samples, stage, options, progress, timings)
+            float_runner = _convert(prepared, samples, stage, work, options, progress, timings)
+            ort_out, float_out, int8_out = _verify(model_path, spec, samples, stage, float_runner, options, progress, timings)
             trace = _trace(original, spec, samples, stage, out_dir, options, progress, reporter, timings)
             report = _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings)
             report.trace = trace
@@ -119,8 +119,9 @@ def _prepare_onnx(model_path: Path, options: CompileOptions, reporter: Reporter,
     return original, prepared, prep
 
 
-def _convert(prepared, samples: Samples, stage: Path, work: Path, options: CompileOptions, progress, timings: dict) -> None:
-    """ONNX -> SavedModel -> float32 TFLite, then calibration and full-int8 quantization, into ``stage``."""
+def _convert(prepared, samples: Samples, stage: Path, work: Path, options: CompileOptions, progress, timings: dict) -> TfliteRunner:
+    """ONNX -> SavedModel -> float32 TFLite, then calibration and full-int8 quantization, into ``stage``;
+    returns the float32 model's runner (its input shape checked), which verification reuses."""
     import onnx
 
     quiet_native = not options.verbose
@@ -136,24 +137,26 @@ def _convert(prepared, samples: Samples, stage: Path, work: Path, options: Compi
         converter.convert_float(stage / SAVED_MODEL, stage / FLOAT_MODEL)
     progress.advance(task)
     with captured_native_output(quiet_native):
-        input_shape = TfliteRunner(stage / FLOAT_MODEL, options.threads).input_shape
-    if input_shape[1:] != prepared.spec.hwc:
-        raise ConversionError(f"converted model takes input {input_shape}, expected channels-last {(1, *prepared.spec.hwc)}")
+        float_runner = TfliteRunner(stage / FLOAT_MODEL, options.threads)
+    if float_runner.input_shape[1:] != prepared.spec.hwc:
+        raise ConversionError(f"converted model takes input {float_runner.input_shape}, expected channels-last {(1, *prepared.spec.hwc)}")
 
     task = progress.add_task("calibrating + converting int8 TFLite", total=len(samples))
     with _stage("tflite_int8_calibrated", timings, quiet_native):
         calibrated = converter.calibrate(stage / SAVED_MODEL, samples.data, on_sample=lambda: progress.advance(task))
         (stage / CALIBRATED_MODEL).write_bytes(calibrated)
         (stage / INT8_MODEL).write_bytes(converter.quantize(calibrated, options.per_channel, options.int8_io))
+    return float_runner
 
 
-def _verify(model_path: Path, spec, samples: Samples, stage: Path, options: CompileOptions, progress, timings: dict):
+def _verify(model_path: Path, spec, samples: Samples, stage: Path, float_runner: TfliteRunner, options: CompileOptions, progress,
+            timings: dict):
     """ONNX Runtime's, the float32 TFLite's and the int8 TFLite's outputs on the calibration samples."""
     task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
     with _stage("verify", timings, not options.verbose):
         advance = lambda: progress.advance(task)  # noqa: E731
         ort_out = onnxruntime_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
-        float_out = TfliteRunner(stage / FLOAT_MODEL, options.threads).run(samples.data, advance)
+        float_out = float_runner.run(samples.data, advance)
         int8_out = TfliteRunner(stage / INT8_MODEL, options.threads).run(samples.data, advance)
     return ort_out, float_out, int8_out
 
