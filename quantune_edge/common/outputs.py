@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantune_edge.common.records import write_atomic
 from quantune_edge.errors import InputError
 
 
@@ -85,17 +86,10 @@ def check_output_page(page: str | Path, option: str, inputs: Mapping[str, str | 
 
 
 def write_page(page: str | Path, text: str) -> None:
-    """Written whole or not at all (temp file beside it, then an atomic rename)."""
+    """Written whole or not at all, into a folder made if needed."""
     page = Path(page)
     page.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=page.parent, prefix=f".{page.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, page)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(page, text)
 
 
 def _alive(pid: int) -> bool:

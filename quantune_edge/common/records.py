@@ -37,21 +37,25 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Written whole or not at all (temp file beside it, then an atomic rename): a crash or a full
-    disk never leaves a half-written report where the last good one was."""
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Written whole or not at all (a temp file of its own beside it, then an atomic rename): a crash
+    or a full disk never leaves a half-written file where the last good one was."""
     import os
     import tempfile
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(jsonable(data), indent=2) + "\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_atomic(path, json.dumps(jsonable(data), indent=2) + "\n")
 
 
 @dataclass

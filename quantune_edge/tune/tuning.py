@@ -29,7 +29,7 @@ from quantune_edge.common.console import Reporter, captured_native_output
 from quantune_edge.common.metrics import compare_outputs, paired_top1
 from quantune_edge.common.outputs import temp_folder
 from quantune_edge.common.preprocessing import Preprocessing
-from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_json
+from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_atomic, write_json
 from quantune_edge.compile.artifacts import BEST_FOUND, MIXED_MODEL, PARETO_PNG, TUNE_JSON, CompiledModel
 from quantune_edge.deploy.targets import Target
 from quantune_edge.errors import InputError, QuantuneError
@@ -300,9 +300,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         accepted = met or options.best_effort
         names_out = TuneFiles.accepted() if accepted else TuneFiles.best_found()
         out_path = compiled.folder / names_out.model
-        tmp_out = compiled.folder / f".{names_out.model}.tmp"
-        tmp_out.write_bytes(paths[chosen_k].read_bytes())
-        tmp_out.replace(out_path)
+        write_atomic(out_path, paths[chosen_k].read_bytes())
         progress.update(task, total=len(results), completed=len(results))
 
     layer_by_index = {l["index"]: l for l in analysis["layers"]}
