@@ -231,108 +231,151 @@ def collect_tensor_stats(
     alone do not read (tune's re-ranking rounds: about 0.3 s of each round's 2.4 s). ``float_side`` is
     used when it covers this match's layers; otherwise one is built for them. ``attributed`` is the float
     model's tensor the task attributes error to (a classifier's logits)."""
-    needed: set[int] = set()
-    if not shares_only:
-        needed = {layer.int8_output for layer in match.layers}
-        needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
-    stats = {t: ErrorStats() for t in needed}
-    names = {layer.int8_output: layer.name for layer in match.layers}
-    by_index = {layer.index: layer for layer in match.layers}
-    jobs = _kernel_jobs(match, fg)
-    local = {i: ErrorStats() for i in jobs}
-    int8_of = {f: q for q, f in match.tensor_map.items()}
-    float_logits = attributed
-    int8_logits = int8_of.get(float_logits)
-    note = None if int8_logits is not None else "the int8 model's logits are not matched to the float model's"
-    attribution = {i: 0.0 for i in jobs}
-    residual_energy = 0.0
-    # What keeping a layer float removes: it reads the float model input where the int8 model reads
-    # its quantized copy (a second copy of its op is fed that), and its output is re-quantized to the
-    # same grid wherever an int8 op reads it.
-    quantized_inputs = _quantized_model_inputs(match, fg)
-    kernel_jobs, wanted = _float_side_needs(match, fg, jobs)
-    reads_model_input = {i for i in jobs if -1 - jobs[i] in kernel_jobs}
-    regrid = {i: g for i in jobs if (g := _output_grid(qg, by_index[i].int8_output)) is not None}
-    kernels, backward, engine, passes, first_invocation = None, None, None, 0, 0
-    if jobs and local_samples > 0:
-        if float_side is None or not float_side.covers(kernel_jobs, wanted if note is None else None):
-            float_side = FloatSide.build(float_runner, fg, kernel_jobs, float_logits if note is None else None, wanted)
-        kernels, backward, engine = float_side.kernels, float_side.backward, float_side.engine
-        first_invocation = kernels.invocations
+    run = _StatsPass(match, float_runner, int8_runner, fg, qg, attributed, local_samples, shares_only, float_side)
     # The numpy comparisons run between invocations, when XNNPACK's threads are idle: each sample's
     # tensors (and jobs) are dealt to as many threads, numpy releasing the GIL in its loops.
-    def size(t: int) -> int:
-        return math.prod(qg.tensors[t].shape)
-
-    tensor_parts = balanced(sorted(needed), size, float_runner.threads)
-    job_parts = balanced(sorted(jobs), lambda i: size(by_index[i].int8_output), float_runner.threads)
-    with ThreadPoolExecutor(max(len(tensor_parts), 1)) as pool:
-        float_outs, int8_outs = [], []
-        clock = dict.fromkeys(("invocations", "compare", "local_errors", "backward"), 0.0)  # where the time goes, seconds
+    with ThreadPoolExecutor(max(len(run.tensor_parts), 1)) as pool:
         for n, x in enumerate(inputs):
-            mark = time.perf_counter()
-            float_outs.append(float_runner.invoke(x[None]))
-            int8_outs.append(int8_runner.invoke(x[None]))
-            mark = _lap(clock, "invocations", mark)
-            values: dict[int, np.ndarray] = {}  # dequantized int8 tensors of this sample, each computed once
-
-            def int8_value(t: int) -> np.ndarray:
-                if t not in values:
-                    values[t] = int8_runner.tensor(t)
-                return values[t]
-
-            def compare(part: list[int]) -> int | None:
-                """Adds this sample to the stats of ``part``'s tensors; the first that holds NaN/Inf, if any."""
-                for t in part:
-                    if not stats[t].add(float_runner.view(match.tensor_map[t]), int8_value(t)):
-                        return t
-                return None
-
-            for t in pool.map(compare, tensor_parts):
-                if t is not None:
-                    raise AnalysisError(f"NaN or Inf in layer {names.get(t, qg.tensors[t].name)!r} (float or int8 output); cannot compare")
-            mark = _lap(clock, "compare", mark)
-            if n < local_samples:
-                feeds = {jobs[i]: [int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
-                feeds.update({-1 - jobs[i]: [x[None] if t in quantized_inputs else int8_value(t) for t in by_index[i].int8_inputs]
-                              for i in reads_model_input})
-                refs = kernels.run(feeds) if kernels else {}
-                errors: dict[int, np.ndarray] = {}  # float tensor -> what keeping its layer float removes
-
-                def local_errors(part: list[int]) -> None:
-                    for i in part:
-                        own = int8_value(by_index[i].int8_output)
-                        op = jobs[i]
-                        if not shares_only:
-                            local[i].add(refs[op], own)
-                        removable = refs.get(-1 - op, refs[op])  # the kernel runner's own copy: rewritten in place
-                        removable = regrid[i](removable) if i in regrid else removable
-                        errors[by_index[i].float_output] = np.subtract(own, removable, out=removable)
-
-                list(pool.map(local_errors, job_parts))
-                mark = _lap(clock, "local_errors", mark)
-                if note is None:
-                    residual = int8_value(int8_logits) - float_runner.tensor(float_logits)
-                    residual_energy += float(np.vdot(residual, residual))
-                    try:
-                        passes += 1
-                        back = backward(residual, lambda t: int8_value(int8_of[t]) if t in int8_of else float_runner.tensor(t))
-                        shares = backprop.output_error_attribution(back, errors)
-                    except backprop.Unsupported as exc:
-                        note = f"no backward rule for {exc} between a layer and the logits"
-                    else:
-                        for i in jobs:
-                            attribution[i] += shares.get(by_index[i].float_output, math.nan)
-                _lap(clock, "backward", mark)
+            run.sample(pool, x, local=n < local_samples)
             if on_item:
                 on_item()
-    if note is None and residual_energy == 0:
-        note = "the int8 model's logits equal the float model's"
-    attribution = {} if note else {i: v / residual_energy for i, v in attribution.items() if not math.isnan(v)}
-    if not attribution and note is None:
-        note = "no layer whose own error is measured reaches the logits"
-    return Collected(stats, local, attribution, note, np.concatenate(float_outs), np.concatenate(int8_outs),
-                     kernels.invocations - first_invocation if kernels else 0, engine, passes, {k: round(v, 3) for k, v in clock.items()})
+    return run.collected()
+
+
+class _StatsPass:
+    """The state of one ``collect_tensor_stats`` pass, with one method per step of a sample."""
+
+    def __init__(self, match: LayerMatch, float_runner: TfliteRunner, int8_runner: TfliteRunner, fg: tflite_graph.TfliteGraph,
+                 qg: tflite_graph.TfliteGraph, attributed: int, local_samples: int, shares_only: bool,
+                 float_side: FloatSide | None) -> None:
+        self.match, self.float_runner, self.int8_runner, self.qg = match, float_runner, int8_runner, qg
+        self.shares_only = shares_only
+        needed: set[int] = set()
+        if not shares_only:
+            needed = {layer.int8_output for layer in match.layers}
+            needed |= {t for layer in match.layers for t in layer.int8_inputs if t in match.tensor_map}
+        self.stats = {t: ErrorStats() for t in needed}
+        self.names = {layer.int8_output: layer.name for layer in match.layers}
+        self.by_index = {layer.index: layer for layer in match.layers}
+        self.jobs = jobs = _kernel_jobs(match, fg)
+        self.local = {i: ErrorStats() for i in jobs}
+        self.int8_of = {f: q for q, f in match.tensor_map.items()}
+        self.float_logits = attributed
+        self.int8_logits = self.int8_of.get(attributed)
+        self.note = None if self.int8_logits is not None else "the int8 model's logits are not matched to the float model's"
+        self.attribution = {i: 0.0 for i in jobs}
+        self.residual_energy = 0.0
+        # What keeping a layer float removes: it reads the float model input where the int8 model reads
+        # its quantized copy (a second copy of its op is fed that), and its output is re-quantized to the
+        # same grid wherever an int8 op reads it.
+        self.quantized_inputs = _quantized_model_inputs(match, fg)
+        kernel_jobs, wanted = _float_side_needs(match, fg, jobs)
+        self.reads_model_input = {i for i in jobs if -1 - jobs[i] in kernel_jobs}
+        self.regrid = {i: g for i in jobs if (g := _output_grid(qg, self.by_index[i].int8_output)) is not None}
+        self.float_side: FloatSide | None = None
+        self.first_invocation = 0
+        if jobs and local_samples > 0:
+            if float_side is None or not float_side.covers(kernel_jobs, wanted if self.note is None else None):
+                float_side = FloatSide.build(float_runner, fg, kernel_jobs, attributed if self.note is None else None, wanted)
+            self.float_side = float_side
+            self.first_invocation = float_side.kernels.invocations
+        self.passes = 0
+        self.tensor_parts = balanced(sorted(needed), self._size, float_runner.threads)
+        self.job_parts = balanced(sorted(jobs), lambda i: self._size(self.by_index[i].int8_output), float_runner.threads)
+        self.float_outs: list[np.ndarray] = []
+        self.int8_outs: list[np.ndarray] = []
+        self.clock = dict.fromkeys(("invocations", "compare", "local_errors", "backward"), 0.0)  # where the time goes, seconds
+        self.values: dict[int, np.ndarray] = {}
+
+    def _size(self, t: int) -> int:
+        return math.prod(self.qg.tensors[t].shape)
+
+    def _int8_value(self, t: int) -> np.ndarray:
+        """The dequantized int8 tensor ``t`` of the current sample, computed once per sample."""
+        if t not in self.values:
+            self.values[t] = self.int8_runner.tensor(t)
+        return self.values[t]
+
+    def sample(self, pool: ThreadPoolExecutor, x: np.ndarray, local: bool) -> None:
+        mark = time.perf_counter()
+        self.float_outs.append(self.float_runner.invoke(x[None]))
+        self.int8_outs.append(self.int8_runner.invoke(x[None]))
+        self.values = {}
+        mark = _lap(self.clock, "invocations", mark)
+        self._compare(pool)
+        mark = _lap(self.clock, "compare", mark)
+        if local and self.float_side is not None:
+            errors = self._removable_errors(pool, x)
+            mark = _lap(self.clock, "local_errors", mark)
+            self._attribute(errors)
+            _lap(self.clock, "backward", mark)
+
+    def _compare(self, pool: ThreadPoolExecutor) -> None:
+        """Adds this sample to every compared tensor's stats; refuses NaN or Inf."""
+        def compare(part: list[int]) -> int | None:
+            for t in part:
+                if not self.stats[t].add(self.float_runner.view(self.match.tensor_map[t]), self._int8_value(t)):
+                    return t
+            return None
+
+        for t in pool.map(compare, self.tensor_parts):
+            if t is not None:
+                raise AnalysisError(f"NaN or Inf in layer {self.names.get(t, self.qg.tensors[t].name)!r} (float or int8 output); cannot compare")
+
+    def _removable_errors(self, pool: ThreadPoolExecutor, x: np.ndarray) -> dict[int, np.ndarray]:
+        """Float tensor -> what keeping its layer float removes from this sample's int8 value; each
+        layer's own error is added to its local stats on the way."""
+        assert self.float_side is not None
+        jobs, by_index = self.jobs, self.by_index
+        feeds = {jobs[i]: [self._int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
+        feeds.update({-1 - jobs[i]: [x[None] if t in self.quantized_inputs else self._int8_value(t) for t in by_index[i].int8_inputs]
+                      for i in self.reads_model_input})
+        refs = self.float_side.kernels.run(feeds)
+        errors: dict[int, np.ndarray] = {}
+
+        def local_errors(part: list[int]) -> None:
+            for i in part:
+                own = self._int8_value(by_index[i].int8_output)
+                op = jobs[i]
+                if not self.shares_only:
+                    self.local[i].add(refs[op], own)
+                removable = refs.get(-1 - op, refs[op])  # the kernel runner's own copy: rewritten in place
+                removable = self.regrid[i](removable) if i in self.regrid else removable
+                errors[by_index[i].float_output] = np.subtract(own, removable, out=removable)
+
+        list(pool.map(local_errors, self.job_parts))
+        return errors
+
+    def _attribute(self, errors: dict[int, np.ndarray]) -> None:
+        """One backward pass from this sample's logit error; adds each layer's share of it."""
+        if self.note is not None:
+            return
+        assert self.float_side is not None and self.float_side.backward is not None and self.int8_logits is not None
+        residual = self._int8_value(self.int8_logits) - self.float_runner.tensor(self.float_logits)
+        self.residual_energy += float(np.vdot(residual, residual))
+        int8_of = self.int8_of
+        try:
+            self.passes += 1
+            back = self.float_side.backward(residual, lambda t: self._int8_value(int8_of[t]) if t in int8_of else self.float_runner.tensor(t))
+            shares = backprop.output_error_attribution(back, errors)
+        except backprop.Unsupported as exc:
+            self.note = f"no backward rule for {exc} between a layer and the logits"
+        else:
+            for i in self.jobs:
+                self.attribution[i] += shares.get(self.by_index[i].float_output, math.nan)
+
+    def collected(self) -> Collected:
+        note, side = self.note, self.float_side
+        if note is None and side is None:
+            note = "no layer whose own error is measured reaches the logits" if not self.jobs else "no sample was local"
+        if note is None and self.residual_energy == 0:
+            note = "the int8 model's logits equal the float model's"
+        attribution = {} if note else {i: v / self.residual_energy for i, v in self.attribution.items() if not math.isnan(v)}
+        if not attribution and note is None:
+            note = "no layer whose own error is measured reaches the logits"
+        return Collected(self.stats, self.local, attribution, note, np.concatenate(self.float_outs), np.concatenate(self.int8_outs),
+                         side.kernels.invocations - self.first_invocation if side else 0, side.engine if side else None, self.passes,
+                         {k: round(v, 3) for k, v in self.clock.items()})
 
 
 class OutputShares:

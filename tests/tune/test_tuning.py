@@ -212,10 +212,12 @@ def test_latency_budget_and_unlabelled_eval(folder, tmp_path):
     unlabelled.mkdir()
     for f in sorted(DEMO_IMAGES.glob("*.jpg"))[:10]:
         shutil.copy(f, unlabelled / f.name)
-    report = tune(folder, unlabelled, TuneOptions(max_latency_ratio=1.5, num_eval=10, latency_runs=10))
+    # A real host clock: the limit leaves room for a busy machine (a full-int8 copy measured 1.88x
+    # itself while a benchmark ran beside the suite); the scripted-clock test below checks the limit's edge.
+    report = tune(folder, unlabelled, TuneOptions(max_latency_ratio=3.0, num_eval=10, latency_runs=10))
     assert report.reference["accuracy_is"] == "top-1 agreement with float32"
     c = report.chosen
-    assert report.budget["met"] and c["latency_ratio"] <= 1.5
+    assert report.budget["met"] and c["latency_ratio"] <= 3.0
     assert c["vs_float32"]["images_won"] == 0  # float32 agrees with itself on every image
     assert c["vs_float32"]["images_lost"] == round(c["drop_points"] / 100 * 10)
     assert report.search["evaluations"] <= report.search["bound"]
