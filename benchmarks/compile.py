@@ -20,6 +20,7 @@ from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E40
 from quantune_edge.compile.compiler import onnxruntime_outputs  # noqa: E402
 from quantune_edge.model.onnx_model import input_spec, load  # noqa: E402
 from quantune_edge.model.runtime import TfliteRunner  # noqa: E402
+from quantune_edge.tasks.classification import Classification
 
 
 def main() -> None:
@@ -42,7 +43,8 @@ def main() -> None:
             model = ASSETS / "models" / file
             prep = make_preprocessing(**prep_kwargs)
             spec, _ = input_spec(load(model))
-            held_out = load_samples(args.eval_dir, prep.with_input_size(spec.hwc[0]), spec.hwc, spec.layout, args.eval_num, seed=1, what="evaluation")
+            held_out = load_samples(args.eval_dir, prep.with_input_size(spec.hwc[0]), spec.hwc, spec.layout, args.eval_num, seed=1, what="evaluation",
+                                    labels=Classification(offset).read_labels)
             ort_top1 = metrics.top1_accuracy(onnxruntime_outputs(model, spec, held_out.for_layout(spec.layout)), held_out.labels, offset)
             for per_channel in (True, False):
                 out = Path(tmp) / f"{name}-{per_channel}"

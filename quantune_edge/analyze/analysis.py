@@ -25,7 +25,7 @@ import numpy as np
 from quantune_edge.analyze import sensitivity
 from quantune_edge.analyze.grad import adjoint_model, backprop, kernel_model
 from quantune_edge.common.console import Reporter, captured_native_output
-from quantune_edge.common.metrics import ErrorStats, compare_outputs, pooled_sqnr_db, sqnr_db
+from quantune_edge.common.metrics import ErrorStats, pooled_sqnr_db, sqnr_db
 from quantune_edge.common.preprocessing import Preprocessing, Samples
 from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_json
 from quantune_edge.compile.artifacts import ANALYSIS_CSV, ANALYSIS_JSON, ANALYSIS_PNG, CompiledModel
@@ -33,6 +33,7 @@ from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import WEIGHTED_OPS, Layer, LayerMatch, dequantized_weights, match_layers
 from quantune_edge.model.runtime import TfliteRunner
+from quantune_edge.tasks.base import compare
 
 CONSISTENCY_SAMPLES = 2
 # Layers whose own error is measured: weighted ops and ops that join tensors.
@@ -578,7 +579,7 @@ def _checked_match(compiled: CompiledModel) -> LayerMatch:
 
 def _model_output(compiled: CompiledModel, float_out: np.ndarray, int8_out: np.ndarray, samples: Samples) -> dict:
     """The whole model's int8 error, and the task's metric of both models where there are labels."""
-    output = compare_outputs(float_out, int8_out)
+    output = compare(compiled.task, float_out, int8_out)
     if samples.has_labels:
         output["float32_top1"] = compiled.task.metric(float_out, samples.labels)
         output["int8_top1"] = compiled.task.metric(int8_out, samples.labels)

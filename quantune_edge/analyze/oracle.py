@@ -18,10 +18,11 @@ import numpy as np
 
 from quantune_edge.analyze import sensitivity
 from quantune_edge.common.console import captured_native_output
-from quantune_edge.common.metrics import compare_outputs, sqnr_db
+from quantune_edge.common.metrics import sqnr_db
 from quantune_edge.common.outputs import temp_folder
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.model.runtime import TfliteRunner
+from quantune_edge.tasks.base import compare
 
 
 @dataclass
@@ -62,12 +63,12 @@ def run_oracle(
     with temp_folder("oracle") as tmp:
         work = Path(tmp)
         base_out = build_and_run(compiled, [], inputs, threads, work, quiet)
-        base = compare_outputs(float_out, base_out)
+        base = compare(compiled.task, float_out, base_out)
         h = len(inputs) // 2
         base_halves = _half_sqnr(float_out, base_out, h)
         for layer in layers:
             out = build_and_run(compiled, [layer["name"]], inputs, threads, work, quiet)
-            cmp = compare_outputs(float_out, out)
+            cmp = compare(compiled.task, float_out, out)
             halves.append(tuple(a - b for a, b in zip(_half_sqnr(float_out, out, h), base_halves)))
             results.append(OracleLayer(
                 index=layer["index"], name=layer["name"], output_sqnr_db=cmp["sqnr_db"],

@@ -5,7 +5,6 @@ Samples are held channels-last (N, H, W, C) float32, the layout of the TFLite mo
 """
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,21 +160,6 @@ def select(count: int, num: int | None, seed: int = 0) -> np.ndarray:
     return order if num is None or num >= count else order[:num]
 
 
-def read_labels(folder: Path) -> dict[str, int]:
-    """``labels.csv`` beside the images: ``file,class_index`` (extra columns ignored)."""
-    path = folder / "labels.csv"
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"file", "class_index"} <= set(reader.fieldnames):
-            raise InputError(f"{path} must have columns 'file,class_index'")
-        try:
-            return {row["file"]: int(row["class_index"]) for row in reader}
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"{path}: class_index must be an integer ({exc})") from None
-
-
 def load_samples(
     source: str | Path,
     prep: Preprocessing,
@@ -185,8 +169,11 @@ def load_samples(
     seed: int = 0,
     on_item: Callable[[], None] | None = None,
     what: str = "calibration",
+    labels: Callable[[Path], dict[str, int]] | None = None,
 ) -> Samples:
-    """Load ``num`` samples from an image folder or a preprocessed ``.npy`` (model's layout)."""
+    """Load ``num`` samples from an image folder or a preprocessed ``.npy`` (model's layout).
+    ``labels`` reads an image folder's labels (file name -> label), as the task defines them
+    (``Task.read_labels``); without it the samples are unlabelled."""
     path = Path(source)
     if not path.exists():
         raise InputError(f"{what} data not found: {path}")
@@ -196,7 +183,7 @@ def load_samples(
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"no images (JPEG/PNG) found in {what} folder {path}")
-    labels_by_file = read_labels(path)
+    labels_by_file = labels(path) if labels else {}
     prep = prep.with_input_size(h)
     if prep.input_size != h or h != w:
         raise InputError(f"--input-size {prep.input_size} does not match the model input {h}x{w}")

@@ -125,7 +125,8 @@ class CompiledModel:
         on_item: Callable[[], None] | None = None, what: str = "calibration",
     ) -> Samples:
         prep = (preprocessing or self.preprocessing).with_input_size(self.spec.hwc[0])
-        return load_samples(source, prep, self.spec.hwc, self.spec.layout, num, seed, on_item=on_item, what=what)
+        return load_samples(source, prep, self.spec.hwc, self.spec.layout, num, seed, on_item=on_item, what=what,
+                            labels=self.task.read_labels)
 
     @staticmethod
     def tflite_inputs(samples: Samples) -> np.ndarray:

@@ -27,6 +27,7 @@ from quantune_edge.errors import ConversionError, InputError, VerificationError
 from quantune_edge.model import onnx_model, tflite_graph
 from quantune_edge.model.runtime import TfliteRunner
 from quantune_edge.tasks import make_task
+from quantune_edge.tasks.base import Task, compare
 
 
 @dataclass
@@ -43,7 +44,12 @@ class CompileOptions:
     force: bool = False
     verbose: bool = False
     min_cosine: float = 0.999
-    min_top1_agreement: float = 0.9
+    min_agreement: float = 0.9  # share of samples the float32 TFLite must decide as ONNX Runtime does, by the task's rule
+
+    @property
+    def task(self) -> Task:
+        """What judges the model (stored in compile.json): an image classifier today."""
+        return make_task("classify", label_offset=self.label_offset)
 
 
 @contextlib.contextmanager
@@ -90,7 +96,8 @@ def compile_model(
     with reporter.progress() as progress:
         task = progress.add_task("reading calibration samples", total=options.num_calib)
         start = time.perf_counter()
-        samples = load_samples(calib, prep, spec.hwc, spec.layout, options.num_calib, options.seed, on_item=lambda: progress.advance(task))
+        samples = load_samples(calib, prep, spec.hwc, spec.layout, options.num_calib, options.seed, on_item=lambda: progress.advance(task),
+                               labels=options.task.read_labels)
         progress.update(task, total=len(samples) + len(samples.skipped), completed=len(samples) + len(samples.skipped))
         timings["load_samples"] = round(time.perf_counter() - start, 3)
 
@@ -179,10 +186,11 @@ def _trace(original, spec, samples: Samples, stage: Path, out_dir: Path, options
 
 def _raise_if_wrong(report: CompileReport, options: CompileOptions) -> None:
     check = report.verification["float32_vs_onnxruntime"]
+    key = options.task.agreement_key
     if not report.verification["passed"]:
         raise VerificationError(
             f"float32 TFLite does not match ONNX Runtime (min cosine {check['cosine_min']:.4f} < {options.min_cosine}, "
-            f"top-1 agreement {check['top1_agreement']:.2%}, max abs diff {check['max_abs_diff']:.3g}); nothing was written"
+            f"{key.replace('_', ' ').replace('top1', 'top-1')} {check[key]:.2%}, max abs diff {check['max_abs_diff']:.3g}); nothing was written"
         )
 
 
@@ -190,14 +198,14 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
     f_graph = tflite_graph.read(stage / FLOAT_MODEL)
     q_graph = tflite_graph.read(stage / INT8_MODEL)
     patterns = fusion.onnx_patterns(original)
-    float_check = metrics.compare_outputs(ort_out, float_out)
-    int8_check = metrics.compare_outputs(ort_out, int8_out)
+    task = options.task
+    float_check = compare(task, ort_out, float_out)
+    int8_check = compare(task, ort_out, int8_out)
     passed = bool(
         np.isfinite(float_check["cosine_min"])
         and float_check["cosine_min"] >= options.min_cosine
-        and float_check["top1_agreement"] >= options.min_top1_agreement
+        and float_check[task.agreement_key] >= options.min_agreement
     )
-    task = make_task("classify", label_offset=options.label_offset)
     accuracy: dict = {"samples": len(samples), "labelled": int(np.sum(samples.labels >= 0)), "label_offset": options.label_offset,
                       "metric": task.metric_name}
     if samples.has_labels:
@@ -236,7 +244,7 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
         verification={
             "float32_vs_onnxruntime": float_check,
             "int8_vs_onnxruntime": int8_check,
-            "thresholds": {"min_cosine": options.min_cosine, "min_top1_agreement": options.min_top1_agreement},
+            "thresholds": {"min_cosine": options.min_cosine, "min_agreement": options.min_agreement},
             "passed": passed,
         },
         accuracy=accuracy,

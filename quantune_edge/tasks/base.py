@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from quantune_edge.common.metrics import align_layout, compare_outputs
 from quantune_edge.errors import InputError
 from quantune_edge.model.tflite_graph import TfliteGraph
 
@@ -16,10 +18,15 @@ class Task(Protocol):
 
     name: ClassVar[str]  # the registry key, stored in compile.json
     metric_name: ClassVar[str]  # what the metric is called in tables ("top-1")
+    agreement_key: ClassVar[str]  # the key of the share of samples decided as the reference does ("top1_agreement")
     device_reducer: ClassVar[str]  # the named numpy reducer the device agent's eval applies per sample ("argmax")
 
     def to_dict(self) -> dict[str, Any]:
         """The task as compile.json stores it: ``{"name": ..., **options}``."""
+        ...
+
+    def read_labels(self, folder: Path) -> dict[str, int]:
+        """The labels of an image folder, by file name ({} when the folder has none)."""
         ...
 
     def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -77,3 +84,11 @@ def task_from_record(record: dict | None, label_offset: int = 0) -> Task:
         return make_task("classify", label_offset=label_offset)
     options = {k: v for k, v in record.items() if k != "name"}
     return make_task(record["name"], **options)
+
+
+def compare(task: Task, reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """``metrics.compare_outputs`` plus the share of samples on which ``candidate`` decides as
+    ``reference`` does, by the task's rule (under ``task.agreement_key``)."""
+    out = compare_outputs(reference, candidate)
+    out[task.agreement_key] = float(np.mean(task.agreement(align_layout(reference, candidate), reference)))
+    return out

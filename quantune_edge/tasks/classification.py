@@ -1,12 +1,15 @@
 """Image classification judged by top-1: the rules every stage used to spell out for itself."""
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from quantune_edge.common.metrics import top1, top1_accuracy, top1_correct
+from quantune_edge.errors import InputError
 from quantune_edge.model.runtime import softmax_input
 from quantune_edge.model.tflite_graph import TfliteGraph
 from quantune_edge.tasks.base import register
@@ -20,10 +23,25 @@ class Classification:
     label_offset: int = 0
     name: ClassVar[str] = "classify"
     metric_name: ClassVar[str] = "top-1"
+    agreement_key: ClassVar[str] = "top1_agreement"
     device_reducer: ClassVar[str] = "argmax"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "label_offset": self.label_offset}
+
+    def read_labels(self, folder: Path) -> dict[str, int]:
+        """``labels.csv`` beside the images: ``file,class_index`` (extra columns ignored)."""
+        path = folder / "labels.csv"
+        if not path.is_file():
+            return {}
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"file", "class_index"} <= set(reader.fieldnames):
+                raise InputError(f"{path} must have columns 'file,class_index'")
+            try:
+                return {row["file"]: int(row["class_index"]) for row in reader}
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"{path}: class_index must be an integer ({exc})") from None
 
     def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return top1_correct(outputs, labels, self.label_offset)

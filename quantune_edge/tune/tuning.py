@@ -26,7 +26,7 @@ import numpy as np
 from quantune_edge.analyze import sensitivity
 from quantune_edge.analyze.analysis import ANALYSIS_JSON, LOCAL_SAMPLES, AnalysisError, OutputShares
 from quantune_edge.common.console import Reporter, captured_native_output
-from quantune_edge.common.metrics import compare_outputs, paired_top1
+from quantune_edge.common.metrics import paired_top1
 from quantune_edge.common.outputs import temp_folder
 from quantune_edge.common.preprocessing import Preprocessing
 from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_atomic, write_json
@@ -36,6 +36,7 @@ from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import tensor_key
 from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms
+from quantune_edge.tasks.base import compare
 from quantune_edge.tune import selection
 
 RERANK_SAMPLES = LOCAL_SAMPLES  # evaluation images each re-ranking analysis runs on
@@ -179,7 +180,7 @@ class Evaluator:
         self.builds += 1
         with captured_native_output(self.quiet):
             out = TfliteRunner(path, self.threads).run(self.inputs)
-        cmp = compare_outputs(self.float_out, out)
+        cmp = compare(self.compiled.task, self.float_out, out)
         correct = self.correct[float_set] = self.image_correct(out)
         graph = tflite_graph.read(path)
         result = {

@@ -5,6 +5,7 @@ from PIL import Image
 
 from quantune_edge.common.preprocessing import PRESETS, Preprocessing, load_image, load_samples, make_preprocessing, select
 from quantune_edge.errors import InputError
+from quantune_edge.tasks.classification import Classification
 
 
 def test_presets_and_overrides():
@@ -56,8 +57,8 @@ def test_grayscale_and_rgba_images_are_converted(tmp_path):
 
 def test_folder_selection_is_deterministic_and_labels_are_read():
     prep = make_preprocessing("tf")
-    a = load_samples(DEMO_IMAGES, prep, (64, 64, 3), "NCHW", num=5, seed=3)
-    b = load_samples(DEMO_IMAGES, prep, (64, 64, 3), "NCHW", num=5, seed=3)
+    a = load_samples(DEMO_IMAGES, prep, (64, 64, 3), "NCHW", num=5, seed=3, labels=Classification().read_labels)
+    b = load_samples(DEMO_IMAGES, prep, (64, 64, 3), "NCHW", num=5, seed=3, labels=Classification().read_labels)
     assert a.names == b.names and np.array_equal(a.data, b.data)
     assert a.has_labels and np.all(a.labels >= 0)
     assert a.for_layout("NCHW").shape == (5, 3, 64, 64)
@@ -99,5 +100,6 @@ def test_empty_folder_and_bad_labels(tmp_path):
         load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW")
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.jpg")
     (tmp_path / "labels.csv").write_text("name,label\na.jpg,1\n")
+    assert load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW").labels.tolist() == [-1]  # no task: unlabelled
     with pytest.raises(InputError, match="file,class_index"):
-        load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW")
+        load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW", labels=Classification().read_labels)

@@ -50,3 +50,24 @@ def test_the_compile_records_its_task_and_older_compiles_are_classifiers(effnet_
     report["accuracy"]["label_offset"] = 1
     (old / "compile.json").write_text(json.dumps(report))
     assert CompiledModel.open(old).task == Classification(1)
+
+
+def test_compare_adds_the_tasks_agreement_to_the_generic_comparison(tmp_path):
+    """compile's verification and tune's evaluations judge agreement by the task's rule, not by a
+    top-1 that metrics spelled for every model; labels come from the task too."""
+    from quantune_edge.common.metrics import compare_outputs
+    from quantune_edge.tasks.base import compare
+
+    reference = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.2, 0.7], [0.3, 0.3, 0.4]], np.float32)
+    candidate = reference.copy()
+    candidate[3] = [0.5, 0.3, 0.4]  # decides differently on the last sample only
+    generic = compare_outputs(reference, candidate)
+    assert "top1_agreement" not in generic
+    judged = compare(Classification(), reference, candidate)
+    assert judged == {**generic, "top1_agreement": 0.75}
+    assert Classification().read_labels(tmp_path) == {}
+    (tmp_path / "labels.csv").write_text("file,class_index,name\na.jpg,3,x\nb.jpg,0,y\n")
+    assert Classification().read_labels(tmp_path) == {"a.jpg": 3, "b.jpg": 0}
+    (tmp_path / "labels.csv").write_text("file,class_index\na.jpg,three\n")
+    with pytest.raises(InputError, match="class_index must be an integer"):
+        Classification().read_labels(tmp_path)
