@@ -82,7 +82,7 @@ def run(argv: list) -> dict:
         if args.load_if == result["sha256"]:  # what deploy checks before a file may replace a deployed model
             from .runtime import load_interpreter, runtime_facts
 
-            load_interpreter(args.path, 1, xnnpack=False)
+            load_interpreter(args.path, 1, xnnpack=False)  # (interpreter, kernels): loading is the check
             result["loaded_by"] = runtime_facts()
         return result
     result = _envelope(args.command)

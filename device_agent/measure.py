@@ -110,7 +110,7 @@ def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnn
     if warmup < 0 or runs < 1 or threads < 1:
         raise AgentError("usage", "need warmup >= 0, runs >= 1, threads >= 1")
     wall_start = time.perf_counter()
-    interpreter = _open(path, threads, xnnpack)
+    interpreter, kernels = _open(path, threads, xnnpack)
     inputs = interpreter.get_input_details()
     if input_path is not None:
         if len(inputs) != 1:
@@ -125,6 +125,7 @@ def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnn
         "model": model_facts(path, interpreter),
         "settings": {"warmup": warmup, "runs": runs, "threads": threads, "xnnpack": xnnpack,
                      "input": "file:%s" % input_path if input_path else "random(seed=%d)" % seed},
+        "kernels": kernels,
         "latency_ms": latency_summary(times),
         "invocations": warmup + runs,
         "wall_time_s": time.perf_counter() - wall_start,
@@ -157,7 +158,7 @@ def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = 
     if labels is not None and labels.shape != (len(x),):
         raise AgentError("bad_input", "%s: labels shape %s does not match %d samples" % (samples_path, labels.shape, len(x)))
     start = time.perf_counter()
-    interpreter = _open(path, threads, xnnpack)
+    interpreter, kernels = _open(path, threads, xnnpack)
     inputs = interpreter.get_input_details()
     output = interpreter.get_output_details()[0]
     if len(inputs) != 1:
@@ -175,6 +176,7 @@ def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = 
         "samples": len(x),
         "reducer": reduce,
         "reduced": reduced,
+        "kernels": kernels,
         "outputs_sha256": digest.hexdigest(),
         "wall_time_s": time.perf_counter() - start,
     }
@@ -195,18 +197,18 @@ def profile(paths: list, *, warmup: int = 3, runs: int = 10, rounds: int = 3, th
     rng = np.random.default_rng(seed)
     loaded = []
     for path in paths:
-        interpreter = _open(path, threads, xnnpack)
+        interpreter, kernels = _open(path, threads, xnnpack)
         inputs = interpreter.get_input_details()
         data = [random_input(d, rng) for d in inputs]
         _prime(interpreter, inputs, data, warmup)
-        loaded.append((path, interpreter, inputs, data, []))
+        loaded.append((path, interpreter, inputs, data, [], kernels))
     start = time.perf_counter()
     for _ in range(rounds):
-        for _path, interpreter, inputs, data, times in loaded:
+        for _path, interpreter, inputs, data, times, _kernels in loaded:
             times.extend(_timed_runs(interpreter, inputs, data, runs))
     return {
         "settings": {"warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads, "xnnpack": xnnpack},
-        "models": [{"path": path, "sha256": sha256_file(path), "latency_ms": latency_summary(times)}
-                   for path, _i, _in, _d, times in loaded],
+        "models": [{"path": path, "sha256": sha256_file(path), "latency_ms": latency_summary(times), "kernels": kernels}
+                   for path, _i, _in, _d, times, kernels in loaded],
         "wall_time_s": time.perf_counter() - start,
     }

@@ -43,7 +43,9 @@ def runtime_facts() -> dict:
 
 
 def load_interpreter(model_path: str, threads: int, xnnpack: bool = True):
-    """A ready (allocated) interpreter; XNNPACK is the runtime's default delegate unless disabled."""
+    """A ready (allocated) interpreter and what runs it: "xnnpack" (the runtime's default delegate),
+    "builtin" when XNNPACK was disabled, or "builtin (XNNPACK failed: ...)" when XNNPACK refused the
+    model at prepare time (NanoDet-m's int8 model does): the builtin kernels still run it."""
     found = _find()
     if found is None:
         raise AgentError(
@@ -52,16 +54,30 @@ def load_interpreter(model_path: str, threads: int, xnnpack: bool = True):
         )
     module = found[0]
     kwargs = {"model_path": model_path, "num_threads": threads}
-    if not xnnpack:
-        kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    _probe_load(module, kwargs, model_path)
+    builtin = dict(kwargs, experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    _probe_load(module, kwargs if xnnpack else builtin, model_path)
+    if xnnpack:
+        try:
+            return _allocated(module, kwargs), "xnnpack"
+        except RuntimeError as exc:
+            failure = _first_line(exc)
+        except ValueError as exc:
+            raise AgentError("model_invalid", "%s: the TFLite runtime cannot load this model (%s)" % (model_path, _first_line(exc))) from None
     try:
-        interpreter = module.Interpreter(**kwargs)
-        interpreter.allocate_tensors()
+        interpreter = _allocated(module, builtin)
     except (ValueError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
-        raise AgentError("model_invalid", "%s: the TFLite runtime cannot load this model (%s)" % (model_path, first)) from None
+        raise AgentError("model_invalid", "%s: the TFLite runtime cannot load this model (%s)" % (model_path, _first_line(exc))) from None
+    return interpreter, "builtin (XNNPACK failed: %s)" % failure if xnnpack else "builtin"
+
+
+def _allocated(module, kwargs: dict):
+    interpreter = module.Interpreter(**kwargs)
+    interpreter.allocate_tensors()
     return interpreter
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or ["unknown error"])[0]
 
 
 def _probe_load(module, kwargs: dict, model_path: str) -> None:

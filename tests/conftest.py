@@ -75,13 +75,15 @@ class GraphBuilder:
         w = self.rng.normal(0, 0.3, (c, classes))
         return self.node("Gemm", [f, self.const(w, "fc_w"), self.const(self.rng.normal(0, 0.1, classes), "fc_b")])
 
-    def model(self, x_shape: list, out: str, opset: int = 13, extra_opsets: dict | None = None, x_name: str = "input"):
+    def model(self, x_shape: list, out: str, opset: int = 13, extra_opsets: dict | None = None, x_name: str = "input",
+              more_outputs: tuple[str, ...] = ()):
         import onnx
         from onnx import TensorProto, helper
 
+        outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, [x_shape[0], None])]
+        outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, [x_shape[0], None, None, None]) for name in more_outputs]
         graph = helper.make_graph(
-            self.nodes, "test", [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, x_shape)],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [x_shape[0], None])], self.inits,
+            self.nodes, "test", [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, x_shape)], outputs, self.inits,
         )
         opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
         model = helper.make_model(graph, opset_imports=opsets)
@@ -107,6 +109,14 @@ def nhwc_net(size: int = 32):
     x = g.node("Relu", [g.conv(t, 3, 8, 3, 2)])
     x = g.node("Relu", [g.conv(x, 8, 16, 3, 1)])
     return g.model([1, size, size, 3], g.head(x, 16))
+
+
+def two_output_net(size: int = 32):
+    """Logits and, as a second output, a 4-D NCHW feature map (which onnx2tf computes in NHWC)."""
+    g = GraphBuilder(4)
+    x = g.relu6(g.conv("input", 3, 8, 3, 2))
+    features = g.node("Sigmoid", [g.conv(x, 8, 4, 1, 1, 0)])
+    return g.model([1, 3, size, size], g.head(x, 8), more_outputs=(features,))
 
 
 def pad_conv_net(size: int = 32):
@@ -155,6 +165,18 @@ def effnet_compiled(tmp_path_factory) -> Path:
     prep = make_preprocessing(mean="127,127,127", std="128,128,128")
     compile_model(DEMO_MODEL, DEMO_IMAGES, out, CompileOptions(preprocessing=prep, num_calib=16))
     return out
+
+
+@pytest.fixture(scope="session")
+def nanodet_compiled(tmp_path_factory):
+    """The shared NanoDet-m (six outputs; its int8 model makes XNNPACK fail to prepare) compiled once
+    through the CLI on 8 COCO train images: (compile folder, the CLI's completed process)."""
+    out = tmp_path_factory.mktemp("nanodet") / "out"
+    proc = run_cli("compile", shared("detection/models/nanodet-m-320-coco.onnx"), "--calib", shared("detection/coco-train2017-128/images"),
+                   "--out", out, "--num-calib", 8, "--channel-order", "bgr", "--mean", "103.53,116.28,123.675",
+                   "--std", "57.375,57.12,58.395")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, proc
 
 
 @pytest.fixture(scope="session")

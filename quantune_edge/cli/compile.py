@@ -33,8 +33,14 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
         table.add_row(f"top-1 ({acc['labelled']} calib. samples)", fmt(acc["onnxruntime_float32"]), fmt(acc["tflite_float32"]), fmt(acc["tflite_int8"]))
     check = report.verification["float32_vs_onnxruntime"]
     q = report.verification["int8_vs_onnxruntime"]
-    table.add_row("vs ONNX Runtime: cos min", "", f"{check['cosine_min']:.6f}", f"{q['cosine_min']:.4f}")
-    table.add_row("vs ONNX Runtime: top-1 agree", "", f"{100 * check['top1_agreement']:.1f} %", f"{100 * q['top1_agreement']:.1f} %")
+    outputs = report.verification.get("outputs", {})
+    if len(outputs) > 1:
+        for name, both in outputs.items():
+            table.add_row(f"{name}: cos min", "", f"{both['float32']['cosine_min']:.6f}", f"{both['int8']['cosine_min']:.4f}")
+    else:
+        table.add_row("vs ONNX Runtime: cos min", "", f"{check['cosine_min']:.6f}", f"{q['cosine_min']:.4f}")
+    if "top1_agreement" in check:
+        table.add_row("vs ONNX Runtime: top-1 agree", "", f"{100 * check['top1_agreement']:.1f} %", f"{100 * q['top1_agreement']:.1f} %")
     con.print(table)
     fus = report.fusions
     patterns = ", ".join(f"{p['pattern']} {p['fused']}/{p['in_onnx']}" for p in fus["int8"]["patterns"] if p["in_onnx"])

@@ -71,13 +71,20 @@ def paired_top1(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, Any]:
 
 def align_layout(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """Bring a channels-last 4-D TFLite output back to the reference's channels-first layout."""
-    if candidate.shape == reference.shape:
+    return to_shape(candidate, reference.shape)
+
+
+def to_shape(candidate: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A TFLite output as the ONNX model shapes it: onnx2tf computes 4-D tensors channels-last, so a
+    (N, H, W, C) output whose ONNX shape is (N, C, H, W) is transposed back (when the two differ)."""
+    shape = tuple(shape)
+    if candidate.shape == shape:
         return candidate
-    if candidate.ndim == 4 and candidate.transpose(0, 3, 1, 2).shape == reference.shape:
+    if candidate.ndim == 4 and candidate.transpose(0, 3, 1, 2).shape == shape:
         return candidate.transpose(0, 3, 1, 2)
-    if candidate.size == reference.size:
-        return candidate.reshape(reference.shape)
-    raise ValueError(f"output shapes differ: {reference.shape} vs {candidate.shape}")
+    if candidate.size == math.prod(shape):
+        return candidate.reshape(shape)
+    raise ValueError(f"output shapes differ: {shape} vs {candidate.shape}")
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

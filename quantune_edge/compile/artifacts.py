@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantune_edge.common.metrics import to_shape
 from quantune_edge.common.outputs import OutputKind
 from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
 from quantune_edge.common.records import CompileReport
@@ -20,6 +21,7 @@ from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import LayerMatch, match_layers
 from quantune_edge.model.onnx_model import InputSpec
+from quantune_edge.model.runtime import TfliteRunner
 from quantune_edge.tasks import Task, task_from_record
 
 # The compile folder's layout: every file name the stages write into it, and only here.
@@ -63,6 +65,21 @@ class CompiledModel:
         spec_d = report.model["input"]
         spec = InputSpec(spec_d["name"], spec_d["layout"], tuple(spec_d["shape"]), spec_d.get("dtype", "float32"))
         return cls(folder, report, spec)
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The ONNX model's outputs in its order: name -> shape of one sample's output as
+        ``TfliteRunner.run_all`` stacks it ({} for a compile made before outputs were recorded)."""
+        return {name: tuple(v["shape"]) for name, v in self.report.verification.get("outputs", {}).items() if "shape" in v}
+
+    def outputs(self, model: Path, inputs: np.ndarray, threads: int = 2) -> dict[str, np.ndarray]:
+        """Every output of a model of this compile on ``inputs``, as ONNX Runtime returns them: under
+        the ONNX names, in their order and layout, so code written against ONNX Runtime reads them."""
+        shapes = self.output_shapes
+        values = TfliteRunner(model, threads).run_all(inputs)
+        if len(values) != len(shapes):
+            raise InputError(f"{model} has {len(values)} outputs; the ONNX model of {self.folder} has {len(shapes)}")
+        return {name: to_shape(v, (len(v), *shape)) for (name, shape), v in zip(shapes.items(), values)}
 
     @property
     def float_model(self) -> Path:

@@ -100,6 +100,8 @@ def _bench_target(target: Target, models: list[Path], options: BenchOptions, sta
                 args.append("--no-xnnpack")
             t0 = time.monotonic()
             report = device.agent(args)
+            if options.xnnpack and report.get("kernels", "xnnpack") != "xnnpack":
+                log(f"{target.name}: {model.name} runs on the device's {report['kernels']}")
             report["host"] = {"local_path": str(model), "label": model_label(model), "deploy": deployment.to_dict(),
                               "agent_roundtrip_s": time.monotonic() - t0}
             report["target"] = {"name": target.name, "address": target.address, "emulated": target.emulated,

@@ -48,18 +48,37 @@ class TfliteRunner:
         self.threads = num_threads
         self.logits_tensor = softmax_input(tflite_graph.read(self.path)) if logits else None
         preserve_all_tensors = preserve_all_tensors or self.logits_tensor is not None
+        self.xnnpack_failure: str | None = None  # why XNNPACK could not take the model, when it could not
         try:
-            self.interpreter = Interpreter(
-                model_path=str(self.path),
-                num_threads=num_threads,
-                experimental_preserve_all_tensors=preserve_all_tensors,
-            )
-            self.interpreter.allocate_tensors()
+            self.interpreter = self._load(Interpreter, num_threads, preserve_all_tensors, xnnpack=True)
+        except RuntimeError as exc:
+            # XNNPACK refuses some graphs at prepare time (NanoDet-m's int8 model: "Node number 295
+            # (TfLiteXNNPackDelegate) failed to prepare"); the builtin kernels still run them.
+            self.xnnpack_failure = _first_line(exc)
+            try:
+                self.interpreter = self._load(Interpreter, num_threads, preserve_all_tensors, xnnpack=False)
+            except (ValueError, RuntimeError) as again:
+                raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({_first_line(again)})") from None
         except ValueError as exc:
-            raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({str(exc).splitlines()[0]})") from None
+            raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({_first_line(exc)})") from None
         self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self.outputs = _outputs_in_model_order(self.interpreter)
+        self.output = self.outputs[0]
         self.invocations = 0
+
+    def _load(self, interpreter_class, num_threads: int, preserve_all_tensors: bool, xnnpack: bool):
+        from ai_edge_litert.interpreter import OpResolverType
+
+        kwargs = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+        interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads,
+                                        experimental_preserve_all_tensors=preserve_all_tensors, **kwargs)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    @property
+    def kernels(self) -> str:
+        """What runs the model: "xnnpack", or "builtin" with the reason XNNPACK failed."""
+        return "xnnpack" if self.xnnpack_failure is None else f"builtin (XNNPACK failed: {self.xnnpack_failure})"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -75,11 +94,28 @@ class TfliteRunner:
         self.invocations += 1
         if self.logits_tensor is not None:
             return self.tensor(self.logits_tensor)
-        out = self.interpreter.get_tensor(self.output["index"])
-        if self.output["dtype"] != np.float32:
-            scale, zp = self.output["quantization"]
+        return self._output(self.output)
+
+    def _output(self, detail: dict) -> np.ndarray:
+        out = self.interpreter.get_tensor(detail["index"])
+        if detail["dtype"] != np.float32:
+            scale, zp = detail["quantization"]
             return dequantize(out, scale, zp)
         return out.copy()
+
+    def invoke_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run one sample; every output, float32, in the ONNX model's output order."""
+        self.invoke(x)
+        return [self._output(d) for d in self.outputs]
+
+    def run_all(self, samples: np.ndarray, on_item: Callable[[], None] | None = None) -> list[np.ndarray]:
+        """Every output of every sample, each stacked over the samples (:func:`stack_samples`)."""
+        per_sample = []
+        for x in samples:
+            per_sample.append(self.invoke_all(x[None]))
+            if on_item:
+                on_item()
+        return [stack_samples([outs[k] for outs in per_sample]) for k in range(len(self.outputs))]
 
     def tensor(self, index: int) -> np.ndarray:
         """Any tensor of the last invocation as a float32 array of its own (int8/uint8/int16
@@ -113,7 +149,35 @@ class TfliteRunner:
             outputs.append(self.invoke(x[None]))
             if on_item:
                 on_item()
+        return stack_samples(outputs)
+
+
+def stack_samples(outputs: list[np.ndarray]) -> np.ndarray:
+    """One output of many single-sample runs as one array: joined on a leading batch axis of 1,
+    stacked on a new first axis when the output has none (NanoDet-m's [1600, 80])."""
+    if all(o.ndim and o.shape[0] == 1 for o in outputs):
         return np.concatenate(outputs, axis=0)
+    return np.stack(outputs)
+
+
+def _outputs_in_model_order(interpreter) -> list[dict]:
+    """The output details in the exported model's order. onnx2tf's signature names them output_0,
+    output_1, ... in the ONNX model's order, while the interpreter lists them in its own order
+    (NanoDet-m: reg_s16 first); without such a signature, the interpreter's order."""
+    details = interpreter.get_output_details()
+    by_index = {d["index"]: d for d in details}
+    signatures = interpreter._get_full_signature_list()  # public get_signature_list() omits tensor indices
+    if len(signatures) != 1:
+        return details
+    outputs = next(iter(signatures.values()))["outputs"]
+    names = [f"output_{k}" for k in range(len(outputs))]
+    if set(outputs) != set(names) or {outputs[n] for n in names} != set(by_index):
+        return details
+    return [by_index[outputs[n]] for n in names]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def median_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float]:

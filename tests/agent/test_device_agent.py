@@ -124,3 +124,19 @@ def test_profile_times_several_models_side_by_side(effnet_compiled):
     assert 0 < int8["p50"] < float32["p50"]  # int8 is faster than float32 on any CPU XNNPACK runs on
     code, err = agent("profile", models[0], "--rounds", 0)
     assert code == 2 and err["kind"] == "usage"
+
+
+def test_bench_eval_and_profile_fall_back_to_builtin_kernels_when_xnnpack_cannot_prepare(nanodet_compiled, tmp_path):
+    """NanoDet-m's int8 model makes XNNPACK fail to prepare; the agent still measures it, on the
+    builtin kernels, and every JSON document says which kernels ran."""
+    model = nanodet_compiled[0] / "model_int8.tflite"
+    code, rep = agent("bench", model, "--warmup", 1, "--runs", 3, "--threads", 2)
+    assert code == 0 and rep["kernels"].startswith("builtin (XNNPACK failed: ") and rep["latency_ms"]["p50"] > 0
+    code, rep = agent("bench", model, "--warmup", 1, "--runs", 3, "--no-xnnpack")
+    assert code == 0 and rep["kernels"] == "builtin"
+    samples = tmp_path / "s.npz"
+    np.savez(samples, x=np.random.default_rng(0).standard_normal((2, 1, 320, 320, 3)).astype(np.float32))
+    code, rep = agent("eval", model, "--samples", samples, "--threads", 2)
+    assert code == 0 and rep["samples"] == 2 and rep["kernels"].startswith("builtin (XNNPACK failed: ")
+    code, rep = agent("profile", model, nanodet_compiled[0] / "model_float32.tflite", "--runs", 2, "--rounds", 1, "--warmup", 0)
+    assert code == 0 and [m["kernels"][:7] for m in rep["models"]] == ["builtin", "xnnpack"]

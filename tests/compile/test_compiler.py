@@ -143,8 +143,13 @@ def test_squeezenet_bgr_caffe_preset(tmp_path):
 
 def test_wrong_conversion_fails_loudly_and_writes_nothing(tiny_images, save_model, tmp_path, monkeypatch):
     """Fault injection: if the converted model disagreed with ONNX Runtime, nothing may ship."""
-    real = compiler.onnxruntime_outputs
-    monkeypatch.setattr(compiler, "onnxruntime_outputs", lambda *a, **k: real(*a, **k)[::-1] * -1.0)
+    real = compiler.onnxruntime_all_outputs
+
+    def wrong(*args, **kwargs):
+        names, outputs = real(*args, **kwargs)
+        return names, [o[::-1] * -1.0 for o in outputs]
+
+    monkeypatch.setattr(compiler, "onnxruntime_all_outputs", wrong)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
