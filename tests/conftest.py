@@ -172,9 +172,21 @@ def nanodet_compiled(tmp_path_factory):
     """The shared NanoDet-m (six outputs; its int8 model makes XNNPACK fail to prepare) compiled once
     through the CLI on 8 COCO train images: (compile folder, the CLI's completed process)."""
     out = tmp_path_factory.mktemp("nanodet") / "out"
-    proc = run_cli("compile", shared("detection/models/nanodet-m-320-coco.onnx"), "--calib", shared("detection/coco-train2017-128/images"),
+    proc = run_cli("compile", shared("detection/models/nanodet-m-320-coco.onnx"), "--calib", shared("detection/coco-train2017-128"),
                    "--out", out, "--num-calib", 8, "--channel-order", "bgr", "--mean", "103.53,116.28,123.675",
-                   "--std", "57.375,57.12,58.395")
+                   "--std", "57.375,57.12,58.395", "--resize-mode", "stretch", "--task", "detect",
+                   "--decoder", f"{REPO / 'tests' / 'tasks' / 'nanodet_decoder.py'}:decode")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def yolov5n_compiled(tmp_path_factory):
+    """The shared YOLOv5n (one [1, 25200, 85] output, decode inside) compiled once through the CLI for
+    the detect task, letterboxed, on 8 COCO train images: (compile folder, the CLI's completed process)."""
+    out = tmp_path_factory.mktemp("yolov5n") / "out"
+    proc = run_cli("compile", shared("detection/models/yolov5n-640-coco.onnx"), "--calib", shared("detection/coco-train2017-128"),
+                   "--out", out, "--num-calib", 8, "--preset", "yolo", "--resize-mode", "letterbox", "--task", "detect")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out, proc
 

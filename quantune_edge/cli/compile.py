@@ -8,7 +8,31 @@ import typer
 from rich import box
 from rich.table import Table
 
-from quantune_edge.cli.shared import ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, Verbose, app, fmt_count, one_line_errors, op_label, print_json
+from quantune_edge.cli.shared import (
+    ChannelOrder,
+    Classes,
+    Decoder,
+    InputSize,
+    JsonOut,
+    Labels,
+    Mean,
+    NmsIou,
+    PadValue,
+    Placement,
+    Preset,
+    Quiet,
+    Resize,
+    ResizeMode,
+    Std,
+    TaskName,
+    Verbose,
+    app,
+    fmt_count,
+    make_judge,
+    one_line_errors,
+    op_label,
+    print_json,
+)
 from quantune_edge.common.console import Reporter
 
 
@@ -29,8 +53,13 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
     table.add_row("size (MB)", f"{sizes['onnx'] / 1e6:.2f}", f"{sizes['float32'] / 1e6:.2f}", f"{sizes['int8'] / 1e6:.2f}")
     acc = report.accuracy
     if "tflite_float32" in acc:
-        fmt = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        table.add_row(f"top-1 ({acc['labelled']} calib. samples)", fmt(acc["onnxruntime_float32"]), fmt(acc["tflite_float32"]), fmt(acc["tflite_int8"]))
+        percent = acc.get("metric", "top-1").startswith("top")
+        fmt = lambda v: "-" if v is None else (f"{100 * v:.1f} %" if percent else f"{100 * v:.1f}")  # noqa: E731
+        scores = acc.get("scores") or {}
+        names = list(scores.get("tflite_float32") or {}) or [acc.get("metric", "top-1")]
+        for name in names:
+            row = [scores[k][name] if scores.get(k) else acc[k] for k in ("onnxruntime_float32", "tflite_float32", "tflite_int8")]
+            table.add_row(f"{name} ({acc['labelled']} calib. samples)", *map(fmt, row))
     check = report.verification["float32_vs_onnxruntime"]
     q = report.verification["int8_vs_onnxruntime"]
     outputs = report.verification.get("outputs", {})
@@ -58,16 +87,18 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
 
 
 def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor, int8_io, label_offset, force,
-             preset, mean, std, input_size, resize, channel_order, quiet, verbose, json_out) -> None:
+             preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement,
+             task, decoder, labels, nms_iou, classes, quiet, verbose, json_out) -> None:
     from quantune_edge.common.preprocessing import make_preprocessing
     from quantune_edge.compile.compiler import CompileOptions, compile_model
 
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
     with one_line_errors():
-        prep = make_preprocessing(preset, mean, std, input_size, resize, channel_order)
+        prep = make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement)
         options = CompileOptions(
             preprocessing=prep, num_calib=num_calib, seed=seed, per_channel=not per_tensor, int8_io=int8_io,
             label_offset=label_offset, force=force, verbose=verbose,
+            judge=make_judge(task, label_offset, decoder, labels, nms_iou, classes),
         )
         report = compile_model(model, calib, out, options, reporter)
     if skipped := report.calibration["skipped"]:  # said once, even with --quiet: the calibration is not what was asked
@@ -97,6 +128,14 @@ def compile_cmd(
     input_size: InputSize = None,
     resize: Resize = None,
     channel_order: ChannelOrder = None,
+    resize_mode: ResizeMode = None,
+    pad_value: PadValue = None,
+    placement: Placement = None,
+    task: TaskName = "classify",
+    decoder: Decoder = "yolov5",
+    labels: Labels = None,
+    nms_iou: NmsIou = 0.6,
+    classes: Classes = 80,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
@@ -104,7 +143,9 @@ def compile_cmd(
     """Compile an ONNX model to float32 and calibrated full-int8 TFLite, fused and verified."""
     _compile(model, calib, out, num_calib=num_calib, seed=seed, per_tensor=per_tensor, int8_io=int8_io,
              label_offset=label_offset, force=force, preset=preset, mean=mean, std=std, input_size=input_size,
-             resize=resize, channel_order=channel_order, quiet=quiet, verbose=verbose, json_out=json_out)
+             resize=resize, channel_order=channel_order, resize_mode=resize_mode, pad_value=pad_value, placement=placement,
+             task=task, decoder=decoder, labels=labels, nms_iou=nms_iou, classes=classes,
+             quiet=quiet, verbose=verbose, json_out=json_out)
 
 
 @app.command("layers")

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from quantune_edge.common.console import Reporter
 from quantune_edge.common.records import jsonable
-from quantune_edge.errors import QuantuneError
+from quantune_edge.errors import InputError, QuantuneError
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +28,14 @@ Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shor
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean a,b,c in 0-255 pixel units, model channel order.")]
 Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std a,b,c in 0-255 pixel units: x = (pixel - mean) / std.")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="torch | tf | raw | caffe (BGR, mean 104,117,123). Default torch.")]
+ResizeMode = Annotated[Optional[str], typer.Option("--resize-mode", help="crop (classifiers) | letterbox (YOLO: keep aspect, pad) | stretch.")]
+PadValue = Annotated[Optional[float], typer.Option("--pad-value", help="Letterbox padding, 0-255 pixel value (default 114).")]
+Placement = Annotated[Optional[str], typer.Option("--placement", help="Letterbox placement: center | top-left.")]
+TaskName = Annotated[str, typer.Option("--task", help="classify (top-1/top-5) | detect (COCO mAP).")]
+Decoder = Annotated[str, typer.Option("--decoder", help="detect: yolov5 | yolov8 | FILE.py:function(outputs) -> (boxes, scores, class_ids).")]
+Labels = Annotated[Optional[Path], typer.Option("--labels", help="detect: COCO json of the images (default: annotations.json or labels/ beside them).")]
+NmsIou = Annotated[float, typer.Option("--nms-iou", help="detect: IoU above which class-wise NMS drops a box.")]
+Classes = Annotated[int, typer.Option("--classes", help="detect: number of classes the detector predicts.")]
 ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rgb | bgr: channel order the model expects.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/onnx2tf logs.")]
@@ -63,6 +71,19 @@ def preprocessing_override(preset, mean, std, input_size, resize, channel_order)
     if all(v is None for v in (preset, mean, std, input_size, resize, channel_order)):
         return None
     return make_preprocessing(preset, mean, std, input_size, resize, channel_order)
+
+
+def make_judge(task: str, label_offset: int, decoder: str, labels: Path | None, nms_iou: float, classes: int):
+    """The Task the task flags describe (the classify flags and the detect flags never mix)."""
+    from quantune_edge.tasks import make_task
+
+    if task == "detect":
+        if label_offset:
+            raise InputError("--label-offset is a classify option; a detector's class ids come from its labels")
+        return make_task("detect", decoder=decoder, labels_file=None if labels is None else str(labels), nms_iou=nms_iou, classes=classes)
+    if labels is not None:
+        raise InputError("--labels is a detect option; a classifier's labels are labels.csv beside the images")
+    return make_task(task, label_offset=label_offset)
 
 
 def fmt_db(v) -> str:

@@ -6,7 +6,7 @@ Samples are held channels-last (N, H, W, C) float32, the layout of the TFLite mo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,14 +22,20 @@ PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
     "tf": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5), "rgb"),
     "raw": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "rgb"),
     "caffe": ((104.0, 117.0, 123.0), (1.0, 1.0, 1.0), "bgr"),
+    "yolo": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0), "rgb"),
 }
+RESIZE_MODES = ("crop", "letterbox", "stretch")
+PLACEMENTS = ("center", "top-left")
 DEFAULT_PRESET = "torch"
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes a model input: resize the shorter side, center-crop, normalise.
+    """How an image becomes a model input: resize, fit to the input size, normalise.
 
+    ``resize_mode``: ``crop`` resizes the shorter side to ``resize`` and center-crops (classifiers);
+    ``letterbox`` scales the whole image into the input keeping its aspect and pads with
+    ``pad_value`` (YOLO), placed at the ``placement``; ``stretch`` resizes to the input, aspect lost.
     ``mean``/``std`` are in 0-255 units and in the order of the channels fed to the model (after
     ``channel_order`` is applied), so Caffe-style BGR means read as (B, G, R).
     """
@@ -40,11 +46,14 @@ class Preprocessing:
     std: tuple[float, ...] = PRESETS[DEFAULT_PRESET][1]
     channel_order: Literal["rgb", "bgr"] = "rgb"
     preset: str | None = DEFAULT_PRESET
+    resize_mode: Literal["crop", "letterbox", "stretch"] = "crop"
+    pad_value: float = 114.0
+    placement: Literal["center", "top-left"] = "center"
 
     def with_input_size(self, size: int) -> Preprocessing:
         """Fill in the crop size (the model's) and the default resize round(S / 0.875)."""
         crop = self.input_size or size
-        return Preprocessing(crop, self.resize or round(crop / 0.875), self.mean, self.std, self.channel_order, self.preset)
+        return replace(self, input_size=crop, resize=self.resize or round(crop / 0.875))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +67,9 @@ class Preprocessing:
             std=tuple(float(v) for v in data["std"]),
             channel_order=data.get("channel_order", "rgb"),
             preset=data.get("preset"),
+            resize_mode=data.get("resize_mode", "crop"),
+            pad_value=float(data.get("pad_value", 114.0)),
+            placement=data.get("placement", "center"),
         )
 
 
@@ -83,6 +95,9 @@ def make_preprocessing(
     input_size: int | None = None,
     resize: int | None = None,
     channel_order: str | None = None,
+    resize_mode: str | None = None,
+    pad_value: float | None = None,
+    placement: str | None = None,
 ) -> Preprocessing:
     """Build a :class:`Preprocessing` from CLI-style options; explicit values override the preset."""
     name = preset or DEFAULT_PRESET
@@ -100,6 +115,12 @@ def make_preprocessing(
             raise InputError(f"--{flag} must be positive, got {value}")
     if input_size and resize and resize < input_size:
         raise InputError(f"--resize ({resize}) must be at least --input-size ({input_size})")
+    if (resize_mode or "crop") not in RESIZE_MODES:
+        raise InputError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    if (placement or "center") not in PLACEMENTS:
+        raise InputError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if pad_value is not None and not 0 <= pad_value <= 255:
+        raise InputError(f"--pad-value is a 0-255 pixel value, got {pad_value}")
     custom = mean is not None or std is not None or channel_order is not None
     return Preprocessing(
         input_size=input_size,
@@ -108,24 +129,55 @@ def make_preprocessing(
         std=std_t,
         channel_order=order,  # type: ignore[arg-type]
         preset=None if custom and preset is None else name,
+        resize_mode=resize_mode or "crop",  # type: ignore[arg-type]
+        pad_value=114.0 if pad_value is None else float(pad_value),
+        placement=placement or "center",  # type: ignore[arg-type]
     )
 
 
 def load_image(path: Path, prep: Preprocessing, channels: int = 3) -> np.ndarray:
-    """Decode one image to (S, S, C) float32: shorter side to ``resize`` (bilinear), center crop."""
+    """Decode one image to (S, S, C) float32 (see :func:`load_image_with_geometry`)."""
+    return load_image_with_geometry(path, prep, channels)[0]
+
+
+def load_image_with_geometry(path: Path, prep: Preprocessing, channels: int = 3,
+                             size_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one image to (H, W, C) float32 the ``prep`` way, and its geometry: [original width,
+    original height, scale x, scale y, offset x, offset y], so that a point of the original image
+    lands at ``xy * scale + offset`` in the model input (a detector's boxes are mapped back with it).
+    ``size_hw`` is the model input's (H, W); without it, the square ``prep.input_size``."""
     from PIL import Image
 
     if prep.input_size is None or prep.resize is None:
         raise ValueError("preprocessing needs input_size and resize; call with_input_size first")
+    out_h, out_w = size_hw or (prep.input_size, prep.input_size)
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         w, h = img.size
-        scale = prep.resize / min(w, h)
-        img = img.resize((max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - prep.input_size) // 2, (h - prep.input_size) // 2
-        img = img.crop((left, top, left + prep.input_size, top + prep.input_size))
+        if prep.resize_mode == "crop":
+            scale = prep.resize / min(w, h)
+            rw, rh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
+            img = img.resize((rw, rh), Image.BILINEAR)
+            left, top = (rw - out_w) // 2, (rh - out_h) // 2
+            img = img.crop((left, top, left + out_w, top + out_h))
+            geometry = (w, h, rw / w, rh / h, -left, -top)
+        elif prep.resize_mode == "stretch":
+            img = img.resize((out_w, out_h), Image.BILINEAR)
+            geometry = (w, h, out_w / w, out_h / h, 0, 0)
+        else:  # letterbox, as YOLOv5's: r = min(H/h, W/w), resized to (round(w r), round(h r)), padded
+            r = min(out_h / h, out_w / w)
+            rw, rh = round(w * r), round(h * r)
+            resized = img.resize((rw, rh), Image.BILINEAR)
+            left, top = ((out_w - rw) // 2, (out_h - rh) // 2) if prep.placement == "center" else (0, 0)
+            pad = round(prep.pad_value)
+            img = Image.new(img.mode, (out_w, out_h), pad if img.mode == "L" else (pad, pad, pad))
+            img.paste(resized, (left, top))
+            geometry = (w, h, rw / w, rh / h, left, top)
         pixels = np.asarray(img, dtype=np.float32)
+    return _normalised(pixels, prep, channels), np.asarray(geometry, np.float64)
+
+
+def _normalised(pixels: np.ndarray, prep: Preprocessing, channels: int) -> np.ndarray:
     if channels == 1:
         return ((pixels - float(np.mean(prep.mean))) / float(np.mean(prep.std)))[..., None]
     if prep.channel_order == "bgr":
@@ -142,13 +194,21 @@ class Samples:
     names: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)
+    geometry: np.ndarray | None = None  # (N, 6) per image, see load_image_with_geometry; None for .npy data
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
 
     @property
+    def labelled(self) -> int:
+        """How many samples have a label."""
+        if self.labels.dtype == object:
+            return sum(v is not None for v in self.labels)
+        return int(np.sum(self.labels >= 0))
+
+    @property
     def has_labels(self) -> bool:
-        return bool(np.any(self.labels >= 0))
+        return self.labelled > 0
 
     def for_layout(self, layout: str) -> np.ndarray:
         return self.data.transpose(0, 3, 1, 2) if layout == "NCHW" else self.data
@@ -180,19 +240,24 @@ def load_samples(
     h, w, c = shape_nhwc
     if path.is_file():
         return _load_npy(path, shape_nhwc, layout, num, seed, what)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _images(path)
+    if not files and (path / "images").is_dir():  # the YOLO dataset layout: images/ beside labels/
+        files = _images(path / "images")
     if not files:
         raise InputError(f"no images (JPEG/PNG) found in {what} folder {path}")
     labels_by_file = labels(path) if labels else {}
     prep = prep.with_input_size(h)
-    if prep.input_size != h or h != w:
+    if prep.resize_mode == "crop" and (prep.input_size != h or h != w):
         raise InputError(f"--input-size {prep.input_size} does not match the model input {h}x{w}")
     chosen = [files[i] for i in select(len(files), num, seed)]
-    data, labels, names, skipped = [], [], [], []
+    data, found, names, skipped, geometry = [], [], [], [], []
     for file in chosen:
         try:
-            data.append(load_image(file, prep, c))
-            labels.append(labels_by_file.get(file.name, -1))
+            pixels, where = load_image_with_geometry(file, prep, c, (h, w))
+            data.append(pixels)
+            geometry.append(where)
+            label = labels_by_file.get(file.name, -1)
+            found.append(label.placed(where) if hasattr(label, "placed") else label)  # a detector's boxes need the geometry
             names.append(file.name)
         except (OSError, ValueError) as exc:
             skipped.append(f"{file.name}: {exc}")
@@ -200,7 +265,20 @@ def load_samples(
             on_item()
     if not data:
         raise InputError(f"none of the {len(chosen)} {what} images in {path} could be read (first: {skipped[0]})")
-    return Samples(np.stack(data).astype(np.float32), np.asarray(labels, np.int64), names, str(path), skipped)
+    return Samples(np.stack(data).astype(np.float32), _label_array(found), names, str(path), skipped, np.stack(geometry))
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _label_array(found: list) -> np.ndarray:
+    """Class indices as int64 (-1: none); any other label (a detector's boxes) as objects (None: none)."""
+    if all(isinstance(v, (int, np.integer)) for v in found):
+        return np.asarray(found, np.int64)
+    out = np.empty(len(found), object)
+    out[:] = [None if isinstance(v, (int, np.integer)) and v < 0 else v for v in found]
+    return out
 
 
 def _load_npy(path: Path, shape_nhwc: tuple[int, int, int], layout: str, num: int | None, seed: int, what: str) -> Samples:

@@ -21,7 +21,7 @@ from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import LayerMatch, match_layers
 from quantune_edge.model.onnx_model import InputSpec
-from quantune_edge.model.runtime import TfliteRunner
+from quantune_edge.model.runtime import TfliteRunner, sample_of, stacked_shape
 from quantune_edge.tasks import Task, task_from_record
 
 # The compile folder's layout: every file name the stages write into it, and only here.
@@ -68,8 +68,8 @@ class CompiledModel:
 
     @property
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The ONNX model's outputs in its order: name -> shape of one sample's output as
-        ``TfliteRunner.run_all`` stacks it ({} for a compile made before outputs were recorded)."""
+        """The ONNX model's outputs in its order: name -> the shape ONNX Runtime gives for one
+        sample ({} for a compile made before outputs were recorded)."""
         return {name: tuple(v["shape"]) for name, v in self.report.verification.get("outputs", {}).items() if "shape" in v}
 
     def outputs(self, model: Path, inputs: np.ndarray, threads: int = 2) -> dict[str, np.ndarray]:
@@ -79,7 +79,20 @@ class CompiledModel:
         values = TfliteRunner(model, threads).run_all(inputs)
         if len(values) != len(shapes):
             raise InputError(f"{model} has {len(values)} outputs; the ONNX model of {self.folder} has {len(shapes)}")
-        return {name: to_shape(v, (len(v), *shape)) for (name, shape), v in zip(shapes.items(), values)}
+        return {name: to_shape(v, stacked_shape(len(v), shape)) for (name, shape), v in zip(shapes.items(), values)}
+
+    def sample_outputs(self, model: Path, inputs: np.ndarray, threads: int = 2) -> list[dict[str, np.ndarray]]:
+        """:meth:`outputs`, one dict per sample, each output shaped as one ONNX Runtime run returns it."""
+        shapes = list(self.output_shapes.values())
+        stacked = self.outputs(model, inputs, threads)
+        return [{name: sample_of(v, i, shape) for (name, v), shape in zip(stacked.items(), shapes)} for i in range(len(inputs))]
+
+    def task_scores(self, model: Path, samples: Samples, threads: int = 2) -> dict[str, float] | None:
+        """The task's figures (top-1/top-5, or COCO mAP50-95/mAP50) of a model of this compile on
+        labelled samples loaded by :meth:`load_samples`; None when none is labelled."""
+        task, inputs = self.task, self.tflite_inputs(samples)
+        outputs = self.sample_outputs(model, inputs, threads) if task.reads_all_outputs else TfliteRunner(model, threads).run(inputs)
+        return task.scores(outputs, samples.labels)
 
     @property
     def float_model(self) -> Path:

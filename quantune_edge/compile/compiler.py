@@ -9,6 +9,7 @@ built in a staging folder next to the output and moved into place only when ever
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 
 from quantune_edge.common import metrics
 from quantune_edge.common.console import NativeLog, Reporter, captured_native_output
-from quantune_edge.common.metrics import compare_outputs
+from quantune_edge.common.metrics import compare_outputs, to_shape
 from quantune_edge.common.outputs import check_output_folder, staged_folder, temp_folder
 from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
 from quantune_edge.common.records import CompileReport, sha256_file, write_json
@@ -26,7 +27,7 @@ from quantune_edge.compile import converter, fusion, tracing
 from quantune_edge.compile.artifacts import CALIBRATED_MODEL, COMPILE_FOLDER, FLOAT_MODEL, INT8_MODEL, PREPARED_ONNX, REPORT, SAVED_MODEL
 from quantune_edge.errors import ConversionError, InputError, VerificationError
 from quantune_edge.model import onnx_model, tflite_graph
-from quantune_edge.model.runtime import TfliteRunner, stack_samples
+from quantune_edge.model.runtime import TfliteRunner, sample_of, stack_samples
 from quantune_edge.tasks import make_task
 from quantune_edge.tasks.base import Task, compare
 
@@ -47,10 +48,11 @@ class CompileOptions:
     min_cosine: float = 0.999
     min_agreement: float = 0.9  # share of samples the float32 TFLite must decide as ONNX Runtime does, by the task's rule
 
+    judge: Task | None = None  # what judges the model (stored in compile.json); None: an image classifier
+
     @property
     def task(self) -> Task:
-        """What judges the model (stored in compile.json): an image classifier today."""
-        return make_task("classify", label_offset=self.label_offset)
+        return self.judge or make_task("classify", label_offset=self.label_offset)
 
 
 @contextlib.contextmanager
@@ -67,9 +69,9 @@ def onnxruntime_outputs(model_path: Path, spec: onnx_model.InputSpec, data: np.n
 
 
 def onnxruntime_all_outputs(model_path: Path, spec: onnx_model.InputSpec, data: np.ndarray,
-                            on_item=None) -> tuple[list[str], list[np.ndarray]]:
-    """Every output's name and values, in the model's order, each stacked over the samples as
-    ``TfliteRunner.run_all`` stacks them."""
+                            on_item=None) -> tuple[list[str], list[np.ndarray], list[tuple[int, ...]]]:
+    """Every output's name, values and one sample's shape, in the model's order, the values
+    stacked over the samples as ``TfliteRunner.run_all`` stacks them (``runtime.sample_of`` undoes it)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -82,7 +84,8 @@ def onnxruntime_all_outputs(model_path: Path, spec: onnx_model.InputSpec, data: 
         per_sample.append(session.run(None, {spec.name: x[None]}))
         if on_item:
             on_item()
-    return names, [stack_samples([outs[k] for outs in per_sample]) for k in range(len(names))]
+    shapes = [tuple(int(d) for d in out.shape) for out in per_sample[0]]
+    return names, [stack_samples([outs[k] for outs in per_sample]) for k in range(len(names))], shapes
 
 
 def compile_model(
@@ -113,12 +116,11 @@ def compile_model(
 
         with staged_folder(out_dir) as stage, temp_folder("onnx2tf") as work:
             float_runner = _convert(prepared, samples, stage, work, options, progress, timings)
-            ort_out, float_out, int8_out, per_output, kernels = _verify(model_path, spec, samples, stage, float_runner, options,
-                                                                         progress, timings)
+            verified = _verify(model_path, spec, samples, stage, float_runner, options, progress, timings)
             trace = _trace(original, spec, samples, stage, out_dir, options, progress, reporter, timings)
-            report = _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings)
+            report = _build_report(model_path, original, prepared, prep, samples, options, stage, verified, timings)
             report.trace = trace
-            _record_outputs_and_kernels(report, per_output, kernels, options, reporter)
+            _record_outputs_and_kernels(report, verified, options, reporter)
             write_json(stage / REPORT, report.to_dict())
             _raise_if_wrong(report, options)
     return report
@@ -174,17 +176,41 @@ def _verify(model_path: Path, spec, samples: Samples, stage: Path, float_runner:
     task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
     with _stage("verify", timings, not options.verbose):
         advance = lambda: progress.advance(task)  # noqa: E731
-        names, ort_outs = onnxruntime_all_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
+        names, ort_outs, shapes = onnxruntime_all_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
         float_outs = float_runner.run_all(samples.data, advance)
         int8_runner = TfliteRunner(stage / INT8_MODEL, options.threads)
         int8_outs = int8_runner.run_all(samples.data, advance)
     if not len(names) == len(float_outs) == len(int8_outs):
         raise VerificationError(f"the ONNX model has {len(names)} outputs, the float32 TFLite {len(float_outs)} and the int8 "
                                 f"TFLite {len(int8_outs)}; nothing was written")
-    per_output = {name: {"shape": list(r.shape[1:]), "float32": compare_outputs(r, f), "int8": compare_outputs(r, q)}
-                  for name, r, f, q in zip(names, ort_outs, float_outs, int8_outs)}
-    kernels = {"float32": float_runner.kernels, "int8": int8_runner.kernels}
-    return ort_outs[0], float_outs[0], int8_outs[0], per_output, kernels
+    return Verified(names, shapes, {"onnxruntime_float32": ort_outs, "tflite_float32": float_outs, "tflite_int8": int8_outs},
+                    {"float32": float_runner.kernels, "int8": int8_runner.kernels})
+
+
+@dataclass
+class Verified:
+    """Every output of the three models on the calibration samples, stacked per output
+    (``runtime.stack_samples``), and what ran the two TFLite models on the host."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]  # one sample's shape per output, as ONNX Runtime gives it
+    outputs: dict[str, list[np.ndarray]]  # "onnxruntime_float32" | "tflite_float32" | "tflite_int8" -> per output
+    kernels: dict[str, str]
+
+    def first(self, model: str) -> np.ndarray:
+        return self.outputs[model][0]
+
+    def per_output(self) -> dict[str, dict]:
+        """compile.json's ``verification.outputs``: each TFLite output against ONNX Runtime's."""
+        ort, f32, q8 = (self.outputs[k] for k in ("onnxruntime_float32", "tflite_float32", "tflite_int8"))
+        return {name: {"shape": list(shape), "float32": compare_outputs(r, f), "int8": compare_outputs(r, q)}
+                for name, shape, r, f, q in zip(self.names, self.shapes, ort, f32, q8)}
+
+    def per_sample(self, model: str) -> list[dict[str, np.ndarray]]:
+        """One dict of outputs per sample, named, ordered, shaped and laid out as ONNX Runtime returns them."""
+        values = [to_shape(v, r.shape) for v, r in zip(self.outputs[model], self.outputs["onnxruntime_float32"])]
+        return [{name: sample_of(v, i, shape) for name, shape, v in zip(self.names, self.shapes, values)}
+                for i in range(len(values[0]))]
 
 
 def _trace(original, spec, samples: Samples, stage: Path, out_dir: Path, options: CompileOptions, progress, reporter: Reporter,
@@ -203,11 +229,11 @@ def _trace(original, spec, samples: Samples, stage: Path, out_dir: Path, options
     return trace
 
 
-def _record_outputs_and_kernels(report: CompileReport, per_output: dict, kernels: dict, options: CompileOptions,
-                                reporter: Reporter) -> None:
+def _record_outputs_and_kernels(report: CompileReport, verified: Verified, options: CompileOptions, reporter: Reporter) -> None:
     """Every output is verified on its own (a detector's box output may be wrong while its scores are
     right); and what ran each model on the host is said, when it was not XNNPACK."""
     verification = report.verification
+    per_output, kernels = verified.per_output(), verified.kernels
     verification["outputs"], verification["host_kernels"] = per_output, kernels
     worst = min(per_output, key=lambda n: per_output[n]["float32"]["cosine_min"])
     if not per_output[worst]["float32"]["cosine_min"] >= options.min_cosine:
@@ -219,7 +245,7 @@ def _record_outputs_and_kernels(report: CompileReport, per_output: dict, kernels
 
 def _raise_if_wrong(report: CompileReport, options: CompileOptions) -> None:
     check = report.verification["float32_vs_onnxruntime"]
-    key = options.task.agreement_key
+    key = options.task.agreement_key or "agreement"
     if failed := report.verification.get("failed_output"):
         bad = report.verification["outputs"][failed]["float32"]
         raise VerificationError(f"float32 TFLite does not match ONNX Runtime on output {failed!r} (min cosine "
@@ -227,28 +253,32 @@ def _raise_if_wrong(report: CompileReport, options: CompileOptions) -> None:
     if not report.verification["passed"]:
         raise VerificationError(
             f"float32 TFLite does not match ONNX Runtime (min cosine {check['cosine_min']:.4f} < {options.min_cosine}, "
-            f"{key.replace('_', ' ').replace('top1', 'top-1')} {check[key]:.2%}, max abs diff {check['max_abs_diff']:.3g}); nothing was written"
+            f"{key.replace('_', ' ').replace('top1', 'top-1')} {check.get(key, math.nan):.2%}, max abs diff {check['max_abs_diff']:.3g}); nothing was written"
         )
 
 
-def _build_report(model_path, original, prepared, prep, samples, options, stage, ort_out, float_out, int8_out, timings) -> CompileReport:
+def _build_report(model_path, original, prepared, prep, samples, options, stage, verified: Verified, timings) -> CompileReport:
     f_graph = tflite_graph.read(stage / FLOAT_MODEL)
     q_graph = tflite_graph.read(stage / INT8_MODEL)
     patterns = fusion.onnx_patterns(original)
     task = options.task
-    float_check = compare(task, ort_out, float_out)
-    int8_check = compare(task, ort_out, int8_out)
+    ort_out = verified.first("onnxruntime_float32")
+    float_check = compare(task, ort_out, verified.first("tflite_float32"))
+    int8_check = compare(task, ort_out, verified.first("tflite_int8"))
     passed = bool(
         np.isfinite(float_check["cosine_min"])
         and float_check["cosine_min"] >= options.min_cosine
-        and float_check[task.agreement_key] >= options.min_agreement
+        and (task.agreement_key is None or float_check[task.agreement_key] >= options.min_agreement)
     )
-    accuracy: dict = {"samples": len(samples), "labelled": int(np.sum(samples.labels >= 0)), "label_offset": options.label_offset,
+    accuracy: dict = {"samples": len(samples), "labelled": samples.labelled, "label_offset": options.label_offset,
                       "metric": task.metric_name}
     if samples.has_labels:
         accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
-        for key, out in (("onnxruntime_float32", ort_out), ("tflite_float32", float_out), ("tflite_int8", int8_out)):
-            accuracy[key] = task.metric(metrics.align_layout(ort_out, out), samples.labels)
+        accuracy["scores"] = {}
+        for key in verified.outputs:
+            outputs = verified.per_sample(key) if task.reads_all_outputs else metrics.align_layout(ort_out, verified.first(key))
+            scores = accuracy["scores"][key] = task.scores(outputs, samples.labels)
+            accuracy[key] = None if scores is None else scores[task.metric_name]
     return CompileReport(
         model={
             "path": str(Path(model_path).resolve()),

@@ -160,6 +160,16 @@ def stack_samples(outputs: list[np.ndarray]) -> np.ndarray:
     return np.stack(outputs)
 
 
+def stacked_shape(count: int, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape :func:`stack_samples` gives ``count`` outputs of one sample's ``sample_shape``."""
+    return (count, *sample_shape[1:]) if sample_shape and sample_shape[0] == 1 else (count, *sample_shape)
+
+
+def sample_of(stacked: np.ndarray, i: int, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """Sample ``i`` of a :func:`stack_samples` array, shaped as one run returned it."""
+    return stacked[i:i + 1] if sample_shape and sample_shape[0] == 1 else stacked[i]
+
+
 def _outputs_in_model_order(interpreter) -> list[dict]:
     """The output details in the exported model's order. onnx2tf's signature names them output_0,
     output_1, ... in the ONNX model's order, while the interpreter lists them in its own order

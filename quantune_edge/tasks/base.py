@@ -18,7 +18,8 @@ class Task(Protocol):
 
     name: ClassVar[str]  # the registry key, stored in compile.json
     metric_name: ClassVar[str]  # what the metric is called in tables ("top-1")
-    agreement_key: ClassVar[str]  # the key of the share of samples decided as the reference does ("top1_agreement")
+    agreement_key: ClassVar[str | None]  # the key of the share of samples decided as the reference does ("top1_agreement")
+    reads_all_outputs: ClassVar[bool]  # metric/scores take per-sample dicts of every output (ONNX names) instead of the first output
     device_reducer: ClassVar[str]  # the named numpy reducer the device agent's eval applies per sample ("argmax")
 
     def to_dict(self) -> dict[str, Any]:
@@ -39,6 +40,10 @@ class Task(Protocol):
 
     def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float | None:
         """The task's metric over the labelled samples; None without any."""
+        ...
+
+    def scores(self, outputs: Any, labels: np.ndarray) -> dict[str, float] | None:
+        """Every figure the task reports over the labelled samples (``metric_name``'s among them); None without labels."""
         ...
 
     def reduce(self, outputs: np.ndarray) -> np.ndarray:
@@ -90,5 +95,6 @@ def compare(task: Task, reference: np.ndarray, candidate: np.ndarray) -> dict[st
     """``metrics.compare_outputs`` plus the share of samples on which ``candidate`` decides as
     ``reference`` does, by the task's rule (under ``task.agreement_key``)."""
     out = compare_outputs(reference, candidate)
-    out[task.agreement_key] = float(np.mean(task.agreement(align_layout(reference, candidate), reference)))
+    if task.agreement_key is not None:
+        out[task.agreement_key] = float(np.mean(task.agreement(align_layout(reference, candidate), reference)))
     return out

@@ -23,7 +23,8 @@ class Classification:
     label_offset: int = 0
     name: ClassVar[str] = "classify"
     metric_name: ClassVar[str] = "top-1"
-    agreement_key: ClassVar[str] = "top1_agreement"
+    agreement_key: ClassVar[str | None] = "top1_agreement"
+    reads_all_outputs: ClassVar[bool] = False
     device_reducer: ClassVar[str] = "argmax"
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +52,17 @@ class Classification:
 
     def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float | None:
         return top1_accuracy(outputs, labels, self.label_offset)
+
+    def scores(self, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float] | None:
+        """Top-1 and top-5 accuracy."""
+        top1 = self.metric(outputs, labels)
+        if top1 is None:
+            return None
+        known = labels >= 0
+        flat = np.asarray(outputs).reshape(len(outputs), -1)[known]
+        best5 = np.argsort(-flat, axis=1, kind="stable")[:, :5]
+        top5 = float(np.mean(np.any(best5 == (labels[known] + self.label_offset)[:, None], axis=1)))
+        return {"top-1": top1, "top-5": top5}
 
     def reduce(self, outputs: np.ndarray) -> np.ndarray:
         return top1(outputs)

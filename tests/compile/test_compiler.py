@@ -146,8 +146,8 @@ def test_wrong_conversion_fails_loudly_and_writes_nothing(tiny_images, save_mode
     real = compiler.onnxruntime_all_outputs
 
     def wrong(*args, **kwargs):
-        names, outputs = real(*args, **kwargs)
-        return names, [o[::-1] * -1.0 for o in outputs]
+        names, outputs, shapes = real(*args, **kwargs)
+        return names, [o[::-1] * -1.0 for o in outputs], shapes
 
     monkeypatch.setattr(compiler, "onnxruntime_all_outputs", wrong)
     out = tmp_path / "out"

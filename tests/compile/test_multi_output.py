@@ -37,8 +37,9 @@ def test_outputs_come_in_the_onnx_models_order_and_shapes(nanodet_compiled):
     compiled = CompiledModel.open(out)
     x = compiled.tflite_inputs(compiled.load_samples(shared("detection/coco-val2017-128/images"), 2, 0))
     spec, _ = input_spec(onnx.load(shared(NANODET)))
-    names, reference = onnxruntime_all_outputs(shared(NANODET), spec, x.transpose(0, 3, 1, 2))
-    assert names == ONNX_OUTPUTS
+    names, reference, shapes = onnxruntime_all_outputs(shared(NANODET), spec, x.transpose(0, 3, 1, 2))
+    assert names == ONNX_OUTPUTS and shapes == [(1600, 80), (400, 80), (100, 80), (1600, 32), (400, 32), (100, 32)]
+    assert list(compiled.output_shapes.values()) == shapes
     float_runner = TfliteRunner(compiled.float_model)
     # the interpreter lists them in another order (reg_s16 first): the runner restores the ONNX one
     assert [tuple(d["shape"]) for d in float_runner.interpreter.get_output_details()][0] == (400, 32)
@@ -81,12 +82,12 @@ def test_a_channels_first_feature_map_output_comes_back_as_onnx_runtime_returns_
     names = [o.name for o in onnx.load(model).graph.output]
     assert list(report.verification["outputs"]) == names and report.verification["passed"]
     compiled = CompiledModel.open(tmp_path / "out")
-    assert list(compiled.output_shapes.values()) == [(10,), (4, 16, 16)]
+    assert list(compiled.output_shapes.values()) == [(1, 10), (1, 4, 16, 16)]
     samples = compiled.load_samples(tiny_images, 3)
     raw = TfliteRunner(compiled.float_model).run_all(samples.data)
     assert raw[1].shape == (3, 16, 16, 4)  # what the interpreter gives
     outputs = compiled.outputs(compiled.float_model, samples.data)
-    _, reference = onnxruntime_all_outputs(model, input_spec(onnx.load(model))[0], samples.for_layout("NCHW"))
+    _, reference, _ = onnxruntime_all_outputs(model, input_spec(onnx.load(model))[0], samples.for_layout("NCHW"))
     assert list(outputs) == names and [v.shape for v in outputs.values()] == [(3, 10), (3, 4, 16, 16)]
     for got, want in zip(outputs.values(), reference):
         np.testing.assert_allclose(got, want, atol=1e-4)

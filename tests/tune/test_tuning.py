@@ -168,9 +168,23 @@ def test_sigterm_mid_tune_keeps_the_earlier_result(folder, tmp_path):
     assert not list(tmp.iterdir()) and not [p for p in folder.iterdir() if p.name.startswith(".") or "best-found" in p.name]
 
 
+def _pin_host_latency(folder, float32_ms=3.9, int8_ms=2.4):
+    """Region growth prices layers with the host's float32/int8 latency ratio: a busy host measured
+    another ratio and grew other regions. Pinned to what an idle run of this machine measured (1.63x)."""
+    from quantune_edge.compile.artifacts import HOST_LATENCY_JSON, CompiledModel
+    from quantune_edge.tune.costs import host_latencies
+
+    compiled = CompiledModel.open(folder)
+    host_latencies(compiled, compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, 1))[0], threads=2, runs=5)
+    record = json.loads((folder / HOST_LATENCY_JSON).read_text())
+    (folder / HOST_LATENCY_JSON).write_text(json.dumps({**record, "float32_ms": float32_ms, "int8_ms": int8_ms}))
+
+
 def test_fixed_count_naive_vs_fusion_aware_and_keep_float(folder):
+    _pin_host_latency(folder)
     naive = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=6, fusion_aware=False, num_eval=8, latency_runs=3))
     assert len(naive.chosen["float_layers"]) == 6 and naive.search["evaluations"] == 1
+    assert naive.reference["host_latency"]["reused"]  # the pinned ratio, not a new measurement
     aware = tune(folder, DEMO_IMAGES, TuneOptions(float_layers=6, num_eval=8, latency_runs=3))
     # Growth must change this choice: the six layers grow into regions (a strict superset) with fewer
     # Q/DQ boundaries. With region growth switched off the two are identical and this fails.
