@@ -55,7 +55,7 @@ def main() -> None:
         host_cost = selection.CostModel.from_measurements(lg, host_int8, host_float)
         console.print(f"measuring layer costs on {target.name} ...")
         device_cost, record = device_cost_model(compiled, lg, names, target, Path(tmp), log=console.print)
-        ev = Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
+        ev = Evaluator(compiled, names, inputs, [float_out], samples.labels, args.threads, Path(tmp), True)
         rows, models, gain = [], [], predicted_gain(analysis.to_dict())
         for k in (int(x) for x in args.ks.split(",")):
             order = analysis.sensitivity_order

@@ -120,7 +120,7 @@ def main() -> None:
             with captured_native_output(True):
                 float_out = TfliteRunner(compiled.float_model, args.threads).run(inputs)
             f_acc = top1_accuracy(float_out, samples.labels, offset)
-            ev = Evaluator(compiled, names, inputs, float_out, samples.labels, args.threads, Path(tmp), True)
+            ev = Evaluator(compiled, names, inputs, [float_out], samples.labels, args.threads, Path(tmp), True)
             ref = ours.reference
             i8_acc = ref["int8"]["accuracy"]
             gap = f_acc - i8_acc
@@ -172,7 +172,7 @@ def main() -> None:
                     sizes.append(len(fixed["float_layers"]))
                     if rerank is None:  # tune's own evaluation stays inside it: run the model it wrote
                         with captured_native_output(True):
-                            ours_correct = ev.image_correct(TfliteRunner(out / MIXED_MODEL, args.threads).run(inputs))
+                            ours_correct = ev.image_correct(TfliteRunner(out / MIXED_MODEL, args.threads).run_all(inputs))
                 runs += [measure(order[:k]), measure(debugger[:k])]
                 rand = [measure(np.random.default_rng(seed).choice(n, k, replace=False)) for seed in range(5)]
                 runs.append(tuple(float(np.mean([r[j] for r in rand])) for j in range(4)))

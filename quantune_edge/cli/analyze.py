@@ -44,8 +44,12 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     con.print(table)
     out = report.model_output
     inv = report.invocations
-    con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB, top-1 agreement {100 * out['top1_agreement']:.1f} %"
-              + (f", top-1 float {100 * out['float32_top1']:.1f} % / int8 {100 * out['int8_top1']:.1f} %" if "int8_top1" in out else ""))
+    metric = out.get("metric", "top-1")
+    unit = " %" if metric.startswith("top") else ""
+    con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB"
+              + (f", top-1 agreement {100 * out['top1_agreement']:.1f} %" if "top1_agreement" in out else "")
+              + (f", {metric} float {100 * out['float32_top1']:.1f}{unit} / int8 {100 * out['int8_top1']:.1f}{unit}"
+                 if out.get("int8_top1") is not None else ""))
     con.print(f"cost: {inv['float32']} float32 + {inv['int8']} int8 invocations, {report.timings_s['analysis']:.2f} s "
               f"(+{inv.get('layer_kernels', 0)} of the layer-kernel model for the local errors, "
               f"+{inv.get('backward', 0)} of the adjoint model for the backward passes, "

@@ -202,9 +202,7 @@ class Samples:
     @property
     def labelled(self) -> int:
         """How many samples have a label."""
-        if self.labels.dtype == object:
-            return sum(v is not None for v in self.labels)
-        return int(np.sum(self.labels >= 0))
+        return labelled_count(self.labels)
 
     @property
     def has_labels(self) -> bool:
@@ -212,6 +210,13 @@ class Samples:
 
     def for_layout(self, layout: str) -> np.ndarray:
         return self.data.transpose(0, 3, 1, 2) if layout == "NCHW" else self.data
+
+
+def labelled_count(labels: np.ndarray) -> int:
+    """Labelled entries of a label array: class indices >= 0, or objects (a detector's boxes) not None."""
+    if labels.dtype == object:
+        return sum(v is not None for v in labels)
+    return int(np.sum(labels >= 0))
 
 
 def select(count: int, num: int | None, seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,24 +76,35 @@ class CompiledModel:
     def outputs(self, model: Path, inputs: np.ndarray, threads: int = 2) -> dict[str, np.ndarray]:
         """Every output of a model of this compile on ``inputs``, as ONNX Runtime returns them: under
         the ONNX names, in their order and layout, so code written against ONNX Runtime reads them."""
+        return self.as_onnx(TfliteRunner(model, threads).run_all(inputs), model)
+
+    def as_onnx(self, values: list[np.ndarray], model: Path | str = "the model") -> dict[str, np.ndarray]:
+        """``TfliteRunner.run_all``'s values under the ONNX names, in the ONNX layout."""
         shapes = self.output_shapes
-        values = TfliteRunner(model, threads).run_all(inputs)
         if len(values) != len(shapes):
             raise InputError(f"{model} has {len(values)} outputs; the ONNX model of {self.folder} has {len(shapes)}")
         return {name: to_shape(v, stacked_shape(len(v), shape)) for (name, shape), v in zip(shapes.items(), values)}
 
+    def per_sample(self, stacked: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """:meth:`as_onnx`'s dict as one dict per sample, each output shaped as one ONNX Runtime run returns it."""
+        shapes = list(self.output_shapes.values())
+        count = len(next(iter(stacked.values())))
+        return [{name: sample_of(v, i, shape) for (name, v), shape in zip(stacked.items(), shapes)} for i in range(count)]
+
     def sample_outputs(self, model: Path, inputs: np.ndarray, threads: int = 2) -> list[dict[str, np.ndarray]]:
         """:meth:`outputs`, one dict per sample, each output shaped as one ONNX Runtime run returns it."""
-        shapes = list(self.output_shapes.values())
-        stacked = self.outputs(model, inputs, threads)
-        return [{name: sample_of(v, i, shape) for (name, v), shape in zip(stacked.items(), shapes)} for i in range(len(inputs))]
+        return self.per_sample(self.outputs(model, inputs, threads))
+
+    def judged_outputs(self, values: list[np.ndarray]) -> Any:
+        """What the task's metric reads, from ``TfliteRunner.run_all``'s values: every output per sample
+        (``Task.reads_all_outputs``) or the first output."""
+        return self.per_sample(self.as_onnx(values)) if self.task.reads_all_outputs else values[0]
 
     def task_scores(self, model: Path, samples: Samples, threads: int = 2) -> dict[str, float] | None:
         """The task's figures (top-1/top-5, or COCO mAP50-95/mAP50) of a model of this compile on
         labelled samples loaded by :meth:`load_samples`; None when none is labelled."""
-        task, inputs = self.task, self.tflite_inputs(samples)
-        outputs = self.sample_outputs(model, inputs, threads) if task.reads_all_outputs else TfliteRunner(model, threads).run(inputs)
-        return task.scores(outputs, samples.labels)
+        values = TfliteRunner(model, threads).run_all(self.tflite_inputs(samples))
+        return self.task.scores(self.judged_outputs(values), samples.labels)
 
     @property
     def float_model(self) -> Path:

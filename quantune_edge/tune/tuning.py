@@ -28,7 +28,7 @@ from quantune_edge.analyze.analysis import ANALYSIS_JSON, LOCAL_SAMPLES, Analysi
 from quantune_edge.common.console import Reporter, captured_native_output
 from quantune_edge.common.metrics import paired_top1
 from quantune_edge.common.outputs import temp_folder
-from quantune_edge.common.preprocessing import Preprocessing
+from quantune_edge.common.preprocessing import Preprocessing, labelled_count
 from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_atomic, write_json
 from quantune_edge.compile.artifacts import BEST_FOUND, MIXED_MODEL, PARETO_PNG, TUNE_JSON, CompiledModel
 from quantune_edge.deploy.targets import Target
@@ -156,19 +156,35 @@ def predicted_gain(analysis: dict) -> dict[int, float | None] | None:
 class Evaluator:
     """Builds and runs one candidate float set; keeps every evaluation."""
 
-    def __init__(self, compiled: CompiledModel, names: dict[int, str], inputs: np.ndarray, float_out: np.ndarray,
+    def __init__(self, compiled: CompiledModel, names: dict[int, str], inputs: np.ndarray, float_values: list[np.ndarray],
                  labels: np.ndarray, threads: int, work: Path, quiet: bool) -> None:
-        self.compiled, self.names, self.inputs, self.float_out = compiled, names, inputs, float_out
+        self.compiled, self.names, self.inputs, self.float_out = compiled, names, inputs, float_values[0]
         self.labels, self.threads, self.work, self.quiet = labels, threads, work, quiet
-        self.labelled = bool(np.any(labels >= 0))
+        self.labelled = labelled_count(labels) > 0
         self.builds = 0
-        self.correct: dict[frozenset[int], np.ndarray] = {}  # per image, for the paired comparison with float32
+        # per image, for the paired comparison with float32; None for a task judged over the whole set (mAP)
+        self.correct: dict[frozenset[int], np.ndarray | None] = {}
+        self.float_correct = self.image_correct(float_values)
 
-    def image_correct(self, out: np.ndarray) -> np.ndarray:
+    @property
+    def per_image(self) -> bool:
+        """Whether the task judges image by image (top-1) rather than over the whole set (mAP)."""
+        return not self.compiled.task.reads_all_outputs
+
+    def image_correct(self, values: list[np.ndarray]) -> np.ndarray | None:
         """Per image: right by the task (labelled), or deciding as float32 does (unlabelled)."""
+        if not self.per_image:
+            return None
         if self.labelled:
-            return self.compiled.task.correct(out, self.labels)
-        return self.compiled.task.agreement(out, self.float_out)
+            return self.compiled.task.correct(values[0], self.labels)
+        return self.compiled.task.agreement(values[0], self.float_out)
+
+    def accuracy(self, values: list[np.ndarray], correct: np.ndarray | None) -> float:
+        """The task's judge: the per-image rate, or the metric over the set (a detector's mAP)."""
+        if correct is not None:
+            return float(correct.mean()) if correct.size else 0.0
+        value = self.compiled.task.metric(self.compiled.judged_outputs(values), self.labels)
+        return 0.0 if value is None else value
 
     def model_bytes(self, float_set: frozenset[int]) -> bytes:
         with captured_native_output(self.quiet):
@@ -179,19 +195,20 @@ class Evaluator:
         path.write_bytes(self.model_bytes(float_set))
         self.builds += 1
         with captured_native_output(self.quiet):
-            out = TfliteRunner(path, self.threads).run(self.inputs)
-        cmp = compare(self.compiled.task, self.float_out, out)
-        correct = self.correct[float_set] = self.image_correct(out)
+            values = TfliteRunner(path, self.threads).run_all(self.inputs)
+        cmp = compare(self.compiled.task, self.float_out, values[0])
+        correct = self.correct[float_set] = self.image_correct(values)
+        accuracy = self.accuracy(values, correct)
         graph = tflite_graph.read(path)
         result = {
             "float_layers": sorted(float_set),
-            "top1": float(correct.mean()) if self.labelled else None,
-            "top1_agreement": cmp["top1_agreement"],
+            "top1": accuracy if self.labelled else None,
+            "top1_agreement": cmp.get("top1_agreement"),
             "output_sqnr_db": cmp["sqnr_db"],
             "quantize_ops": graph.count("QUANTIZE") + graph.count("DEQUANTIZE"),
             "size_bytes": path.stat().st_size,
         }
-        result["accuracy"] = float(correct.mean()) if correct.size else 0.0  # the task's judge, per image, averaged
+        result["accuracy"] = accuracy  # the task's judge: per image averaged, or over the set
         return result, path
 
 
@@ -235,10 +252,12 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
     inputs = compiled.tflite_inputs(samples)
     labelled = samples.has_labels
+    if not labelled and compiled.task.agreement_key is None:
+        raise InputError(f"{samples.source} has no labels for the {compiled.task.name} task; tune needs labelled images to judge it")
     if not labelled:
         reporter.warn(f"{samples.source} has no labels.csv: accuracy = {compiled.task.metric_name} agreement with the float32 model")
     with captured_native_output(not options.verbose):
-        float_out = TfliteRunner(compiled.float_model, options.threads).run(inputs)
+        float_values = TfliteRunner(compiled.float_model, options.threads).run_all(inputs)
     from quantune_edge.tune.costs import HOST_LATENCY_JSON, host_latencies  # imports paramiko: only when tuning
 
     host = host_latencies(compiled, inputs[0], options.threads, options.latency_runs, remeasure=options.remeasure,
@@ -248,7 +267,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         reporter.info(f"host latencies from {HOST_LATENCY_JSON} ({host['created']}): float32 {float_ms:.2f} ms, int8 {int8_ms:.2f} ms; "
                       "--remeasure to measure again")
     judge = compiled.task  # (``task`` names the progress bars below)
-    float_acc = judge.metric(float_out, samples.labels) if labelled else 1.0
+    float_acc = judge.metric(compiled.judged_outputs(float_values), samples.labels) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)
     cost, source = _cost_model(compiled, lg, names, float_ms, int8_ms, options, reporter)
@@ -262,7 +281,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     start = time.perf_counter()
     with temp_folder("tune") as tmp, reporter.progress() as progress, contextlib.ExitStack() as stack:
-        ev = Evaluator(compiled, names, inputs, float_out, samples.labels, options.threads, Path(tmp), not options.verbose)
+        ev = Evaluator(compiled, names, inputs, float_values, samples.labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
                                                                options, reporter, progress) if reranks else None)
         task = progress.add_task("evaluating candidates", total=None)
@@ -281,9 +300,11 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             chosen_k, met, mode = search.latency_budget(free)
 
         chosen = latency(chosen_k)
-        vs = paired_top1(ev.correct[choices[chosen_k]], ev.image_correct(float_out))
-        chosen["vs_float32"] = {"images_won": vs["wins"], "images_lost": vs["losses"], "p_value": vs["p_value"],
-                                "drop_points_ci95": sorted(0.0 - 100 * d for d in vs["difference_ci95"])}  # 0.0 - x, not -x: never "-0.0"
+        mixed_correct = ev.correct[choices[chosen_k]]
+        if mixed_correct is not None and ev.float_correct is not None:
+            vs = paired_top1(mixed_correct, ev.float_correct)
+            chosen["vs_float32"] = {"images_won": vs["wins"], "images_lost": vs["losses"], "p_value": vs["p_value"],
+                                    "drop_points_ci95": sorted(0.0 - 100 * d for d in vs["difference_ci95"])}  # 0.0 - x, not -x: never "-0.0"
         if options.latency_source is not None:
             latency(chosen_k, "device_latency")
         float_ops = _float_op_names(paths[chosen_k])

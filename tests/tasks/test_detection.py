@@ -209,3 +209,33 @@ def test_ground_truth_gets_each_samples_geometry(yolov5n_compiled):
     assert samples.geometry.shape == (3, 6)
     for truth, where in zip(samples.labels, samples.geometry):
         assert isinstance(truth, GroundTruth) and np.array_equal(truth.geometry, where)
+
+
+def test_analyze_and_tune_judge_a_detector_by_coco_map(yolov5n_compiled, tmp_path):
+    """analyze and tune read the task from compile.json: tune's accuracy is COCO mAP50-95 on its
+    evaluation images (equal to scoring the emitted model independently), and its drop is in mAP
+    points. Without labels a detector cannot be judged yet: one line, nothing written."""
+    folder = tmp_path / "y5"
+    shutil.copytree(yolov5n_compiled[0], folder)
+    proc = run_cli("analyze", folder, "--calib", shared("detection/coco-train2017-128"), "--num-samples", 4)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "mAP50-95 float" in " ".join(proc.stderr.split())
+    analysis = json.loads((folder / "analysis.json").read_text())
+    assert analysis["model_output"]["metric"] == "mAP50-95" and analysis["model_output"]["int8_top1"] < 0.02
+    proc = run_cli("tune", folder, "--eval", shared(VAL), "--num-eval", 8, "--float-layers", 2, "--rerank", 0, "--best-effort")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    report = json.loads((folder / "tune.json").read_text())
+    assert report["reference"]["accuracy_is"] == "mAP50-95" and report["search"]["evaluations"] <= report["search"]["bound"]
+    compiled = CompiledModel.open(folder)
+    samples = compiled.load_samples(shared(VAL), 8, 1, what="evaluation")  # tune's own choice of images (seed 1)
+    assert report["reference"]["float32_accuracy"] == pytest.approx(compiled.task_scores(compiled.float_model, samples)["mAP50-95"])
+    mixed = compiled.task_scores(folder / "model_mixed.tflite", samples)["mAP50-95"]
+    assert report["chosen"]["accuracy"] == pytest.approx(mixed)
+    assert report["chosen"]["drop_points"] == pytest.approx(100 * (report["reference"]["float32_accuracy"] - mixed))
+    assert "vs_float32" not in report["chosen"]  # no image-by-image test for a set metric
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(shared(VAL) / "images", unlabelled)
+    before = (folder / "tune.json").read_bytes()
+    proc = run_cli("tune", folder, "--eval", unlabelled, "--num-eval", 4, "--float-layers", 1)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no labels for the detect task" in proc.stderr
+    assert (folder / "tune.json").read_bytes() == before
