@@ -581,7 +581,7 @@ def _model_output(compiled: CompiledModel, float_out: np.ndarray, int8_out: np.n
     """The whole model's int8 error, and the task's metric of both models where there are labels."""
     output = compare(compiled.task, float_out, int8_out)
     output["metric"] = compiled.task.metric_name
-    if samples.has_labels and compiled.task.reads_all_outputs:
+    if (samples.has_labels or not compiled.task.needs_labels) and compiled.task.reads_all_outputs:
         # A metric over every output (a detector's mAP) needs runs that keep them all: two more
         # passes over the samples, counted apart from the analysis's own (as the consistency check is).
         for key, model in (("float32", compiled.float_model), ("int8", compiled.int8_model)):

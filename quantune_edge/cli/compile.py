@@ -16,6 +16,7 @@ from quantune_edge.cli.shared import (
     JsonOut,
     Labels,
     Mean,
+    Metric,
     NmsIou,
     PadValue,
     Placement,
@@ -28,6 +29,7 @@ from quantune_edge.cli.shared import (
     Verbose,
     app,
     fmt_count,
+    fmt_metric,
     make_judge,
     one_line_errors,
     op_label,
@@ -53,13 +55,11 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
     table.add_row("size (MB)", f"{sizes['onnx'] / 1e6:.2f}", f"{sizes['float32'] / 1e6:.2f}", f"{sizes['int8'] / 1e6:.2f}")
     acc = report.accuracy
     if "tflite_float32" in acc:
-        percent = acc.get("metric", "top-1").startswith("top")
-        fmt = lambda v: "-" if v is None else (f"{100 * v:.1f} %" if percent else f"{100 * v:.1f}")  # noqa: E731
         scores = acc.get("scores") or {}
         names = list(scores.get("tflite_float32") or {}) or [acc.get("metric", "top-1")]
         for name in names:
             row = [scores[k][name] if scores.get(k) else acc[k] for k in ("onnxruntime_float32", "tflite_float32", "tflite_int8")]
-            table.add_row(f"{name} ({acc['labelled']} calib. samples)", *map(fmt, row))
+            table.add_row(f"{name} ({acc['labelled']} calib. samples)", *(fmt_metric(v, name) for v in row))
     check = report.verification["float32_vs_onnxruntime"]
     q = report.verification["int8_vs_onnxruntime"]
     outputs = report.verification.get("outputs", {})
@@ -88,7 +88,7 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
 
 def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor, int8_io, label_offset, force,
              preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement,
-             task, decoder, labels, nms_iou, classes, quiet, verbose, json_out) -> None:
+             task, decoder, labels, nms_iou, classes, metric, quiet, verbose, json_out) -> None:
     from quantune_edge.common.preprocessing import make_preprocessing
     from quantune_edge.compile.compiler import CompileOptions, compile_model
 
@@ -98,7 +98,7 @@ def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor
         options = CompileOptions(
             preprocessing=prep, num_calib=num_calib, seed=seed, per_channel=not per_tensor, int8_io=int8_io,
             label_offset=label_offset, force=force, verbose=verbose,
-            judge=make_judge(task, label_offset, decoder, labels, nms_iou, classes),
+            judge=make_judge(task, label_offset, decoder, labels, nms_iou, classes, metric),
         )
         report = compile_model(model, calib, out, options, reporter)
     if skipped := report.calibration["skipped"]:  # said once, even with --quiet: the calibration is not what was asked
@@ -136,6 +136,7 @@ def compile_cmd(
     labels: Labels = None,
     nms_iou: NmsIou = 0.6,
     classes: Classes = 80,
+    metric: Metric = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
@@ -144,7 +145,7 @@ def compile_cmd(
     _compile(model, calib, out, num_calib=num_calib, seed=seed, per_tensor=per_tensor, int8_io=int8_io,
              label_offset=label_offset, force=force, preset=preset, mean=mean, std=std, input_size=input_size,
              resize=resize, channel_order=channel_order, resize_mode=resize_mode, pad_value=pad_value, placement=placement,
-             task=task, decoder=decoder, labels=labels, nms_iou=nms_iou, classes=classes,
+             task=task, decoder=decoder, labels=labels, nms_iou=nms_iou, classes=classes, metric=metric,
              quiet=quiet, verbose=verbose, json_out=json_out)
 
 

@@ -31,7 +31,8 @@ Preset = Annotated[Optional[str], typer.Option("--preset", help="torch | tf | ra
 ResizeMode = Annotated[Optional[str], typer.Option("--resize-mode", help="crop (classifiers) | letterbox (YOLO: keep aspect, pad) | stretch.")]
 PadValue = Annotated[Optional[float], typer.Option("--pad-value", help="Letterbox padding, 0-255 pixel value (default 114).")]
 Placement = Annotated[Optional[str], typer.Option("--placement", help="Letterbox placement: center | top-left.")]
-TaskName = Annotated[str, typer.Option("--task", help="classify (top-1/top-5) | detect (COCO mAP).")]
+TaskName = Annotated[str, typer.Option("--task", help="classify (top-1/top-5) | detect (COCO mAP) | custom (--metric).")]
+Metric = Annotated[Optional[str], typer.Option("--metric", help="custom: FILE.py:function(outputs_list, labels_list) -> float, higher is better.")]
 Decoder = Annotated[str, typer.Option("--decoder", help="detect: yolov5 | yolov8 | FILE.py:function(outputs) -> (boxes, scores, class_ids).")]
 Labels = Annotated[Optional[Path], typer.Option("--labels", help="detect: COCO json of the images (default: annotations.json or labels/ beside them).")]
 NmsIou = Annotated[float, typer.Option("--nms-iou", help="detect: IoU above which class-wise NMS drops a box.")]
@@ -73,10 +74,15 @@ def preprocessing_override(preset, mean, std, input_size, resize, channel_order)
     return make_preprocessing(preset, mean, std, input_size, resize, channel_order)
 
 
-def make_judge(task: str, label_offset: int, decoder: str, labels: Path | None, nms_iou: float, classes: int):
+def make_judge(task: str, label_offset: int, decoder: str, labels: Path | None, nms_iou: float, classes: int,
+               metric: str | None = None):
     """The Task the task flags describe (the classify flags and the detect flags never mix)."""
     from quantune_edge.tasks import make_task
 
+    if (metric is not None) != (task == "custom"):
+        raise InputError("--metric FILE.py:function goes with --task custom, and --task custom needs it")
+    if task == "custom":
+        return make_task("custom", metric_file=metric)
     if task == "detect":
         if label_offset:
             raise InputError("--label-offset is a classify option; a detector's class ids come from its labels")
@@ -84,6 +90,15 @@ def make_judge(task: str, label_offset: int, decoder: str, labels: Path | None, 
     if labels is not None:
         raise InputError("--labels is a detect option; a classifier's labels are labels.csv beside the images")
     return make_task(task, label_offset=label_offset)
+
+
+def fmt_metric(value, metric: str) -> str:
+    """A task's figure as people read it: top-1 as a percentage, mAP in points, a custom metric as is."""
+    if value is None:
+        return "-"
+    if metric.startswith("top"):
+        return f"{100 * value:.1f} %"
+    return f"{100 * value:.1f}" if metric.startswith("mAP") else f"{value:.4g}"
 
 
 def fmt_db(v) -> str:

@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from quantune_edge.cli.shared import ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, TargetsDir, Verbose, app, load_targets, one_line, one_line_errors, preprocessing_override, print_json
+from quantune_edge.cli.shared import ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, TargetsDir, Verbose, app, fmt_metric, load_targets, one_line, one_line_errors, preprocessing_override, print_json
 from quantune_edge.common.console import Reporter
 from quantune_edge.compile import artifacts as layout
 
@@ -70,14 +70,14 @@ def _print_tune(reporter: Reporter, report) -> None:
     for col in ("model", "float layers", "accuracy", "drop pts", "SQNR dB", "ms", "vs int8", "Q/DQ"):
         table.add_column(col, justify="right", no_wrap=True)
     int8 = ref.get("int8")
-    unit = " %" if ref["accuracy_is"].startswith("top") else ""  # top-1 is a rate; mAP is in points
-    table.add_row("float32", "all", f"{100 * ref['float32_accuracy']:.1f}{unit}", "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
+    metric = ref["accuracy_is"]
+    table.add_row("float32", "all", fmt_metric(ref['float32_accuracy'], metric), "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
                   f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0")
     if int8:
-        table.add_row("int8", "0", f"{100 * int8['accuracy']:.1f}{unit}", f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
+        table.add_row("int8", "0", fmt_metric(int8['accuracy'], metric), f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
                       f"{ref['int8_latency_ms']:.2f}", "1.00x", str(int8["quantize_ops"]))
     table.add_row("[bold]mixed[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
-                  f"{100 * c['accuracy']:.1f}{unit}", f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
+                  fmt_metric(c['accuracy'], metric), f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
     reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{one_line(l)}" for l in c["layers"]) or "none"), markup=False)

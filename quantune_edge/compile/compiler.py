@@ -272,7 +272,7 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
     )
     accuracy: dict = {"samples": len(samples), "labelled": samples.labelled, "label_offset": options.label_offset,
                       "metric": task.metric_name}
-    if samples.has_labels:
+    if samples.has_labels or not task.needs_labels:
         accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
         accuracy["scores"] = {}
         for key in verified.outputs:

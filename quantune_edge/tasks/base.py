@@ -20,6 +20,8 @@ class Task(Protocol):
     metric_name: ClassVar[str]  # what the metric is called in tables ("top-1")
     agreement_key: ClassVar[str | None]  # the key of the share of samples decided as the reference does ("top1_agreement")
     reads_all_outputs: ClassVar[bool]  # metric/scores take per-sample dicts of every output (ONNX names) instead of the first output
+    needs_labels: ClassVar[bool]  # whether the metric needs labelled samples (a user's metric may not)
+    points_per_unit: ClassVar[float]  # a metric difference in the points tune's --max-drop counts (100 for a rate, 1 for a custom metric)
     device_reducer: ClassVar[str]  # the named numpy reducer the device agent's eval applies per sample ("argmax")
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,21 @@ from quantune_edge.model.tflite_graph import TfliteGraph
 from quantune_edge.tasks.base import register
 
 
+def read_class_labels(folder: Path) -> dict[str, int]:
+    """``labels.csv`` beside the images: ``file,class_index`` (extra columns ignored)."""
+    path = folder / "labels.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"file", "class_index"} <= set(reader.fieldnames):
+            raise InputError(f"{path} must have columns 'file,class_index'")
+        try:
+            return {row["file"]: int(row["class_index"]) for row in reader}
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{path}: class_index must be an integer ({exc})") from None
+
+
 @register("classify")
 @dataclass(frozen=True)
 class Classification:
@@ -25,24 +40,15 @@ class Classification:
     metric_name: ClassVar[str] = "top-1"
     agreement_key: ClassVar[str | None] = "top1_agreement"
     reads_all_outputs: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = True
+    points_per_unit: ClassVar[float] = 100.0
     device_reducer: ClassVar[str] = "argmax"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "label_offset": self.label_offset}
 
     def read_labels(self, folder: Path) -> dict[str, int]:
-        """``labels.csv`` beside the images: ``file,class_index`` (extra columns ignored)."""
-        path = folder / "labels.csv"
-        if not path.is_file():
-            return {}
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"file", "class_index"} <= set(reader.fieldnames):
-                raise InputError(f"{path} must have columns 'file,class_index'")
-            try:
-                return {row["file"]: int(row["class_index"]) for row in reader}
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"{path}: class_index must be an integer ({exc})") from None
+        return read_class_labels(folder)
 
     def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return top1_correct(outputs, labels, self.label_offset)

@@ -58,6 +58,8 @@ class Detection:
     agreement_key: ClassVar[str | None] = None
     device_reducer: ClassVar[str] = "none"
     reads_all_outputs: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True
+    points_per_unit: ClassVar[float] = 100.0
 
     def __post_init__(self) -> None:
         if self.classes < 1 or not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1 or self.max_detections < 1:

@@ -160,7 +160,7 @@ class Evaluator:
                  labels: np.ndarray, threads: int, work: Path, quiet: bool) -> None:
         self.compiled, self.names, self.inputs, self.float_out = compiled, names, inputs, float_values[0]
         self.labels, self.threads, self.work, self.quiet = labels, threads, work, quiet
-        self.labelled = labelled_count(labels) > 0
+        self.labelled = labelled_count(labels) > 0 or not compiled.task.needs_labels
         self.builds = 0
         # per image, for the paired comparison with float32; None for a task judged over the whole set (mAP)
         self.correct: dict[frozenset[int], np.ndarray | None] = {}
@@ -251,7 +251,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
     inputs = compiled.tflite_inputs(samples)
-    labelled = samples.has_labels
+    labelled = samples.has_labels or not compiled.task.needs_labels
     if not labelled and compiled.task.agreement_key is None:
         raise InputError(f"{samples.source} has no labels for the {compiled.task.name} task; tune needs labelled images to judge it")
     if not labelled:
@@ -380,7 +380,7 @@ class _Search:
             results[k] = {**results[same], "k": k}
             return results[k]
         result, paths[k] = self.ev.evaluate(choices[k])
-        result.update(k=k, drop_points=100 * (self.float_acc - result["accuracy"]),
+        result.update(k=k, drop_points=self.compiled.task.points_per_unit * (self.float_acc - result["accuracy"]),
                       boundaries=selection.boundaries(self.lg, choices[k]),
                       estimated_latency_ms=self.cost.latency_ms(self.lg, choices[k]))
         results[k], self.by_set[choices[k]] = result, k
