@@ -87,6 +87,8 @@ def main() -> None:
             report = tune(out, DETECTION / "coco-val2017-128", TuneOptions(max_drop=args.max_drop, num_eval=args.tune_num, best_effort=True))
             scores["mixed"] = compiled.task_scores(out / MIXED_MODEL, samples)
             ratio = latency_ratio(out / MIXED_MODEL, compiled.int8_model, compiled.tflite_inputs(samples)[0])
+            console.print(f"{name}: ORT {fmt(scores['ort'])}, float32 {fmt(scores['float32'])}, int8 {fmt(scores['int8'])}, "
+                          f"mixed {fmt(scores['mixed'])} with {len(report.chosen['float_layers'])} float layers, {ratio:.2f}x int8 latency")
             table.add_row(name, fmt(scores["ort"]), fmt(scores["float32"]), fmt(scores["int8"]), fmt(scores["mixed"]),
                           str(len(report.chosen["float_layers"])), "yes" if report.budget["met"] else "no",
                           f"{report.search['evaluations']} (≤{report.search['bound']})", f"{ratio:.2f}x",

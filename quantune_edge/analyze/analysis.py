@@ -32,7 +32,7 @@ from quantune_edge.compile.artifacts import ANALYSIS_CSV, ANALYSIS_JSON, ANALYSI
 from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import WEIGHTED_OPS, Layer, LayerMatch, dequantized_weights, match_layers
-from quantune_edge.model.runtime import TfliteRunner
+from quantune_edge.model.runtime import TfliteRunner, stack_samples
 from quantune_edge.tasks.base import compare
 
 CONSISTENCY_SAMPLES = 2
@@ -374,7 +374,7 @@ class _StatsPass:
         attribution = {} if note else {i: v / self.residual_energy for i, v in self.attribution.items() if not math.isnan(v)}
         if not attribution and note is None:
             note = "no layer whose own error is measured reaches the logits"
-        return Collected(self.stats, self.local, attribution, note, np.concatenate(self.float_outs), np.concatenate(self.int8_outs),
+        return Collected(self.stats, self.local, attribution, note, stack_samples(self.float_outs), stack_samples(self.int8_outs),
                          side.kernels.invocations - self.first_invocation if side else 0, side.engine if side else None, self.passes,
                          {k: round(v, 3) for k, v in self.clock.items()})
 

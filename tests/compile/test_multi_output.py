@@ -94,3 +94,18 @@ def test_a_channels_first_feature_map_output_comes_back_as_onnx_runtime_returns_
     int8 = compiled.outputs(compiled.int8_model, samples.data)
     assert [v.shape for v in int8.values()] == [(3, 10), (3, 4, 16, 16)]
     assert np.corrcoef(int8[names[1]].ravel(), reference[1].ravel())[0, 1] > 0.95
+
+
+def test_analyze_takes_a_model_whose_outputs_have_no_batch_axis(nanodet_compiled, tmp_path):
+    """NanoDet-m's outputs are [1600, 80] per sample: the analysis stacks them per sample, as the runner does."""
+    import shutil
+
+    from conftest import run_cli
+
+    folder = tmp_path / "nd"
+    shutil.copytree(nanodet_compiled[0], folder)
+    proc = run_cli("analyze", folder, "--calib", shared("detection/coco-train2017-128"), "--num-samples", 3)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    analysis = json.loads((folder / "analysis.json").read_text())
+    assert analysis["samples"]["count"] == 3 and analysis["model_output"]["metric"] == "mAP50-95"
+    assert analysis["preserve_all_tensors_check"]["samples"] == 2  # compared per sample, [2, 1600, 80] with [2, 1600, 80]
