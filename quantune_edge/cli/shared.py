@@ -31,7 +31,7 @@ Preset = Annotated[Optional[str], typer.Option("--preset", help="torch | tf | ra
 ResizeMode = Annotated[Optional[str], typer.Option("--resize-mode", help="crop (classifiers) | letterbox (YOLO: keep aspect, pad) | stretch.")]
 PadValue = Annotated[Optional[float], typer.Option("--pad-value", help="Letterbox padding, 0-255 pixel value (default 114).")]
 Placement = Annotated[Optional[str], typer.Option("--placement", help="Letterbox placement: center | top-left.")]
-TaskName = Annotated[str, typer.Option("--task", help="classify (top-1/top-5) | detect (COCO mAP) | custom (--metric).")]
+TaskName = Annotated[str, typer.Option("--task", help="classify (top-1/top-5) | detect (COCO mAP) | fidelity (output SQNR vs float32, no labels) | custom (--metric).")]
 Metric = Annotated[Optional[str], typer.Option("--metric", help="custom: FILE.py:function(outputs_list, labels_list) -> float, higher is better.")]
 Decoder = Annotated[str, typer.Option("--decoder", help="detect: yolov5 | yolov8 | FILE.py:function(outputs) -> (boxes, scores, class_ids).")]
 Labels = Annotated[Optional[Path], typer.Option("--labels", help="detect: COCO json of the images (default: annotations.json or labels/ beside them).")]
@@ -76,20 +76,22 @@ def preprocessing_override(preset, mean, std, input_size, resize, channel_order)
 
 def make_judge(task: str, label_offset: int, decoder: str, labels: Path | None, nms_iou: float, classes: int,
                metric: str | None = None):
-    """The Task the task flags describe (the classify flags and the detect flags never mix)."""
+    """The Task the task flags describe; a flag of another task is refused, not ignored."""
     from quantune_edge.tasks import make_task
 
+    if label_offset and task != "classify":
+        raise InputError("--label-offset is a classify option")
+    if labels is not None and task != "detect":
+        raise InputError("--labels is a detect option; a classifier's labels are labels.csv beside the images")
     if (metric is not None) != (task == "custom"):
         raise InputError("--metric FILE.py:function goes with --task custom, and --task custom needs it")
+    if task == "classify":
+        return make_task("classify", label_offset=label_offset)
+    if task == "detect":
+        return make_task("detect", decoder=decoder, labels_file=None if labels is None else str(labels), nms_iou=nms_iou, classes=classes)
     if task == "custom":
         return make_task("custom", metric_file=metric)
-    if task == "detect":
-        if label_offset:
-            raise InputError("--label-offset is a classify option; a detector's class ids come from its labels")
-        return make_task("detect", decoder=decoder, labels_file=None if labels is None else str(labels), nms_iou=nms_iou, classes=classes)
-    if labels is not None:
-        raise InputError("--labels is a detect option; a classifier's labels are labels.csv beside the images")
-    return make_task(task, label_offset=label_offset)
+    return make_task(task)
 
 
 def fmt_metric(value, metric: str) -> str:
@@ -98,6 +100,8 @@ def fmt_metric(value, metric: str) -> str:
         return "-"
     if metric.startswith("top"):
         return f"{100 * value:.1f} %"
+    if metric.endswith("dB"):
+        return f"{value:.1f} dB"
     return f"{100 * value:.1f}" if metric.startswith("mAP") else f"{value:.4g}"
 
 

@@ -18,6 +18,7 @@ def tune_cmd(
     folder: Annotated[Path, typer.Argument(help="Compile folder with an analysis.json (run 'analyze' first).")],
     eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1; else agreement with float32) or .npy.")],
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="The fidelity task's budget: the worst output's SQNR vs float32, dB.")] = None,
     max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8, on this host (or on --latency-source).")] = None,
     float_layers: Annotated[Optional[int], typer.Option("--float-layers", help="Keep exactly the K most sensitive layers float.")] = None,
     keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="Always float: ONNX node or TFLite name, glob, or re:REGEX (repeatable).")] = None,
@@ -49,7 +50,7 @@ def tune_cmd(
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
     with one_line_errors():
         source = load_targets(latency_source, targets_dir)[0] if latency_source else None
-        options = TuneOptions(latency_source=source, max_drop=max_drop, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
+        options = TuneOptions(latency_source=source, max_drop=max_drop, min_sqnr=min_sqnr, max_latency_ratio=max_latency_ratio, float_layers=float_layers,
                               keep_float=list(keep_float or []), keep_int8=list(keep_int8 or []), metric=metric, num_eval=num_eval, seed=seed, threads=threads,
                               rerank=rerank, fusion_aware=not naive, best_effort=best_effort, pareto=pareto, verbose=verbose,
                               remeasure=remeasure, preprocessing=preprocessing_override(preset, mean, std, input_size, resize, channel_order))

@@ -30,6 +30,7 @@ from quantune_edge.model import onnx_model, tflite_graph
 from quantune_edge.model.runtime import TfliteRunner, sample_of, stack_samples
 from quantune_edge.tasks import make_task
 from quantune_edge.tasks.base import Task, compare
+from quantune_edge.tasks.fidelity import as_labels
 
 
 @dataclass
@@ -275,9 +276,10 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
     if samples.has_labels or not task.needs_labels:
         accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
         accuracy["scores"] = {}
+        labels = as_labels(verified.per_sample("onnxruntime_float32")) if task.judged_against_float32 else samples.labels
         for key in verified.outputs:
             outputs = verified.per_sample(key) if task.reads_all_outputs else metrics.align_layout(ort_out, verified.first(key))
-            scores = accuracy["scores"][key] = task.scores(outputs, samples.labels)
+            scores = accuracy["scores"][key] = task.scores(outputs, labels)
             accuracy[key] = None if scores is None else scores[task.metric_name]
     return CompileReport(
         model={

@@ -21,6 +21,7 @@ class Task(Protocol):
     agreement_key: ClassVar[str | None]  # the key of the share of samples decided as the reference does ("top1_agreement")
     reads_all_outputs: ClassVar[bool]  # metric/scores take per-sample dicts of every output (ONNX names) instead of the first output
     needs_labels: ClassVar[bool]  # whether the metric needs labelled samples (a user's metric may not)
+    judged_against_float32: ClassVar[bool]  # the labels are the reference model's outputs (fidelity), not read from files
     points_per_unit: ClassVar[float]  # a metric difference in the points tune's --max-drop counts (100 for a rate, 1 for a custom metric)
     device_reducer: ClassVar[str]  # the named numpy reducer the device agent's eval applies per sample ("argmax")
 

@@ -41,6 +41,7 @@ class Classification:
     agreement_key: ClassVar[str | None] = "top1_agreement"
     reads_all_outputs: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = True
+    judged_against_float32: ClassVar[bool] = False
     points_per_unit: ClassVar[float] = 100.0
     device_reducer: ClassVar[str] = "argmax"
 

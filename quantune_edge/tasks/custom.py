@@ -28,6 +28,7 @@ class CustomMetric:
     device_reducer: ClassVar[str] = "none"
     reads_all_outputs: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
+    judged_against_float32: ClassVar[bool] = False
     points_per_unit: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:

@@ -59,6 +59,7 @@ class Detection:
     device_reducer: ClassVar[str] = "none"
     reads_all_outputs: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = True
+    judged_against_float32: ClassVar[bool] = False
     points_per_unit: ClassVar[float] = 100.0
 
     def __post_init__(self) -> None:

@@ -36,7 +36,8 @@ from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import tensor_key
 from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms
-from quantune_edge.tasks.base import compare
+from quantune_edge.tasks.base import Task, compare
+from quantune_edge.tasks.fidelity import as_labels
 from quantune_edge.tune import selection
 
 RERANK_SAMPLES = LOCAL_SAMPLES  # evaluation images each re-ranking analysis runs on
@@ -55,6 +56,7 @@ class BudgetError(QuantuneError):
 @dataclass
 class TuneOptions:
     max_drop: float | None = None  # top-1 points vs float (default 1.0 when no budget is given)
+    min_sqnr: float | None = None  # the fidelity task's budget: the worst output's SQNR vs float32, dB
     max_latency_ratio: float | None = None  # vs full int8 on the host, or on latency_source when given
     float_layers: int | None = None  # exactly the k most sensitive (grown into regions)
     keep_float: list[str] = field(default_factory=list)
@@ -219,11 +221,14 @@ def _float_op_names(path: Path) -> set[str]:
             if op.type not in ("QUANTIZE", "DEQUANTIZE") and g.tensors[op.outputs[0]].dtype == "float32"}
 
 
-def check_budget(max_drop: float | None, max_latency_ratio: float | None, float_layers: int | None = None) -> None:
+def check_budget(max_drop: float | None, max_latency_ratio: float | None, float_layers: int | None = None,
+                 min_sqnr: float | None = None) -> None:
     """Refuse a budget that means nothing before any work: a search run for it would only replace a
     good result with an all-float model."""
-    if sum(b is not None for b in (max_drop, max_latency_ratio, float_layers)) > 1:
-        raise InputError("give one of --max-drop, --max-latency-ratio, --float-layers")
+    if sum(b is not None for b in (max_drop, max_latency_ratio, float_layers, min_sqnr)) > 1:
+        raise InputError("give one of --max-drop, --min-sqnr, --max-latency-ratio, --float-layers")
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise InputError(f"--min-sqnr must be a finite number of dB, got {min_sqnr}")
     if max_drop is not None and not (math.isfinite(max_drop) and max_drop >= 0):
         raise InputError(f"--max-drop must be a finite number of points, 0 or more, got {max_drop}")
     if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
@@ -240,6 +245,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     reporter = reporter or Reporter(quiet=True)
     _check_options(options)
     compiled = CompiledModel.open(compile_dir)
+    _budget_for_the_task(compiled.task, options)
     analysis = _load_analysis(compiled, options.metric)
     fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
@@ -267,7 +273,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         reporter.info(f"host latencies from {HOST_LATENCY_JSON} ({host['created']}): float32 {float_ms:.2f} ms, int8 {int8_ms:.2f} ms; "
                       "--remeasure to measure again")
     judge = compiled.task  # (``task`` names the progress bars below)
-    float_acc = judge.metric(compiled.judged_outputs(float_values), samples.labels) if labelled else 1.0
+    labels = as_labels(compiled.judged_outputs(float_values)) if judge.judged_against_float32 else samples.labels
+    float_acc = judge.metric(compiled.judged_outputs(float_values), labels) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)
     cost, source = _cost_model(compiled, lg, names, float_ms, int8_ms, options, reporter)
@@ -281,7 +288,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     start = time.perf_counter()
     with temp_folder("tune") as tmp, reporter.progress() as progress, contextlib.ExitStack() as stack:
-        ev = Evaluator(compiled, names, inputs, float_values, samples.labels, options.threads, Path(tmp), not options.verbose)
+        ev = Evaluator(compiled, names, inputs, float_values, labels, options.threads, Path(tmp), not options.verbose)
         choices = _Candidates(order, prefixes, lambda: _rerank(compiled, order, forced, names, inputs[:RERANK_SAMPLES], rounds,
                                                                options, reporter, progress) if reranks else None)
         task = progress.add_task("evaluating candidates", total=None)
@@ -294,7 +301,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         results, paths, evaluate, latency = search.results, search.paths, search.evaluate, search.latency
         if options.float_layers is not None:
             chosen_k, met, mode = search.fixed_count()
-        elif options.max_drop is not None:
+        elif options.max_drop is not None or options.min_sqnr is not None:
             chosen_k, met, mode = search.accuracy_budget(free)
         else:
             chosen_k, met, mode = search.latency_budget(free)
@@ -349,7 +356,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         kept = "were left as they were" if (compiled.folder / MIXED_MODEL).exists() else "were not written"
         where = (f"even with no {'free ' if free < n else ''}layer float" if options.max_latency_ratio is not None
                  else f"even with all {free} {'free ' if free < n else ''}layers float")
-        raise BudgetError(f"budget not met {where} (best: {_describe(chosen)}); the best found is in {out_path.name} and "
+        raise BudgetError(f"budget not met {where} (best: {_describe(chosen, judge.metric_name)}); the best found is in {out_path.name} and "
                           f"{names_out.report} beside {MIXED_MODEL} and {TUNE_JSON}, which {kept}; "
                           "use --best-effort to accept it")
     return report
@@ -418,10 +425,12 @@ class _Search:
 
     def accuracy_budget(self, free: int) -> tuple[int, bool, dict]:
         options, results, paths = self.options, self.results, self.paths
-        max_drop = options.max_drop
-        assert max_drop is not None
+        max_drop, min_sqnr = options.max_drop, options.min_sqnr
 
         def meets(r: dict) -> bool:
+            if min_sqnr is not None:
+                return r["accuracy"] >= min_sqnr
+            assert max_drop is not None
             return r["drop_points"] <= max_drop + 1e-9
 
         found = selection.bisect_smallest(free, self.evaluate, meets, lambda r: r["accuracy"])
@@ -437,7 +446,7 @@ class _Search:
                     results[k].update(device_latency_ms=ms[paths[k]], device_latency_ratio=ms[paths[k]] / ms[int8_model],
                                       device_latency_measurements=1)
             chosen_k = min(ok, key=lambda k: (results[k].get("device_latency_ratio", 0.0), k))
-        return chosen_k, met, {"max_drop_points": max_drop}
+        return chosen_k, met, {"min_sqnr_db": min_sqnr} if min_sqnr is not None else {"max_drop_points": max_drop}
 
     def latency_budget(self, free: int) -> tuple[int, bool, dict]:
         limit = self.options.max_latency_ratio
@@ -458,13 +467,25 @@ class _Search:
 
 def _check_options(options: TuneOptions) -> None:
     """Everything about the options that can be refused before any work (and the default budget)."""
-    check_budget(options.max_drop, options.max_latency_ratio, options.float_layers)
-    if options.max_latency_ratio is None and options.float_layers is None and options.max_drop is None:
-        options.max_drop = 1.0
+    check_budget(options.max_drop, options.max_latency_ratio, options.float_layers, options.min_sqnr)
     if options.num_eval <= 0:
         raise InputError(f"--num-eval must be positive, got {options.num_eval}")
     if options.rerank is not None and options.rerank < 0:
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
+
+
+def _budget_for_the_task(task: Task, options: TuneOptions) -> None:
+    """The fidelity task has no drop from a perfect float32 (its SQNR is infinite): its budget is
+    --min-sqnr; every other task's default budget is --max-drop 1."""
+    given = any(b is not None for b in (options.max_drop, options.max_latency_ratio, options.float_layers, options.min_sqnr))
+    if task.judged_against_float32 and options.max_drop is not None:
+        raise InputError("the fidelity task's accuracy budget is --min-sqnr DB (float32 is its own reference, with no drop to measure)")
+    if options.min_sqnr is not None and not task.judged_against_float32:
+        raise InputError(f"--min-sqnr is the fidelity task's budget; this compile's task is {task.name} (use --max-drop)")
+    if not given:
+        if task.judged_against_float32:
+            raise InputError("the fidelity task needs a budget: --min-sqnr DB, --max-latency-ratio or --float-layers")
+        options.max_drop = 1.0
 
 
 def _fixed_and_free(analysis: dict, options: TuneOptions) -> tuple[set[int], set[int], list[int]]:
@@ -608,10 +629,14 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
             "wall_time_s": round(time.perf_counter() - start, 2)}
 
 
-def _describe(r: dict) -> str:
+def _describe(r: dict, metric: str = "top-1") -> str:
     latency = "".join(f", {r[key]:.2f}x int8 latency{where}" for key, where in (("latency_ratio", " on the host"),
                                                                               ("device_latency_ratio", " on the device")) if key in r)
-    return f"{len(r['float_layers'])} float layers, accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points{latency}"
+    if metric.startswith("top"):
+        judged = f"accuracy {100 * r['accuracy']:.1f} %, drop {r['drop_points']:.2f} points"
+    else:
+        judged = f"{metric} {r['accuracy'] * (100 if metric.startswith('mAP') else 1):.4g}, drop {r['drop_points']:.4g}"
+    return f"{len(r['float_layers'])} float layers, {judged}{latency}"
 
 
 def _pareto_on_device(points: list[dict], paths: dict[int, Path], chosen_k: int, compiled: CompiledModel, timer, target: str) -> dict:
