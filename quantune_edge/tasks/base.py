@@ -62,6 +62,31 @@ class Task(Protocol):
         ...
 
 
+class SetMetric:
+    """What a task judged over the whole set (mAP, a user's metric, output SQNR) shares: no
+    per-image verdict, the first output attributed, no device reducer yet. Reads every output."""
+
+    name: ClassVar[str]
+    agreement_key: ClassVar[str | None] = None
+    device_reducer: ClassVar[str] = "none"
+    reads_all_outputs: ClassVar[bool] = True
+
+    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        raise InputError(f"the {self.name} task judges the whole set, not image by image")
+
+    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        raise InputError(f"the {self.name} task has no image-by-image agreement with float32: give it labelled images")
+
+    def reduce(self, outputs: np.ndarray) -> np.ndarray:
+        return np.asarray(outputs)
+
+    def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        raise InputError(f"on-device evaluation for the {self.name} task is not available yet")
+
+    def attributed_tensor(self, graph: TfliteGraph) -> int:
+        return graph.outputs[0]
+
+
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 

@@ -13,20 +13,16 @@ import numpy as np
 
 from quantune_edge.common.plugins import load_callable
 from quantune_edge.errors import InputError
-from quantune_edge.model.tflite_graph import TfliteGraph
-from quantune_edge.tasks.base import register
+from quantune_edge.tasks.base import SetMetric, register
 from quantune_edge.tasks.classification import read_class_labels
 
 
 @register("custom")
 @dataclass(frozen=True)
-class CustomMetric:
+class CustomMetric(SetMetric):
     metric_file: str = ""  # FILE.py:function
     name: ClassVar[str] = "custom"
     metric_name: ClassVar[str] = "custom metric"
-    agreement_key: ClassVar[str | None] = None
-    device_reducer: ClassVar[str] = "none"
-    reads_all_outputs: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
     judged_against_float32: ClassVar[bool] = False
     points_per_unit: ClassVar[float] = 1.0
@@ -63,17 +59,3 @@ class CustomMetric:
     def scores(self, outputs: list[dict[str, np.ndarray]], labels: np.ndarray) -> dict[str, float] | None:
         return {self.metric_name: self.metric_value(outputs, labels)}
 
-    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise InputError("a custom metric judges the whole set, not image by image")
-
-    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        raise InputError("a custom metric judges the whole set, not image by image")
-
-    def reduce(self, outputs: np.ndarray) -> np.ndarray:
-        return np.asarray(outputs)
-
-    def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise InputError("on-device evaluation with a custom metric is not available yet")
-
-    def attributed_tensor(self, graph: TfliteGraph) -> int:
-        return graph.outputs[0]

@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from quantune_edge.errors import InputError
-from quantune_edge.model.tflite_graph import TfliteGraph
-from quantune_edge.tasks.base import register
+from quantune_edge.tasks.base import SetMetric, register
 from quantune_edge.tasks.decoders import Decoded, checked_decode, make_decoder
 
 # At most this many candidates, best first, go into NMS per image (YOLOv5's own evaluation: max_nms).
@@ -44,7 +43,7 @@ class GroundTruth:
 
 @register("detect")
 @dataclass(frozen=True)
-class Detection:
+class Detection(SetMetric):
     """``decoder``: a built-in head layout (yolov5, yolov8) or ``FILE.py:function``."""
 
     decoder: str = "yolov5"
@@ -55,9 +54,6 @@ class Detection:
     labels_file: str | None = None
     name: ClassVar[str] = "detect"
     metric_name: ClassVar[str] = "mAP50-95"
-    agreement_key: ClassVar[str | None] = None
-    device_reducer: ClassVar[str] = "none"
-    reads_all_outputs: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = True
     judged_against_float32: ClassVar[bool] = False
     points_per_unit: ClassVar[float] = 100.0
@@ -183,20 +179,6 @@ class Detection:
         result = self.scores(outputs, labels)
         return None if result is None else result["mAP50-95"]
 
-    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise InputError("a detector is judged by mAP over the images, not image by image: this stage does not take --task detect yet")
-
-    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        raise InputError("agreement with the float32 detections is not available yet: give labelled images for --task detect")
-
-    def reduce(self, outputs: np.ndarray) -> np.ndarray:
-        return np.asarray(outputs)
-
-    def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise InputError("on-device evaluation of detectors is not available yet")
-
-    def attributed_tensor(self, graph: TfliteGraph) -> int:
-        return graph.outputs[0]
 
 
 def to_original(boxes: np.ndarray, geometry: np.ndarray) -> np.ndarray:

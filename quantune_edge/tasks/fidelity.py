@@ -12,18 +12,14 @@ import numpy as np
 
 from quantune_edge.common.metrics import cosine_per_sample, sqnr_db
 from quantune_edge.errors import InputError
-from quantune_edge.model.tflite_graph import TfliteGraph
-from quantune_edge.tasks.base import register
+from quantune_edge.tasks.base import SetMetric, register
 
 
 @register("fidelity")
 @dataclass(frozen=True)
-class Fidelity:
+class Fidelity(SetMetric):
     name: ClassVar[str] = "fidelity"
     metric_name: ClassVar[str] = "output SQNR dB"
-    agreement_key: ClassVar[str | None] = None
-    device_reducer: ClassVar[str] = "none"
-    reads_all_outputs: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
     judged_against_float32: ClassVar[bool] = True
     points_per_unit: ClassVar[float] = 1.0
@@ -52,20 +48,6 @@ class Fidelity:
         result = self.scores(outputs, reference)
         return None if result is None else result[self.metric_name]
 
-    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise InputError("the fidelity task judges the whole set, not image by image")
-
-    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        raise InputError("the fidelity task judges the whole set, not image by image")
-
-    def reduce(self, outputs: np.ndarray) -> np.ndarray:
-        return np.asarray(outputs)
-
-    def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise InputError("on-device evaluation for the fidelity task is not available yet")
-
-    def attributed_tensor(self, graph: TfliteGraph) -> int:
-        return graph.outputs[0]
 
 
 def as_labels(per_sample: list[dict[str, np.ndarray]]) -> np.ndarray:
