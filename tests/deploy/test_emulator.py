@@ -75,13 +75,26 @@ def test_emulated_board_refuses_a_model_its_runtime_cannot_load(emulated_target,
         device.conn.close()
 
 
-def test_status_down_and_up_again(emulated_target):
-    state = emulator.status()
-    assert state.running and state.built and state.port
-    port, rootfs = state.port, Path(state.folder) / "rootfs"
-    emulator.down()
-    assert not emulator.status().running
+def test_status_down_and_up_again_through_the_cli(emulated_target):
+    """`targets emulate status|down|up` as a user types them (issue 29: the CLI had no test)."""
+    def cli(*args):
+        return subprocess.run([*CLI, "targets", "emulate", *args], capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, COLUMNS="200"))
+
+    status = cli("status", "--json")
+    state = json.loads(status.stdout)
+    assert status.returncode == 0 and state["running"] and state["built"] and state["port"]
+    port, rootfs = state["port"], Path(state["folder"]) / "rootfs"
+    elsewhere = cli("up", "--port", str(port + 1))
+    assert elsewhere.returncode != 0 and elsewhere.stderr.strip().splitlines()[-1] == \
+        f"error: emulator already running on port {port}; run 'targets emulate down' first"
+    down = cli("down")
+    assert down.returncode == 0 and "emulated ARM board stopped" in down.stderr + down.stdout
+    assert "stopped" in (cli("status").stderr + cli("status").stdout) and not emulator.status().running
     mounts = Path("/proc/mounts").read_text()
     assert str(rootfs.resolve()) not in mounts and not emulator._processes_in(rootfs)
-    again = emulator.up(port)
-    assert again.running and again.port == port
+    up = cli("up", "--port", str(port))
+    said = " ".join((up.stderr + up.stdout).split())
+    assert up.returncode == 0 and f"on 127.0.0.1:{port}" in said and str(emulated_target) in said
+    again = json.loads(cli("status", "--json").stdout)
+    assert again["running"] and again["port"] == port

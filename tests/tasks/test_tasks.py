@@ -71,3 +71,38 @@ def test_compare_adds_the_tasks_agreement_to_the_generic_comparison(tmp_path):
     (tmp_path / "labels.csv").write_text("file,class_index\na.jpg,three\n")
     with pytest.raises(InputError, match="class_index must be an integer"):
         Classification().read_labels(tmp_path)
+
+
+def test_a_nonzero_label_offset_end_to_end(tiny_images, save_model, tmp_path):
+    """--label-offset 1 (a 1001-class model's background class) from compile's flag through
+    compile.json, analyze and tune: every figure equals top-1 computed here with the offset."""
+    from conftest import pad_conv_net, run_cli
+
+    from quantune_edge.model.runtime import TfliteRunner
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_images, data)
+    files = sorted(p.name for p in data.iterdir() if p.suffix == ".jpg")
+    (data / "labels.csv").write_text("file,class_index\n" + "".join(f"{f},{i % 9}\n" for i, f in enumerate(files)))
+    out = tmp_path / "out"
+    proc = run_cli("compile", save_model(pad_conv_net(), "offset"), "--calib", data, "--out", out, "--num-calib", len(files),
+                   "--label-offset", 1, "--per-tensor")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    report = json.loads((out / "compile.json").read_text())
+    assert report["task"] == {"name": "classify", "label_offset": 1}
+    compiled = CompiledModel.open(out)
+
+    def top1(model, seed, num):
+        samples = compiled.load_samples(data, num, seed)
+        predicted = TfliteRunner(model).run(samples.data).argmax(axis=1)
+        assert not np.array_equal(predicted == samples.labels + 1, predicted == samples.labels)  # the offset matters here
+        return float(np.mean(predicted == samples.labels + 1))
+
+    assert report["accuracy"]["tflite_float32"] == pytest.approx(top1(compiled.float_model, 0, len(files)))
+    assert report["accuracy"]["tflite_int8"] == pytest.approx(top1(compiled.int8_model, 0, len(files)))
+    assert run_cli("analyze", out, "--calib", data, "--num-samples", 4).returncode == 0
+    proc = run_cli("tune", out, "--eval", data, "--num-eval", len(files), "--float-layers", 1)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    tuned = json.loads((out / "tune.json").read_text())
+    assert tuned["reference"]["float32_accuracy"] == pytest.approx(top1(compiled.float_model, 1, len(files)))
+    assert tuned["chosen"]["accuracy"] == pytest.approx(top1(out / "model_mixed.tflite", 1, len(files)))
