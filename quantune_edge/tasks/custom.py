@@ -58,4 +58,3 @@ class CustomMetric(SetMetric):
 
     def scores(self, outputs: list[dict[str, np.ndarray]], labels: np.ndarray) -> dict[str, float] | None:
         return {self.metric_name: self.metric_value(outputs, labels)}
-

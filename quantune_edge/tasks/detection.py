@@ -180,7 +180,6 @@ class Detection(SetMetric):
         return None if result is None else result["mAP50-95"]
 
 
-
 def to_original(boxes: np.ndarray, geometry: np.ndarray) -> np.ndarray:
     """Model-input boxes back to the original image (``xy = (model_xy - offset) / scale``), clipped to it."""
     width, height, sx, sy, ox, oy = geometry

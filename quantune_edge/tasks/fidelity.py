@@ -49,7 +49,6 @@ class Fidelity(SetMetric):
         return None if result is None else result[self.metric_name]
 
 
-
 def as_labels(per_sample: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Reference outputs in a label array's place (one object per sample)."""
     out = np.empty(len(per_sample), object)
