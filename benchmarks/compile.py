@@ -18,7 +18,7 @@ from quantune_edge.common import metrics  # noqa: E402
 from quantune_edge.common.preprocessing import load_samples  # noqa: E402
 from quantune_edge.compile.artifacts import FLOAT_MODEL, INT8_MODEL  # noqa: E402
 from quantune_edge.compile.compiler import onnxruntime_outputs  # noqa: E402
-from quantune_edge.model.onnx_model import input_spec, load  # noqa: E402
+from quantune_edge.model.onnx_model import input_specs, load  # noqa: E402
 from quantune_edge.model.runtime import TfliteRunner  # noqa: E402
 from quantune_edge.tasks.classification import Classification
 
@@ -42,10 +42,10 @@ def main() -> None:
             file, prep_kwargs, offset = MODELS[name]
             model = ASSETS / "models" / file
             prep = make_preprocessing(**prep_kwargs)
-            spec, _ = input_spec(load(model))
-            held_out = load_samples(args.eval_dir, prep.with_input_size(spec.hwc[0]), spec.hwc, spec.layout, args.eval_num, seed=1, what="evaluation",
+            specs, _ = input_specs(load(model))
+            held_out = load_samples(args.eval_dir, prep.with_input_size(specs[0].hwc[0]), specs, args.eval_num, seed=1, what="evaluation",
                                     labels=Classification(offset).read_labels)
-            ort_top1 = metrics.top1_accuracy(onnxruntime_outputs(model, spec, held_out.for_layout(spec.layout)), held_out.labels, offset)
+            ort_top1 = metrics.top1_accuracy(onnxruntime_outputs(model, specs, held_out.data), held_out.labels, offset)
             for per_channel in (True, False):
                 out = Path(tmp) / f"{name}-{per_channel}"
                 console.print(f"compiling {name} ({'per-channel' if per_channel else 'per-tensor'}) ...")

@@ -306,7 +306,7 @@ class _StatsPass:
         self._compare(pool)
         mark = _lap(self.clock, "compare", mark)
         if local and self.float_side is not None:
-            errors = self._removable_errors(pool, x)
+            errors = self._removable_errors(pool)
             mark = _lap(self.clock, "local_errors", mark)
             self._attribute(errors)
             _lap(self.clock, "backward", mark)
@@ -323,13 +323,15 @@ class _StatsPass:
             if t is not None:
                 raise AnalysisError(f"NaN or Inf in layer {self.names.get(t, self.qg.tensors[t].name)!r} (float or int8 output); cannot compare")
 
-    def _removable_errors(self, pool: ThreadPoolExecutor, x: np.ndarray) -> dict[int, np.ndarray]:
+    def _removable_errors(self, pool: ThreadPoolExecutor) -> dict[int, np.ndarray]:
         """Float tensor -> what keeping its layer float removes from this sample's int8 value; each
         layer's own error is added to its local stats on the way."""
         assert self.float_side is not None
         jobs, by_index = self.jobs, self.by_index
         feeds = {jobs[i]: [self._int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
-        feeds.update({-1 - jobs[i]: [x[None] if t in self.quantized_inputs else self._int8_value(t) for t in by_index[i].int8_inputs]
+        model_input = self.float_runner.tensor  # the float model's own input, whichever of its inputs the layer reads
+        feeds.update({-1 - jobs[i]: [model_input(self.match.tensor_map[t]) if t in self.quantized_inputs else self._int8_value(t)
+                                     for t in by_index[i].int8_inputs]
                       for i in self.reads_model_input})
         refs = self.float_side.kernels.run(feeds)
         errors: dict[int, np.ndarray] = {}

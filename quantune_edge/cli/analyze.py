@@ -11,7 +11,7 @@ from rich.table import Table
 
 from quantune_edge.analyze.analysis import LOCAL_SAMPLES
 from quantune_edge.analyze.sensitivity import DEFAULT_METRIC, nan_low
-from quantune_edge.cli.shared import ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, Verbose, app, both_names, fmt_count, fmt_db, one_line_errors, op_label, preprocessing_override, print_json
+from quantune_edge.cli.shared import DATA_HELP, ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, Verbose, app, both_names, fmt_count, fmt_db, fmt_metric, one_line_errors, op_label, preprocessing_override, print_json
 from quantune_edge.common.console import Reporter
 from quantune_edge.compile import artifacts as layout
 
@@ -45,10 +45,9 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     out = report.model_output
     inv = report.invocations
     metric = out.get("metric", "top-1")
-    unit = " %" if metric.startswith("top") else ""
     con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB"
               + (f", top-1 agreement {100 * out['top1_agreement']:.1f} %" if "top1_agreement" in out else "")
-              + (f", {metric} float {100 * out['float32_top1']:.1f}{unit} / int8 {100 * out['int8_top1']:.1f}{unit}"
+              + (f", {metric} float {fmt_metric(out['float32_top1'], metric)} / int8 {fmt_metric(out['int8_top1'], metric)}"
                  if out.get("int8_top1") is not None else ""))
     con.print(f"cost: {inv['float32']} float32 + {inv['int8']} int8 invocations, {report.timings_s['analysis']:.2f} s "
               f"(+{inv.get('layer_kernels', 0)} of the layer-kernel model for the local errors, "
@@ -97,7 +96,7 @@ def _analyze(folder: Path, calib: Path, options, *, top: int, quiet: bool, verbo
 @app.command("analyze")
 def analyze_cmd(
     folder: Annotated[Path, typer.Argument(help="Output folder of 'quantune-edge compile'.")],
-    calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
+    calib: Annotated[Path, typer.Option("--calib", help=DATA_HELP)],
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the one float + one int8 pass.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
     local_samples: Annotated[int, typer.Option("--local-samples", help="Of those, samples on which each layer's own error is measured and traced to the logits (one kernel-model and one adjoint-model invocation each).")] = LOCAL_SAMPLES,

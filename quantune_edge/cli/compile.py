@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich import box
 from rich.table import Table
 
 from quantune_edge.cli.shared import (
+    DATA_HELP,
     ChannelOrder,
     Classes,
     Decoder,
@@ -59,7 +60,8 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
         names = list(scores.get("tflite_float32") or {}) or [acc.get("metric", "top-1")]
         for name in names:
             row = [scores[k][name] if scores.get(k) else acc[k] for k in ("onnxruntime_float32", "tflite_float32", "tflite_int8")]
-            table.add_row(f"{name} ({acc['labelled']} calib. samples)", *(fmt_metric(v, name) for v in row))
+            judged = acc["samples"] if acc.get("judged_against") == "float32" else acc["labelled"]
+            table.add_row(f"{name} ({judged} calib. samples)", *(fmt_metric(v, name) for v in row))
     check = report.verification["float32_vs_onnxruntime"]
     q = report.verification["int8_vs_onnxruntime"]
     outputs = report.verification.get("outputs", {})
@@ -88,16 +90,17 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
 
 def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor, int8_io, label_offset, force,
              preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement,
-             task, decoder, labels, nms_iou, classes, metric, quiet, verbose, json_out) -> None:
+             task, decoder, labels, nms_iou, classes, metric, input_shape, quiet, verbose, json_out) -> None:
     from quantune_edge.common.preprocessing import make_preprocessing
     from quantune_edge.compile.compiler import CompileOptions, compile_model
+    from quantune_edge.model.onnx_model import parse_input_shapes
 
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
     with one_line_errors():
         prep = make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement)
         options = CompileOptions(
             preprocessing=prep, num_calib=num_calib, seed=seed, per_channel=not per_tensor, int8_io=int8_io,
-            label_offset=label_offset, force=force, verbose=verbose,
+            label_offset=label_offset, force=force, verbose=verbose, input_shapes=parse_input_shapes(input_shape or []),
             judge=make_judge(task, label_offset, decoder, labels, nms_iou, classes, metric),
         )
         report = compile_model(model, calib, out, options, reporter)
@@ -113,8 +116,8 @@ def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor
 
 @app.command("compile")
 def compile_cmd(
-    model: Annotated[Path, typer.Argument(help="ONNX image model (NCHW or NHWC).")],
-    calib: Annotated[Path, typer.Option("--calib", help="Folder of images (labels.csv optional) or a preprocessed .npy.")],
+    model: Annotated[Path, typer.Argument(help="ONNX model: image inputs (NCHW or NHWC) are preprocessed, other inputs fed as given.")],
+    calib: Annotated[Path, typer.Option("--calib", help=DATA_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Output folder (must not exist unless --force).")],
     num_calib: Annotated[int, typer.Option("--num-calib", help="Number of calibration samples (deterministic subset).")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the deterministic sample choice.")] = 0,
@@ -137,6 +140,7 @@ def compile_cmd(
     nms_iou: NmsIou = 0.6,
     classes: Classes = 80,
     metric: Metric = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=1x3x640x640: fix an input's dynamic dimensions (repeatable).")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
@@ -146,7 +150,7 @@ def compile_cmd(
              label_offset=label_offset, force=force, preset=preset, mean=mean, std=std, input_size=input_size,
              resize=resize, channel_order=channel_order, resize_mode=resize_mode, pad_value=pad_value, placement=placement,
              task=task, decoder=decoder, labels=labels, nms_iou=nms_iou, classes=classes, metric=metric,
-             quiet=quiet, verbose=verbose, json_out=json_out)
+             input_shape=input_shape, quiet=quiet, verbose=verbose, json_out=json_out)
 
 
 @app.command("layers")

@@ -8,6 +8,7 @@ import typer
 
 from quantune_edge import __version__
 from quantune_edge.cli.shared import (
+    DATA_HELP,
     ChannelOrder,
     InputSize,
     InstallRuntime,
@@ -43,8 +44,8 @@ DEMO_PREPROCESSING = {"mean": "127,127,127", "std": "128,128,128"}
 @app.command("run")
 def run_cmd(
     model: Annotated[Path, typer.Argument(help="ONNX image model.")],
-    calib: Annotated[Path, typer.Option("--calib", help="Calibration images (folder) or .npy.")],
-    eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1) or .npy.")],
+    calib: Annotated[Path, typer.Option("--calib", help=DATA_HELP)],
+    eval_data: Annotated[Path, typer.Option("--eval", help=DATA_HELP)],
     target: Annotated[str, typer.Option("--target", help="Target name(s), comma-separated.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for everything (kept; stages are cached in it).")] = Path("runs/run"),
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 
 # Preprocessing options shared by every command that reads images.
+DATA_HELP = ("Image folder (labels.csv / COCO / YOLO labels optional), a .npy (one input, the model's layout), a .npz (one array per "
+             "input name, optional 'labels') or FILE.py:function yielding per sample a dict of arrays or (dict, label).")
 InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Center-crop size S (default: the model's input size).")]
 Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shorter side to R before the crop (default round(S/0.875)).")]
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean a,b,c in 0-255 pixel units, model channel order.")]

@@ -1,6 +1,7 @@
 """`tune`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -8,15 +9,20 @@ import typer
 from rich import box
 from rich.table import Table
 
-from quantune_edge.cli.shared import ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, TargetsDir, Verbose, app, fmt_metric, load_targets, one_line, one_line_errors, preprocessing_override, print_json
+from quantune_edge.cli.shared import DATA_HELP, ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, TargetsDir, Verbose, app, fmt_metric, load_targets, one_line, one_line_errors, preprocessing_override, print_json
 from quantune_edge.common.console import Reporter
 from quantune_edge.compile import artifacts as layout
+
+
+def fmt_drop(points: float) -> str:
+    """A drop in points; "-" when the metric has no finite float32 value (fidelity: float32 is the reference)."""
+    return f"{points:.2f}" if math.isfinite(points) else "-"
 
 
 @app.command("tune")
 def tune_cmd(
     folder: Annotated[Path, typer.Argument(help="Compile folder with an analysis.json (run 'analyze' first).")],
-    eval_data: Annotated[Path, typer.Option("--eval", help="Evaluation images (labels.csv for top-1; else agreement with float32) or .npy.")],
+    eval_data: Annotated[Path, typer.Option("--eval", help=DATA_HELP)],
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="The fidelity task's budget: the worst output's SQNR vs float32, dB.")] = None,
     max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8, on this host (or on --latency-source).")] = None,
@@ -75,12 +81,14 @@ def _print_tune(reporter: Reporter, report) -> None:
     table.add_row("float32", "all", fmt_metric(ref['float32_accuracy'], metric), "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
                   f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0")
     if int8:
-        table.add_row("int8", "0", fmt_metric(int8['accuracy'], metric), f"{int8['drop_points']:.2f}", f"{int8['output_sqnr_db']:.1f}",
+        table.add_row("int8", "0", fmt_metric(int8['accuracy'], metric), fmt_drop(int8['drop_points']), f"{int8['output_sqnr_db']:.1f}",
                       f"{ref['int8_latency_ms']:.2f}", "1.00x", str(int8["quantize_ops"]))
     table.add_row("[bold]mixed[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
-                  fmt_metric(c['accuracy'], metric), f"{c['drop_points']:.2f}", f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
+                  fmt_metric(c['accuracy'], metric), fmt_drop(c['drop_points']), f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
+    if not math.isfinite(ref["float32_accuracy"]):
+        reporter.console.print(f"drop: none, {metric} is measured against float32 itself; the budget is --min-sqnr", markup=False)
     reporter.console.print("float layers: " + (", ".join(f"{l['index']}:{one_line(l)}" for l in c["layers"]) or "none"), markup=False)
     if "device_latency_ms" in c:
         target = report.budget["latency_source"]["target"]["name"]

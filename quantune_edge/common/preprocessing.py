@@ -1,7 +1,8 @@
-"""Calibration/evaluation samples: image folders or .npy arrays, preprocessed the model's way.
+"""Calibration/evaluation samples: image folders preprocessed the model's way, or arrays.
 
-Samples are held channels-last (N, H, W, C) float32, the layout of the TFLite models onnx2tf emits;
-:meth:`Samples.for_layout` gives the ONNX model's own layout when it differs.
+Samples are held as the TFLite models onnx2tf emits take them: images channels-last (N, H, W, C)
+float32, other inputs in their ONNX layout, several inputs as one structured array
+(:mod:`quantune_edge.common.inputs`); :meth:`Samples.onnx_feeds` gives ONNX Runtime's feeds.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from quantune_edge.common.inputs import InputSpec, is_loader, load_arrays, onnx_feed, pack
 from quantune_edge.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -194,7 +196,7 @@ class Samples:
     names: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)
-    geometry: np.ndarray | None = None  # (N, 6) per image, see load_image_with_geometry; None for .npy data
+    geometry: np.ndarray | None = None  # (N, 6) per image, see load_image_with_geometry; None for arrays
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -208,8 +210,9 @@ class Samples:
     def has_labels(self) -> bool:
         return self.labelled > 0
 
-    def for_layout(self, layout: str) -> np.ndarray:
-        return self.data.transpose(0, 3, 1, 2) if layout == "NCHW" else self.data
+    def onnx_feeds(self, specs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+        """Every sample as ONNX Runtime's input feed (batch of 1, the ONNX layout)."""
+        return [onnx_feed(specs, self.data[i:i + 1]) for i in range(len(self))]
 
 
 def labelled_count(labels: np.ndarray) -> int:
@@ -228,23 +231,30 @@ def select(count: int, num: int | None, seed: int = 0) -> np.ndarray:
 def load_samples(
     source: str | Path,
     prep: Preprocessing,
-    shape_nhwc: tuple[int, int, int],
-    layout: str,
+    specs: list[InputSpec],
     num: int | None = None,
     seed: int = 0,
     on_item: Callable[[], None] | None = None,
     what: str = "calibration",
     labels: Callable[[Path], dict[str, int]] | None = None,
 ) -> Samples:
-    """Load ``num`` samples from an image folder or a preprocessed ``.npy`` (model's layout).
-    ``labels`` reads an image folder's labels (file name -> label), as the task defines them
-    (``Task.read_labels``); without it the samples are unlabelled."""
+    """Load ``num`` samples for a model with inputs ``specs``: from an image folder (one image
+    input, preprocessed the ``prep`` way), or from arrays in the model's layout (``.npy``, ``.npz``,
+    ``FILE.py:function``; see :func:`inputs.load_arrays`). ``labels`` reads an image folder's labels
+    (file name -> label), as the task defines them (``Task.read_labels``); without it the samples
+    are unlabelled."""
     path = Path(source)
+    if is_loader(source) or path.is_file():
+        return _from_arrays(source, specs, num, seed, what)
     if not path.exists():
         raise InputError(f"{what} data not found: {path}")
-    h, w, c = shape_nhwc
-    if path.is_file():
-        return _load_npy(path, shape_nhwc, layout, num, seed, what)
+    images = [s for s in specs if s.is_image]
+    if len(specs) != 1 or not images:
+        names = ", ".join(f"{s.name} {list(s.shape)}" for s in specs)
+        raise InputError(f"{path} is an image folder, but the model takes {names}; give a .npz with one array per input "
+                         "name or a loader FILE.py:function")
+    spec = images[0]
+    h, w, c = spec.hwc
     files = _images(path)
     if not files and (path / "images").is_dir():  # the YOLO dataset layout: images/ beside labels/
         files = _images(path / "images")
@@ -279,31 +289,18 @@ def _images(folder: Path) -> list[Path]:
 
 def _label_array(found: list) -> np.ndarray:
     """Class indices as int64 (-1: none); any other label (a detector's boxes) as objects (None: none)."""
-    if all(isinstance(v, (int, np.integer)) for v in found):
+    if all(isinstance(v, (int, np.integer)) or isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iu" for v in found):
         return np.asarray(found, np.int64)
     out = np.empty(len(found), object)
-    out[:] = [None if isinstance(v, (int, np.integer)) and v < 0 else v for v in found]
+    for i, v in enumerate(found):  # one by one: equal-shaped array labels must not become one 2-D array
+        out[i] = None if v is None or isinstance(v, (int, np.integer)) and v < 0 else v
     return out
 
 
-def _load_npy(path: Path, shape_nhwc: tuple[int, int, int], layout: str, num: int | None, seed: int, what: str) -> Samples:
-    if path.suffix != ".npy":
-        raise InputError(f"{what} data must be an image folder or a .npy file, got {path}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path} as .npy: {exc}") from None
-    h, w, c = shape_nhwc
-    expected = (c, h, w) if layout == "NCHW" else (h, w, c)
-    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
-        want = "(N, " + ", ".join(map(str, expected)) + ")"
-        raise InputError(f"{path} has shape {tuple(array.shape)}; the model ({layout}) needs {want}")
-    if array.shape[0] == 0:
-        raise InputError(f"{path} holds no samples")
-    if not np.all(np.isfinite(array)):
-        raise InputError(f"{path} contains NaN or Inf values")
-    idx = np.sort(select(array.shape[0], num, seed))
-    data = array[idx].astype(np.float32)
-    if layout == "NCHW":
-        data = data.transpose(0, 2, 3, 1)
-    return Samples(np.ascontiguousarray(data), np.full(len(idx), -1, np.int64), [f"{path.name}[{i}]" for i in idx], str(path))
+def _from_arrays(source: str | Path, specs: list[InputSpec], num: int | None, seed: int, what: str) -> Samples:
+    arrays, labels, names = load_arrays(source, specs, what)
+    idx = np.sort(select(len(names), num, seed))
+    data = pack(specs, {s.name: s.from_onnx(arrays[s.name][idx]) for s in specs})
+    found = [labels[i] for i in idx] if labels is not None else [-1] * len(idx)
+    shown = str(source) if is_loader(source) else str(Path(source))
+    return Samples(data, _label_array(found), [names[i] for i in idx], shown)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from quantune_edge.common.inputs import InputSpec
 from quantune_edge.common.metrics import to_shape
 from quantune_edge.common.outputs import OutputKind
 from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
@@ -21,7 +22,6 @@ from quantune_edge.compile import converter, tracing
 from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import LayerMatch, match_layers
-from quantune_edge.model.onnx_model import InputSpec
 from quantune_edge.model.runtime import TfliteRunner, sample_of, stacked_shape
 from quantune_edge.tasks import Task, task_from_record
 from quantune_edge.tasks.fidelity import as_labels
@@ -49,7 +49,7 @@ def device_costs_file(target_name: str) -> str:
 class CompiledModel:
     folder: Path
     report: CompileReport
-    spec: InputSpec
+    specs: list[InputSpec]  # the model's inputs, in its order
 
     @classmethod
     def open(cls, folder: str | Path) -> CompiledModel:
@@ -64,9 +64,8 @@ class CompiledModel:
         for name in (FLOAT_MODEL, INT8_MODEL, CALIBRATED_MODEL):
             if not (folder / name).is_file():
                 raise InputError(f"{folder / name} is missing; re-run 'quantune-edge compile'")
-        spec_d = report.model["input"]
-        spec = InputSpec(spec_d["name"], spec_d["layout"], tuple(spec_d["shape"]), spec_d.get("dtype", "float32"))
-        return cls(folder, report, spec)
+        specs = [InputSpec.from_dict(d) for d in report.model.get("inputs") or [report.model["input"]]]
+        return cls(folder, report, specs)
 
     @property
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -171,9 +170,10 @@ class CompiledModel:
         self, source: str | Path, num: int | None, seed: int = 0, preprocessing: Preprocessing | None = None,
         on_item: Callable[[], None] | None = None, what: str = "calibration",
     ) -> Samples:
-        prep = (preprocessing or self.preprocessing).with_input_size(self.spec.hwc[0])
-        return load_samples(source, prep, self.spec.hwc, self.spec.layout, num, seed, on_item=on_item, what=what,
-                            labels=self.task.read_labels)
+        images = [s for s in self.specs if s.is_image]
+        prep = preprocessing or self.preprocessing
+        prep = prep.with_input_size(images[0].hwc[0]) if images else prep
+        return load_samples(source, prep, self.specs, num, seed, on_item=on_item, what=what, labels=self.task.read_labels)
 
     @staticmethod
     def tflite_inputs(samples: Samples) -> np.ndarray:
@@ -193,8 +193,8 @@ class CompiledModel:
         if not model.is_file() or sha256_file(model) != self.report.model["sha256"]:
             raise InputError(f"{self.folder} was compiled before ONNX tracing and its model {model} is gone or changed; re-run 'quantune-edge compile'")
         samples = self.load_samples(self.report.calibration["source"], tracing.TRACE_SAMPLES, self.report.calibration.get("seed", 0))
-        self.report.trace = tracing.trace_or_error(load_onnx(model), samples.for_layout(self.spec.layout), self.float_model,
-                                                    self.int8_model, self.tflite_inputs(samples))
+        self.report.trace = tracing.trace_or_error(load_onnx(model), self.specs, self.float_model, self.int8_model,
+                                                    self.tflite_inputs(samples))
         write_json(self.folder / REPORT, self.report.to_dict())
         return self.report.trace
 

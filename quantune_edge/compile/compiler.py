@@ -19,6 +19,7 @@ import numpy as np
 
 from quantune_edge.common import metrics
 from quantune_edge.common.console import NativeLog, Reporter, captured_native_output
+from quantune_edge.common.inputs import InputSpec, onnx_feed
 from quantune_edge.common.metrics import compare_outputs, to_shape
 from quantune_edge.common.outputs import check_output_folder, staged_folder, temp_folder
 from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
@@ -44,6 +45,7 @@ class CompileOptions:
     int8_io: bool = False
     threads: int = 2
     label_offset: int = 0  # the classify task's: output index = class index + offset
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --input-shape: dynamic dimensions by input name
     force: bool = False
     verbose: bool = False
     min_cosine: float = 0.999
@@ -64,14 +66,15 @@ def _stage(name: str, timings: dict, quiet_native: bool) -> Iterator[NativeLog]:
     timings[name] = round(time.perf_counter() - start, 3)
 
 
-def onnxruntime_outputs(model_path: Path, spec: onnx_model.InputSpec, data: np.ndarray, on_item=None) -> np.ndarray:
+def onnxruntime_outputs(model_path: Path, specs: list[InputSpec], data: np.ndarray, on_item=None) -> np.ndarray:
     """The model's first output on every sample (as :func:`onnxruntime_all_outputs`)."""
-    return onnxruntime_all_outputs(model_path, spec, data, on_item)[1][0]
+    return onnxruntime_all_outputs(model_path, specs, data, on_item)[1][0]
 
 
-def onnxruntime_all_outputs(model_path: Path, spec: onnx_model.InputSpec, data: np.ndarray,
+def onnxruntime_all_outputs(model_path: Path, specs: list[InputSpec], data: np.ndarray,
                             on_item=None) -> tuple[list[str], list[np.ndarray], list[tuple[int, ...]]]:
-    """Every output's name, values and one sample's shape, in the model's order, the values
+    """Every output's name, values and one sample's shape, in the model's order, on samples held
+    as the TFLite model takes them (``data``, see :mod:`~quantune_edge.common.inputs`), the values
     stacked over the samples as ``TfliteRunner.run_all`` stacks them (``runtime.sample_of`` undoes it)."""
     import onnxruntime as ort
 
@@ -81,8 +84,8 @@ def onnxruntime_all_outputs(model_path: Path, spec: onnx_model.InputSpec, data: 
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     per_sample = []
-    for x in data:
-        per_sample.append(session.run(None, {spec.name: x[None]}))
+    for i in range(len(data)):
+        per_sample.append(session.run(None, onnx_feed(specs, data[i:i + 1])))
         if on_item:
             on_item()
     shapes = [tuple(int(d) for d in out.shape) for out in per_sample[0]]
@@ -105,20 +108,20 @@ def compile_model(
         raise InputError(f"--num-calib must be positive, got {options.num_calib}")
     timings: dict[str, float] = {}
     original, prepared, prep = _prepare_onnx(model_path, options, reporter, timings)
-    spec = prepared.spec
+    specs = prepared.specs
 
     with reporter.progress() as progress:
         task = progress.add_task("reading calibration samples", total=options.num_calib)
         start = time.perf_counter()
-        samples = load_samples(calib, prep, spec.hwc, spec.layout, options.num_calib, options.seed, on_item=lambda: progress.advance(task),
+        samples = load_samples(calib, prep, specs, options.num_calib, options.seed, on_item=lambda: progress.advance(task),
                                labels=options.task.read_labels)
         progress.update(task, total=len(samples) + len(samples.skipped), completed=len(samples) + len(samples.skipped))
         timings["load_samples"] = round(time.perf_counter() - start, 3)
 
         with staged_folder(out_dir) as stage, temp_folder("onnx2tf") as work:
             float_runner = _convert(prepared, samples, stage, work, options, progress, timings)
-            verified = _verify(model_path, spec, samples, stage, float_runner, options, progress, timings)
-            trace = _trace(original, spec, samples, stage, out_dir, options, progress, reporter, timings)
+            verified = _verify(model_path, specs, samples, stage, float_runner, options, progress, timings)
+            trace = _trace(original, specs, samples, stage, out_dir, options, progress, reporter, timings)
             report = _build_report(model_path, original, prepared, prep, samples, options, stage, verified, timings)
             report.trace = trace
             _record_outputs_and_kernels(report, verified, options, reporter)
@@ -132,9 +135,10 @@ def _prepare_onnx(model_path: Path, options: CompileOptions, reporter: Reporter,
     start = time.perf_counter()
     original = onnx_model.load(model_path)
     with captured_native_output(not options.verbose):
-        prepared = onnx_model.prepare(original, options.preprocessing.input_size)
+        prepared = onnx_model.prepare(original, options.preprocessing.input_size, options.input_shapes)
     onnx_model.check_supported(prepared.model)
-    prep = options.preprocessing.with_input_size(prepared.spec.hwc[0])
+    images = [s for s in prepared.specs if s.is_image]
+    prep = options.preprocessing.with_input_size(images[0].hwc[0]) if images else options.preprocessing
     timings["prepare_onnx"] = round(time.perf_counter() - start, 3)
     for note in prepared.notes:
         reporter.info(f"[dim]note:[/dim] {note}")
@@ -160,8 +164,11 @@ def _convert(prepared, samples: Samples, stage: Path, work: Path, options: Compi
     progress.advance(task)
     with captured_native_output(quiet_native):
         float_runner = TfliteRunner(stage / FLOAT_MODEL, options.threads)
-    if float_runner.input_shape[1:] != prepared.spec.hwc:
-        raise ConversionError(f"converted model takes input {float_runner.input_shape}, expected channels-last {(1, *prepared.spec.hwc)}")
+    for spec in prepared.specs:
+        detail = float_runner.inputs.get(spec.name)
+        taken = None if detail is None else tuple(int(d) for d in detail["shape"])
+        if taken != (1, *spec.sample_shape):
+            raise ConversionError(f"converted model takes input {spec.name!r} as {taken}, expected {(1, *spec.sample_shape)}")
 
     task = progress.add_task("calibrating + converting int8 TFLite", total=len(samples))
     with _stage("tflite_int8_calibrated", timings, quiet_native):
@@ -171,13 +178,13 @@ def _convert(prepared, samples: Samples, stage: Path, work: Path, options: Compi
     return float_runner
 
 
-def _verify(model_path: Path, spec, samples: Samples, stage: Path, float_runner: TfliteRunner, options: CompileOptions, progress,
+def _verify(model_path: Path, specs: list[InputSpec], samples: Samples, stage: Path, float_runner: TfliteRunner, options: CompileOptions, progress,
             timings: dict):
     """ONNX Runtime's, the float32 TFLite's and the int8 TFLite's outputs on the calibration samples."""
     task = progress.add_task("verifying against ONNX Runtime", total=3 * len(samples))
     with _stage("verify", timings, not options.verbose):
         advance = lambda: progress.advance(task)  # noqa: E731
-        names, ort_outs, shapes = onnxruntime_all_outputs(model_path, spec, samples.for_layout(spec.layout), advance)
+        names, ort_outs, shapes = onnxruntime_all_outputs(model_path, specs, samples.data, advance)
         float_outs = float_runner.run_all(samples.data, advance)
         int8_runner = TfliteRunner(stage / INT8_MODEL, options.threads)
         int8_outs = int8_runner.run_all(samples.data, advance)
@@ -214,13 +221,12 @@ class Verified:
                 for i in range(len(values[0]))]
 
 
-def _trace(original, spec, samples: Samples, stage: Path, out_dir: Path, options: CompileOptions, progress, reporter: Reporter,
+def _trace(original, specs: list[InputSpec], samples: Samples, stage: Path, out_dir: Path, options: CompileOptions, progress, reporter: Reporter,
            timings: dict) -> dict:
     """compile.json's ``trace``: each TFLite op's ONNX nodes; what could not be traced is said, not fatal."""
     task = progress.add_task("tracing TFLite ops to ONNX nodes", total=1)
     with _stage("trace", timings, not options.verbose):
-        trace = tracing.trace_or_error(original, samples.for_layout(spec.layout)[:tracing.TRACE_SAMPLES], stage / FLOAT_MODEL,
-                                       stage / INT8_MODEL, samples.data[:tracing.TRACE_SAMPLES])
+        trace = tracing.trace_or_error(original, specs, stage / FLOAT_MODEL, stage / INT8_MODEL, samples.data[:tracing.TRACE_SAMPLES])
     progress.advance(task)
     if trace.get("error"):
         reporter.warn(f"could not trace TFLite ops to ONNX nodes: {trace['error']}")
@@ -277,6 +283,7 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
         accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
         accuracy["scores"] = {}
         labels = as_labels(verified.per_sample("onnxruntime_float32")) if task.judged_against_float32 else samples.labels
+        accuracy["judged_against"] = "float32" if task.judged_against_float32 else "labels"
         for key in verified.outputs:
             outputs = verified.per_sample(key) if task.reads_all_outputs else metrics.align_layout(ort_out, verified.first(key))
             scores = accuracy["scores"][key] = task.scores(outputs, labels)
@@ -285,7 +292,8 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
         model={
             "path": str(Path(model_path).resolve()),
             "sha256": sha256_file(model_path),
-            "input": prepared.spec.to_dict(),
+            "input": prepared.specs[0].to_dict(),
+            "inputs": [spec.to_dict() for spec in prepared.specs],
             "simplified": prepared.simplified,
             "pads_folded_by_quantune": prepared.pads_folded,
         },

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from quantune_edge.common.console import NativeLog
+from quantune_edge.common.inputs import fields
 from quantune_edge.common.preprocessing import Samples
 from quantune_edge.errors import ConversionError
 from quantune_edge.model import onnx_model
@@ -47,8 +48,9 @@ def write_onnx2tf_samples(folder: Path, samples: Samples) -> None:
     missing; writing it from the user's own data keeps conversion offline and in-distribution."""
     import tensorflow as tf
 
-    data = samples.data
-    if data.shape[-1] != 3:
+    values = fields(samples.data, [""])
+    data = next((v for v in values.values() if v.ndim == 4 and v.shape[-1] == 3), None)
+    if data is None:
         return
     reps = int(np.ceil(20 / len(data)))
     tiled = np.concatenate([data] * reps, axis=0)[:20]
@@ -67,7 +69,8 @@ def convert_to_saved_model(prepared: onnx_model.PreparedModel, work: Path, saved
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        keep_nhwc = [prepared.spec.name] if prepared.spec.layout == "NHWC" else None
+        keep_nhwc = [s.name for s in prepared.specs if s.layout == "NHWC"] or None
+        keep_own = [s.name for s in prepared.specs if not s.is_image and len(s.shape) >= 3] or None  # onnx2tf would make them channels-last
         keras_model = onnx2tf.convert(
             input_onnx_file_path=str(onnx_path),
             output_folder_path=str(work / "onnx2tf_out"),
@@ -75,6 +78,7 @@ def convert_to_saved_model(prepared: onnx_model.PreparedModel, work: Path, saved
             non_verbose=True,
             disable_model_save=True,
             keep_nwc_or_nhwc_or_ndhwc_input_names=keep_nhwc,
+            keep_ncw_or_nchw_or_ncdhw_input_names=keep_own,
         )
         if keras_model is None:
             raise ConversionError("onnx2tf returned no model")
@@ -117,8 +121,9 @@ def calibrate(saved_model: Path, calibration: np.ndarray, on_sample=None) -> byt
     import tensorflow as tf
 
     def representative():
-        for x in calibration:
-            yield [x[None].astype(np.float32)]
+        for i in range(len(calibration)):
+            batch = calibration[i:i + 1]
+            yield [batch] if batch.dtype.names is None else fields(batch, list(batch.dtype.names))  # by signature input name
             if on_sample:
                 on_sample()
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantune_edge.common.inputs import InputSpec, onnx_feed
 from quantune_edge.model.layers import BOUNDARY_OPS, LayerMatch
 from quantune_edge.model.tflite_graph import TfliteGraph
 
@@ -135,7 +136,7 @@ def trace_float_model(onnx: OnnxGraph, onnx_values: dict[str, np.ndarray], graph
     memo: dict[str, frozenset[int]] = {}
     order = {t: i for i, t in enumerate(onnx.computed_tensors())}
     counterpart: dict[int, str] = {}
-    for t_in, o_in in zip(graph.inputs, onnx.graph_inputs):
+    for t_in, o_in in _matched_inputs(graph, onnx.graph_inputs):
         counterpart[t_in] = o_in
 
     def frontier(tensors: Iterable[int]) -> set[str]:
@@ -256,9 +257,24 @@ def summary(float_traces: list[OpTrace], int8_traces: list[OpTrace], onnx: OnnxG
     }
 
 
-def onnx_values(model, graph: OnnxGraph, feed: np.ndarray) -> dict[str, np.ndarray]:
+def _matched_inputs(graph: TfliteGraph, onnx_inputs: list[str]) -> list[tuple[int, str]]:
+    """The TFLite model's input tensors paired with the ONNX inputs: by name (the converter keeps
+    it inside the tensor's, ``serving_default_meta:0``), else in order."""
+    if len(onnx_inputs) == 1:
+        return list(zip(graph.inputs, onnx_inputs))
+    pairs = []
+    for t in graph.inputs:
+        name = graph.tensors[t].name
+        found = [o for o in onnx_inputs if name in (o, f"serving_default_{o}:0")]
+        if len(found) != 1:
+            return list(zip(graph.inputs, onnx_inputs))
+        pairs.append((t, found[0]))
+    return pairs
+
+
+def onnx_values(model, graph: OnnxGraph, specs: list[InputSpec], feed: np.ndarray) -> dict[str, np.ndarray]:
     """Every input-dependent tensor of ``model`` (whose :class:`OnnxGraph` is ``graph``) on ``feed``
-    (N samples, one run each), stacked.
+    (N samples held as the TFLite model takes them, one run each), stacked.
 
     Graph optimisations are off so ONNX Runtime computes each node as written."""
     import onnx
@@ -275,7 +291,7 @@ def onnx_values(model, graph: OnnxGraph, feed: np.ndarray) -> dict[str, np.ndarr
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    runs = [session.run(None, {graph.graph_inputs[0]: x[None]}) for x in feed]
+    runs = [session.run(None, onnx_feed(specs, feed[i:i + 1])) for i in range(len(feed))]
     return {name: np.concatenate([np.asarray(r[i]) for r in runs]) for i, name in enumerate(names)
             if all(isinstance(r[i], np.ndarray) and r[i].dtype.kind == "f" for r in runs)}
 
@@ -288,20 +304,20 @@ def tflite_values(path, graph: TfliteGraph, feed: np.ndarray) -> dict[int, np.nd
     runner = TfliteRunner(path, preserve_all_tensors=True)
     outputs = [t for op in graph.ops for t in op.outputs]
     per_sample = []
-    for x in feed:
-        runner.invoke(x[None])
+    for i in range(len(feed)):
+        runner.invoke(feed[i:i + 1])
         per_sample.append({t: runner.tensor(t) for t in outputs})
     return {t: np.concatenate([s[t] for s in per_sample]) for t in outputs}
 
 
-def trace_models(model, onnx_feed: np.ndarray, float_path, int8_path, tflite_feed: np.ndarray) -> dict:
+def trace_models(model, specs: list[InputSpec], float_path, int8_path, feed: np.ndarray) -> dict:
     """compile.json's ``trace`` section for a float32/int8 pair converted from ``model``."""
     from quantune_edge.model import tflite_graph
     from quantune_edge.model.layers import match_layers
 
     onnx_graph = OnnxGraph.from_model(model)
     fg, qg = tflite_graph.read(float_path), tflite_graph.read(int8_path)
-    float_traces = trace_float_model(onnx_graph, onnx_values(model, onnx_graph, onnx_feed), fg, tflite_values(float_path, fg, tflite_feed))
+    float_traces = trace_float_model(onnx_graph, onnx_values(model, onnx_graph, specs, feed), fg, tflite_values(float_path, fg, feed))
     return summary(float_traces, trace_int8_model(float_traces, qg, match_layers(fg, qg)), onnx_graph)
 
 
@@ -311,11 +327,11 @@ def onnx_label(layer: dict) -> str | None:
     return short_label(*main) if main else None
 
 
-def trace_or_error(model, onnx_feed: np.ndarray, float_path: Path, int8_path: Path, tflite_feed: np.ndarray) -> dict:
+def trace_or_error(model, specs: list[InputSpec], float_path: Path, int8_path: Path, feed: np.ndarray) -> dict:
     """The ``trace`` section; a model ONNX Runtime cannot expose every tensor of gets the reason
     instead (the compile itself stays valid)."""
     try:
-        return trace_models(model, onnx_feed, float_path, int8_path, tflite_feed)
+        return trace_models(model, specs, float_path, int8_path, feed)
     except Exception as exc:  # noqa: BLE001 - any failure here only costs the ONNX names
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return {"error": first[:300], "float32": [], "int8": [], "untraced": {"float32": [], "int8": []}}

@@ -1,4 +1,4 @@
-"""Reading, validating and cleaning up ONNX image models before conversion.
+"""Reading, validating and cleaning up ONNX models before conversion.
 
 Real exports carry graph noise that onnx2tf cannot convert (PyTorch's "same" padding written as
 Pad/Slice/Concat subgraphs on computed shapes). :func:`prepare` fixes the input shape, simplifies the
@@ -14,27 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from quantune_edge.common.inputs import PLAIN, InputSpec
 from quantune_edge.errors import ConversionError, InputError
 
 CHANNEL_COUNTS = (1, 3, 4)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The model's image input: name, layout and fixed shape (batch 1, in the ONNX layout)."""
-
-    name: str
-    layout: str  # "NCHW" or "NHWC"
-    shape: tuple[int, int, int, int]
-    dtype: str = "float32"
-
-    @property
-    def hwc(self) -> tuple[int, int, int]:
-        n, a, b, c = self.shape
-        return (b, c, a) if self.layout == "NCHW" else (a, b, c)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "layout": self.layout, "shape": list(self.shape), "dtype": self.dtype}
 
 
 def load(path: str | Path) -> onnx.ModelProto:  # noqa: F821
@@ -77,42 +60,95 @@ def graph_inputs(model) -> list:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-def input_spec(model, input_size: int | None = None) -> tuple[InputSpec, list[str]]:
-    """Find the single image input; returns it with notes on what was fixed (dynamic dims)."""
+ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 2: "uint8", 3: "int8"}  # TensorProto element types fed as numpy
+
+
+def input_specs(model, input_size: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[list[InputSpec], list[str]]:
+    """Every input of the model, with notes on what was fixed (dynamic dims). A 4-D float input with
+    a channel axis of 1, 3 or 4 is an image (``input_size`` fixes its dynamic spatial size); any
+    other input is fed in its own layout. ``shapes`` (``--input-shape NAME=1x3x640x640``) sets
+    dynamic dimensions by input name; the batch becomes 1."""
+    inputs = graph_inputs(model)
+    if not inputs:
+        raise InputError("the model has no inputs")
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {i.name for i in inputs})
+    if unknown:
+        raise InputError(f"--input-shape names {unknown[0]!r}, which is not an input of the model (inputs: {', '.join(i.name for i in inputs)})")
+    specs, notes = [], []
+    for inp in inputs:
+        spec, fixed = _input_spec(inp, input_size if len(inputs) == 1 else None, shapes.get(inp.name))
+        specs.append(spec)
+        notes += fixed
+    if input_size is not None and not any(s.is_image for s in specs):
+        raise InputError("--input-size applies to an image input; the model has none (set other shapes with --input-shape NAME=1x49x10)")
+    return specs, notes
+
+
+def _input_spec(inp, input_size: int | None, given: tuple[int, ...] | None) -> tuple[InputSpec, list[str]]:
     import onnx
 
-    inputs = graph_inputs(model)
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs) or "none"
-        raise InputError(f"model has {len(inputs)} inputs ({names}); one image input is supported")
-    inp = inputs[0]
     elem = inp.type.tensor_type.elem_type
+    if elem not in ONNX_DTYPES:
+        raise InputError(f"model input {inp.name!r} is {onnx.TensorProto.DataType.Name(elem)}; supported: "
+                         f"{', '.join(onnx.TensorProto.DataType.Name(e) for e in ONNX_DTYPES)}")
     dims = _dims(inp)
-    if elem != onnx.TensorProto.FLOAT:
-        raise InputError(f"model input {inp.name!r} is {onnx.TensorProto.DataType.Name(elem)}; an image input must be FLOAT")
-    if len(dims) != 4:
-        raise InputError(f"model input {inp.name!r} has shape {dims}; expected a 4-D image tensor (NCHW or NHWC)")
     notes: list[str] = []
-    if isinstance(dims[1], int) and dims[1] in CHANNEL_COUNTS:
-        layout, spatial = "NCHW", (2, 3)
-    elif isinstance(dims[3], int) and dims[3] in CHANNEL_COUNTS:
-        layout, spatial = "NHWC", (1, 2)
-    else:
-        raise InputError(f"model input {inp.name!r} has shape {dims}; no channel dimension of 1, 3 or 4 found, not an image input")
+    if not dims:
+        raise InputError(f"model input {inp.name!r} is a scalar or has no shape; give it one with --input-shape {inp.name}=1xN")
+    if given is not None:
+        if len(given) != len(dims) or any(isinstance(d, int) and d != g for d, g in zip(dims[1:], given[1:])):
+            raise InputError(f"--input-shape {inp.name}={'x'.join(map(str, given))} does not fit the model input of shape {dims}")
+        dims = list(given)
+        notes.append(f"input {inp.name!r} shape set to {list(given)} (--input-shape)")
     if not isinstance(dims[0], int):
         notes.append(f"dynamic batch dimension {dims[0]!r} of input {inp.name!r} fixed to 1")
     elif dims[0] != 1:
         notes.append(f"batch dimension {dims[0]} of input {inp.name!r} set to 1")
     dims[0] = 1
-    for axis in spatial:
-        if not isinstance(dims[axis], int):
-            if input_size is None:
-                raise InputError(f"model input {inp.name!r} has dynamic spatial size {dims}; pass --input-size")
-            notes.append(f"dynamic spatial dimension of input {inp.name!r} fixed to {input_size}")
-            dims[axis] = input_size
-    if input_size is not None and (dims[spatial[0]], dims[spatial[1]]) != (input_size, input_size):
-        raise InputError(f"--input-size {input_size} does not match the model input {inp.name!r} of shape {dims}")
-    return InputSpec(inp.name, layout, tuple(int(d) for d in dims)), notes  # type: ignore[arg-type]
+    layout = _image_layout(dims) if elem == onnx.TensorProto.FLOAT else None
+    if layout is not None:
+        spatial = (2, 3) if layout == "NCHW" else (1, 2)
+        for axis in spatial:
+            if not isinstance(dims[axis], int):
+                if input_size is None:
+                    raise InputError(f"model input {inp.name!r} has dynamic spatial size {dims}; pass --input-size or --input-shape {inp.name}=...")
+                notes.append(f"dynamic spatial dimension of input {inp.name!r} fixed to {input_size}")
+                dims[axis] = input_size
+        if input_size is not None and (dims[spatial[0]], dims[spatial[1]]) != (input_size, input_size):
+            raise InputError(f"--input-size {input_size} does not match the model input {inp.name!r} of shape {dims}")
+    elif any(not isinstance(d, int) for d in dims):
+        example = "x".join(str(d) if isinstance(d, int) else "N" for d in dims)
+        raise InputError(f"model input {inp.name!r} has dynamic dimensions {dims}; set them with --input-shape {inp.name}={example}")
+    return InputSpec(inp.name, layout or PLAIN, tuple(int(d) for d in dims), ONNX_DTYPES[elem]), notes
+
+
+def _image_layout(dims: list) -> str | None:
+    """"NCHW" or "NHWC" for a 4-D tensor with a channel axis of 1, 3 or 4; None: not an image."""
+    if len(dims) != 4:
+        return None
+    if isinstance(dims[1], int) and dims[1] in CHANNEL_COUNTS:
+        return "NCHW"
+    if isinstance(dims[3], int) and dims[3] in CHANNEL_COUNTS:
+        return "NHWC"
+    return None
+
+
+def parse_input_shapes(texts: list[str]) -> dict[str, tuple[int, ...]]:
+    """``--input-shape NAME=1x3x640x640`` (repeatable) as {name: shape}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        name, sep, dims = text.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise InputError(f"--input-shape takes NAME=1x3x640x640 (positive sizes), got {text!r}")
+        if name in shapes:
+            raise InputError(f"--input-shape gives input {name!r} twice")
+        shapes[name] = shape
+    return shapes
 
 
 def op_histogram(model) -> dict[str, int]:
@@ -142,10 +178,11 @@ def check_supported(model) -> None:
             raise ConversionError(f"unsupported op {node.op_type!r}{domain} at node {node.name or node.output[0]!r}: onnx2tf cannot convert it")
 
 
-def _fix_input_shape(model, spec: InputSpec) -> None:
+def _fix_input_shapes(model, specs: list[InputSpec]) -> None:
+    by_name = {s.name: s for s in specs}
     for inp in model.graph.input:
-        if inp.name == spec.name:
-            for dim, value in zip(inp.type.tensor_type.shape.dim, spec.shape):
+        if inp.name in by_name:
+            for dim, value in zip(inp.type.tensor_type.shape.dim, by_name[inp.name].shape):
                 dim.Clear()
                 dim.dim_value = value
 
@@ -214,20 +251,20 @@ class PreparedModel:
     """The cleaned-up model handed to the converter, and what the clean-up did."""
 
     model: object
-    spec: InputSpec
+    specs: list[InputSpec]
     notes: list[str]
     simplified: bool
     pads_folded: int
 
 
-def prepare(model, input_size: int | None = None) -> PreparedModel:
-    """Fix the input shape to batch 1, simplify, fold pads; keeps the original model untouched."""
+def prepare(model, input_size: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
+    """Fix the input shapes (batch 1), simplify, fold pads; keeps the original model untouched."""
     import onnx
 
-    spec, notes = input_spec(model, input_size)
+    specs, notes = input_specs(model, input_size, shapes)
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    _fix_input_shape(work, spec)
+    _fix_input_shapes(work, specs)
     simplified = False
     try:
         import onnxsim
@@ -246,4 +283,4 @@ def prepare(model, input_size: int | None = None) -> PreparedModel:
         work = onnx.shape_inference.infer_shapes(work)
     except Exception:
         pass
-    return PreparedModel(work, spec, notes, simplified, folded)
+    return PreparedModel(work, specs, notes, simplified, folded)

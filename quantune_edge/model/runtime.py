@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantune_edge.common.inputs import fields
 from quantune_edge.errors import InputError
 
 
@@ -61,7 +62,8 @@ class TfliteRunner:
                 raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({_first_line(again)})") from None
         except ValueError as exc:
             raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({_first_line(exc)})") from None
-        self.input = self.interpreter.get_input_details()[0]
+        self.inputs = _inputs_by_name(self.interpreter)
+        self.input = next(iter(self.inputs.values()))
         self.outputs = _outputs_in_model_order(self.interpreter)
         self.output = self.outputs[0]
         self.invocations = 0
@@ -85,11 +87,15 @@ class TfliteRunner:
         return tuple(int(s) for s in self.input["shape"])
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
-        """Run one sample (batch of 1, float32, the model's input layout); returns float32 output."""
-        scale, zp = self.input["quantization"]
-        if self.input["dtype"] != np.float32:
-            x = quantize(x, scale, zp, self.input["dtype"])
-        self.interpreter.set_tensor(self.input["index"], x.astype(self.input["dtype"], copy=False))
+        """Run one sample (batch of 1, the model's input layout; a structured array for a model
+        with several inputs, see :mod:`quantune_edge.common.inputs`); returns the float32 output."""
+        for name, value in fields(x, list(self.inputs)).items():
+            detail = self.inputs.get(name)
+            if detail is None:
+                raise InputError(f"{self.path}: the model has no input {name!r} (inputs: {', '.join(self.inputs)})")
+            if detail["dtype"] != value.dtype and value.dtype == np.float32:  # an int8-I/O model takes quantized values
+                value = quantize(value, *detail["quantization"], detail["dtype"])
+            self.interpreter.set_tensor(detail["index"], value.astype(detail["dtype"], copy=False))
         self.interpreter.invoke()
         self.invocations += 1
         if self.logits_tensor is not None:
@@ -168,6 +174,19 @@ def stacked_shape(count: int, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
 def sample_of(stacked: np.ndarray, i: int, sample_shape: tuple[int, ...]) -> np.ndarray:
     """Sample ``i`` of a :func:`stack_samples` array, shaped as one run returned it."""
     return stacked[i:i + 1] if sample_shape and sample_shape[0] == 1 else stacked[i]
+
+
+def _inputs_by_name(interpreter) -> dict[str, dict]:
+    """The input details under the exported model's input names, in its order. onnx2tf's signature
+    keeps the ONNX input names; without a signature (one input), the interpreter's own name."""
+    details = interpreter.get_input_details()
+    by_index = {d["index"]: d for d in details}
+    signatures = interpreter._get_full_signature_list()
+    if len(signatures) == 1:
+        inputs = next(iter(signatures.values()))["inputs"]
+        if {inputs[n] for n in inputs} == set(by_index):
+            return {name: by_index[index] for name, index in inputs.items()}
+    return {d["name"]: d for d in details}
 
 
 def _outputs_in_model_order(interpreter) -> list[dict]:

@@ -37,7 +37,7 @@ def _bad_models(tmp_path: Path, tiny_images: Path) -> dict:
     cases["unsupported_op"] = (tmp_path / "custom.onnx", tiny_images, "unsupported op 'FancyOp'")
     g = GraphBuilder()
     onnx.save(g.model([1, 10], g.node("MatMul", ["input", g.const(np.ones((10, 4)))])), tmp_path / "mlp.onnx")
-    cases["no_image_input"] = (tmp_path / "mlp.onnx", tiny_images, "expected a 4-D image tensor")
+    cases["no_image_input"] = (tmp_path / "mlp.onnx", tiny_images, "is an image folder, but the model takes input [1, 10]")
     onnx.save(pad_conv_net(), tmp_path / "good.onnx")
     (tmp_path / "empty").mkdir()
     cases["empty_calib"] = (tmp_path / "good.onnx", tmp_path / "empty", "no images")

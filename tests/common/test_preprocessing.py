@@ -3,9 +3,14 @@ import pytest
 from conftest import DEMO_IMAGES
 from PIL import Image
 
+from quantune_edge.common.inputs import InputSpec
 from quantune_edge.common.preprocessing import PRESETS, Preprocessing, load_image, load_samples, make_preprocessing, select
 from quantune_edge.errors import InputError
 from quantune_edge.tasks.classification import Classification
+
+
+def image(size: int) -> InputSpec:
+    return InputSpec("input", "NCHW", (1, 3, size, size))
 
 
 def test_presets_and_overrides():
@@ -50,32 +55,32 @@ def test_load_image_matches_hand_computation(tmp_path):
 def test_grayscale_and_rgba_images_are_converted(tmp_path):
     Image.fromarray(np.full((50, 50), 200, np.uint8), "L").save(tmp_path / "g.png")
     Image.fromarray(np.full((50, 50, 4), 100, np.uint8), "RGBA").save(tmp_path / "a.png")
-    samples = load_samples(tmp_path, make_preprocessing("raw"), (32, 32, 3), "NCHW")
+    samples = load_samples(tmp_path, make_preprocessing("raw"), [image(32)])
     assert samples.data.shape == (2, 32, 32, 3)
     assert set(np.unique(samples.data)) == {100.0, 200.0}
 
 
 def test_folder_selection_is_deterministic_and_labels_are_read():
     prep = make_preprocessing("tf")
-    a = load_samples(DEMO_IMAGES, prep, (64, 64, 3), "NCHW", num=5, seed=3, labels=Classification().read_labels)
-    b = load_samples(DEMO_IMAGES, prep, (64, 64, 3), "NCHW", num=5, seed=3, labels=Classification().read_labels)
+    a = load_samples(DEMO_IMAGES, prep, [image(64)], num=5, seed=3, labels=Classification().read_labels)
+    b = load_samples(DEMO_IMAGES, prep, [image(64)], num=5, seed=3, labels=Classification().read_labels)
     assert a.names == b.names and np.array_equal(a.data, b.data)
     assert a.has_labels and np.all(a.labels >= 0)
-    assert a.for_layout("NCHW").shape == (5, 3, 64, 64)
+    assert a.onnx_feeds([image(64)])[0]["input"].shape == (1, 3, 64, 64)
     assert sorted(select(10, None)) == list(range(10)) and len(select(10, 4)) == 4
 
 
 def test_npy_in_model_layout(tmp_path):
     data = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", data)
-    s = load_samples(tmp_path / "x.npy", make_preprocessing(), (8, 8, 3), "NCHW", num=4)
+    s = load_samples(tmp_path / "x.npy", make_preprocessing(), [image(8)], num=4)
     assert s.data.shape == (4, 8, 8, 3) and not s.has_labels
     idx = [int(n.split("[")[1].rstrip("]")) for n in s.names]
-    np.testing.assert_array_equal(s.for_layout("NCHW"), data[idx])
+    np.testing.assert_array_equal(np.concatenate([f["input"] for f in s.onnx_feeds([image(8)])]), data[idx])
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: np.save(p / "x.npy", np.zeros((2, 8, 8, 3), np.float32)), r"has shape \(2, 8, 8, 3\); the model \(NCHW\) needs \(N, 3, 8, 8\)"),
+    (lambda p: np.save(p / "x.npy", np.zeros((2, 8, 8, 3), np.float32)), r"has shape \(2, 8, 8, 3\); the model input 'input' \(NCHW\) needs \(N, 3, 8, 8\)"),
     (lambda p: np.save(p / "x.npy", np.zeros((0, 3, 8, 8), np.float32)), "holds no samples"),
     (lambda p: np.save(p / "x.npy", np.full((1, 3, 8, 8), np.nan, np.float32)), "NaN or Inf"),
     (lambda p: (p / "x.npy").write_bytes(b"not numpy"), "cannot read"),
@@ -83,23 +88,23 @@ def test_npy_in_model_layout(tmp_path):
 def test_bad_npy(tmp_path, make, message):
     make(tmp_path)
     with pytest.raises(InputError, match=message):
-        load_samples(tmp_path / "x.npy", make_preprocessing(), (8, 8, 3), "NCHW")
+        load_samples(tmp_path / "x.npy", make_preprocessing(), [image(8)])
 
 
 def test_unreadable_images_are_skipped_and_all_unreadable_is_an_error(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(InputError, match="none of the 1 calibration images"):
-        load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW")
+        load_samples(tmp_path, make_preprocessing(), [image(32)])
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "good.jpg")
-    s = load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW")
+    s = load_samples(tmp_path, make_preprocessing(), [image(32)])
     assert len(s) == 1 and len(s.skipped) == 1 and s.skipped[0].startswith("bad.jpg")
 
 
 def test_empty_folder_and_bad_labels(tmp_path):
     with pytest.raises(InputError, match="no images"):
-        load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW")
+        load_samples(tmp_path, make_preprocessing(), [image(32)])
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.jpg")
     (tmp_path / "labels.csv").write_text("name,label\na.jpg,1\n")
-    assert load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW").labels.tolist() == [-1]  # no task: unlabelled
+    assert load_samples(tmp_path, make_preprocessing(), [image(32)]).labels.tolist() == [-1]  # no task: unlabelled
     with pytest.raises(InputError, match="file,class_index"):
-        load_samples(tmp_path, make_preprocessing(), (32, 32, 3), "NCHW", labels=Classification().read_labels)
+        load_samples(tmp_path, make_preprocessing(), [image(32)], labels=Classification().read_labels)

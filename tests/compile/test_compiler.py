@@ -72,16 +72,16 @@ def test_efficientnet_accuracy_on_held_out_real_images(effnet_compiled):
     """Float TFLite agrees with ONNX Runtime on labelled images not used for calibration."""
     from quantune_edge.common.preprocessing import load_samples
     from quantune_edge.compile.compiler import onnxruntime_outputs
-    from quantune_edge.model.onnx_model import input_spec, load
+    from quantune_edge.model.onnx_model import input_specs, load
     from quantune_edge.tasks.base import compare
     from quantune_edge.tasks.classification import Classification
 
     report = json.loads((effnet_compiled / "compile.json").read_text())
     prep = make_preprocessing(mean="127,127,127", std="128,128,128").with_input_size(224)
-    samples = load_samples(shared("imagenet-val"), prep, (224, 224, 3), "NCHW", num=48, seed=1, labels=Classification().read_labels)
+    specs, _ = input_specs(load(report["model"]["path"]))
+    samples = load_samples(shared("imagenet-val"), prep, specs, num=48, seed=1, labels=Classification().read_labels)
     assert not set(samples.names) & set(report["calibration"]["files"])
-    spec, _ = input_spec(load(report["model"]["path"]))
-    ort_out = onnxruntime_outputs(report["model"]["path"], spec, samples.for_layout("NCHW"))
+    ort_out = onnxruntime_outputs(report["model"]["path"], specs, samples.data)
     f32 = TfliteRunner(effnet_compiled / "model_float32.tflite").run(samples.data)
     i8 = TfliteRunner(effnet_compiled / "model_int8.tflite").run(samples.data)
     acc = {k: metrics.top1_accuracy(v, samples.labels) for k, v in (("ort", ort_out), ("f32", f32), ("i8", i8))}

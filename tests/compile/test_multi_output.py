@@ -9,7 +9,6 @@ from conftest import shared
 
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.compile.compiler import onnxruntime_all_outputs
-from quantune_edge.model.onnx_model import input_spec
 from quantune_edge.model.runtime import TfliteRunner
 
 NANODET = "detection/models/nanodet-m-320-coco.onnx"
@@ -36,8 +35,7 @@ def test_outputs_come_in_the_onnx_models_order_and_shapes(nanodet_compiled):
     out, _ = nanodet_compiled
     compiled = CompiledModel.open(out)
     x = compiled.tflite_inputs(compiled.load_samples(shared("detection/coco-val2017-128/images"), 2, 0))
-    spec, _ = input_spec(onnx.load(shared(NANODET)))
-    names, reference, shapes = onnxruntime_all_outputs(shared(NANODET), spec, x.transpose(0, 3, 1, 2))
+    names, reference, shapes = onnxruntime_all_outputs(shared(NANODET), compiled.specs, x)
     assert names == ONNX_OUTPUTS and shapes == [(1600, 80), (400, 80), (100, 80), (1600, 32), (400, 32), (100, 32)]
     assert list(compiled.output_shapes.values()) == shapes
     float_runner = TfliteRunner(compiled.float_model)
@@ -87,7 +85,7 @@ def test_a_channels_first_feature_map_output_comes_back_as_onnx_runtime_returns_
     raw = TfliteRunner(compiled.float_model).run_all(samples.data)
     assert raw[1].shape == (3, 16, 16, 4)  # what the interpreter gives
     outputs = compiled.outputs(compiled.float_model, samples.data)
-    _, reference, _ = onnxruntime_all_outputs(model, input_spec(onnx.load(model))[0], samples.for_layout("NCHW"))
+    _, reference, _ = onnxruntime_all_outputs(model, compiled.specs, samples.data)
     assert list(outputs) == names and [v.shape for v in outputs.values()] == [(3, 10), (3, 4, 16, 16)]
     for got, want in zip(outputs.values(), reference):
         np.testing.assert_allclose(got, want, atol=1e-4)

@@ -14,28 +14,47 @@ def _run(model, x):
 
 
 def test_input_spec_layouts_and_dynamic_batch():
-    spec, notes = onnx_model.input_spec(residual_net(batch="N"))
+    (spec,), notes = onnx_model.input_specs(residual_net(batch="N"))
     assert spec.layout == "NCHW" and spec.shape == (1, 3, 32, 32) and spec.hwc == (32, 32, 3)
     assert any("dynamic batch" in n for n in notes)
-    spec, notes = onnx_model.input_spec(nhwc_net())
+    (spec,), notes = onnx_model.input_specs(nhwc_net())
     assert spec.layout == "NHWC" and spec.hwc == (32, 32, 3) and not notes
 
 
-def test_dynamic_spatial_needs_input_size():
+def test_dynamic_spatial_needs_input_size_or_input_shape():
     g = GraphBuilder()
     model = g.model(["N", 3, "H", "W"], g.head(g.conv("input", 3, 4), 4))
-    with pytest.raises(InputError, match="pass --input-size"):
-        onnx_model.input_spec(model)
-    spec, _ = onnx_model.input_spec(model, input_size=48)
+    with pytest.raises(InputError, match="pass --input-size or --input-shape input=..."):
+        onnx_model.input_specs(model)
+    (spec,), _ = onnx_model.input_specs(model, input_size=48)
     assert spec.shape == (1, 3, 48, 48)
+    (spec,), notes = onnx_model.input_specs(model, shapes=onnx_model.parse_input_shapes(["input=1x3x40x56"]))
+    assert spec.shape == (1, 3, 40, 56) and spec.hwc == (40, 56, 3) and "--input-shape" in notes[0]
 
 
-def test_non_image_input_is_rejected():
+def test_non_image_inputs_keep_their_layout_and_need_static_shapes():
     g = GraphBuilder()
     w = g.const(np.ones((10, 4)))
-    model = g.model([1, 10], g.node("MatMul", ["input", w]))
-    with pytest.raises(InputError, match=r"expected a 4-D image tensor"):
-        onnx_model.input_spec(model)
+    (spec,), _ = onnx_model.input_specs(g.model([1, 10], g.node("MatMul", ["input", w])))
+    assert spec.layout == "plain" and not spec.is_image and spec.sample_shape == (10,)
+    with pytest.raises(InputError, match=r"dynamic dimensions \[1, 'T', 10\]; set them with --input-shape input=1xNx10"):
+        onnx_model.input_specs(g.model([1, "T", 10], g.node("MatMul", ["input", w])))
+    (spec,), _ = onnx_model.input_specs(g.model([1, "T", 10], g.node("MatMul", ["input", w])), shapes={"input": (1, 49, 10)})
+    assert spec.shape == (1, 49, 10) and spec.layout == "plain"
+    with pytest.raises(InputError, match="--input-size applies to an image input"):
+        onnx_model.input_specs(g.model([1, 10], g.node("MatMul", ["input", w])), input_size=32)
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["input=1x3xAx4"], "takes NAME=1x3x640x640"), (["1x3x4x4"], "takes NAME="), (["input=1x0x4"], "positive sizes"),
+    (["input=1x3", "input=1x4"], "gives input 'input' twice"), (["other=1x10"], "names 'other', which is not an input of the model"),
+    (["input=1x10x3"], r"does not fit the model input of shape \[1, 10\]"),
+])
+def test_bad_input_shapes(texts, message):
+    g = GraphBuilder()
+    model = g.model([1, 10], g.node("MatMul", ["input", g.const(np.ones((10, 4)))]))
+    with pytest.raises(InputError, match=message):
+        onnx_model.input_specs(model, shapes=onnx_model.parse_input_shapes(texts))
 
 
 def test_fold_pads_keeps_the_function(tmp_path):

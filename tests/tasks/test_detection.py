@@ -5,7 +5,6 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from conftest import DEMO_IMAGES, REPO, pad_conv_net, run_cli, shared
 
@@ -13,7 +12,6 @@ from quantune_edge.common.preprocessing import load_image_with_geometry, make_pr
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.compile.compiler import onnxruntime_all_outputs
 from quantune_edge.errors import InputError
-from quantune_edge.model.onnx_model import input_spec
 from quantune_edge.model.runtime import sample_of
 from quantune_edge.tasks import make_task
 from quantune_edge.tasks.detection import Detection, GroundTruth, class_wise_nms, coco_map, to_original
@@ -170,7 +168,7 @@ def test_flags_of_one_task_refuse_the_other():
 
 
 def _onnxruntime_scores(compiled, onnx_path, samples):
-    names, outputs, shapes = onnxruntime_all_outputs(onnx_path, input_spec(onnx.load(onnx_path))[0], samples.for_layout("NCHW"))
+    names, outputs, shapes = onnxruntime_all_outputs(onnx_path, compiled.specs, samples.data)
     per_sample = [{n: sample_of(v, i, s) for n, v, s in zip(names, outputs, shapes)} for i in range(len(samples))]
     return compiled.task.scores(per_sample, samples.labels)
 
