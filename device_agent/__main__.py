@@ -34,12 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--input", default=None, help=".npy input (default: random data of the right dtype and shape)")
     bench.add_argument("--no-xnnpack", action="store_true", help="plain builtin kernels instead of the XNNPACK delegate")
     bench.add_argument("--seed", type=int, default=0)
-    ev = sub.add_parser("eval", help="each output reduced (argmax: the top-1 index) and an outputs digest over samples")
+    ev = sub.add_parser("eval", help="each output reduced (argmax: the top-1 index) or written whole, and an outputs digest")
     ev.add_argument("model")
     ev.add_argument("--samples", required=True, help=".npz with 'x' (N, ...) and optional 'labels' (N,)")
     ev.add_argument("--threads", type=int, default=4)
     ev.add_argument("--no-xnnpack", action="store_true")
-    ev.add_argument("--reduce", default="argmax", help="named reducer applied to each output (argmax)")
+    ev.add_argument("--reduce", default="argmax", help="named reducer applied to each output (argmax), or none")
+    ev.add_argument("--outputs", default=None, help="folder to write every output of every sample to (output_K.npy, float32)")
     pr = sub.add_parser("profile", help="several models timed in alternating rounds (per-layer costs by difference)")
     pr.add_argument("models", nargs="+")
     pr.add_argument("--warmup", type=int, default=3)
@@ -99,7 +100,8 @@ def run(argv: list) -> dict:
     elif args.command == "eval":
         from .measure import evaluate
 
-        result.update(evaluate(args.model, args.samples, threads=args.threads, xnnpack=not args.no_xnnpack, reduce=args.reduce))
+        result.update(evaluate(args.model, args.samples, threads=args.threads, xnnpack=not args.no_xnnpack, reduce=args.reduce,
+                               outputs_dir=args.outputs))
     return result
 
 

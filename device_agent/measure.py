@@ -134,17 +134,68 @@ def bench(path: str, *, warmup: int = 10, runs: int = 100, threads: int = 4, xnn
 
 
 # What eval may return per sample instead of the raw output: named numpy reducers. The agent knows no
-# task; the host names the reducer its task needs and scores the answers itself.
+# task; the host names the reducer its task needs and scores the answers itself. "none" keeps every
+# output whole (written to --outputs): a detector's mAP is computed by the host from them.
 REDUCERS = {"argmax": lambda out: int(np.argmax(out.reshape(-1)))}
+NO_REDUCER = "none"
 
 
-def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = True, reduce: str = "argmax") -> dict:
-    """Runs every sample of an .npz (``x``: (N, ...) float32 or the model's dtype; optional ``labels``:
-    (N,) output indices, scored as top-1 with the argmax reducer) and returns each output reduced
-    by ``reduce`` and a digest of the raw outputs."""
-    if reduce not in REDUCERS:
-        raise AgentError("usage", "unknown reducer %r (known: %s)" % (reduce, ", ".join(sorted(REDUCERS))))
-    reducer = REDUCERS[reduce]
+def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = True, reduce: str = "argmax",
+             outputs_dir: str | None = None) -> dict:
+    """Runs every sample of an .npz (``x``: (N, ...) float32 or the model's dtype, a structured array
+    with one field per input name for a model with several; optional ``labels``: (N,) output indices,
+    scored as top-1 with the argmax reducer) and returns each output reduced by ``reduce`` and a
+    digest of the raw outputs. With ``outputs_dir``, every output of every sample is also written
+    there, dequantized to float32, as ``output_K.npy`` (N, ...) in the exported model's order."""
+    if reduce != NO_REDUCER and reduce not in REDUCERS:
+        raise AgentError("usage", "unknown reducer %r (known: %s)" % (reduce, ", ".join(sorted(REDUCERS) + [NO_REDUCER])))
+    if reduce == NO_REDUCER and not outputs_dir:
+        raise AgentError("usage", "--reduce none keeps whole outputs: give --outputs DIR to write them to")
+    x, labels = _eval_samples(samples_path)
+    start = time.perf_counter()
+    interpreter, kernels = _open(path, threads, xnnpack)
+    inputs = _inputs_by_name(interpreter)
+    outputs = _outputs_in_model_order(interpreter)
+    if x.dtype.names is None and len(inputs) != 1:
+        raise AgentError("bad_input", "the model has %d inputs (%s); 'x' must hold one field per input name"
+                         % (len(inputs), ", ".join(inputs)))
+    missing = sorted(set(inputs) - set(x.dtype.names or inputs))
+    if missing:
+        raise AgentError("bad_input", "%s: 'x' has no field for the model input %r" % (samples_path, missing[0]))
+    writers = _output_writers(outputs_dir, outputs, len(x)) if outputs_dir else None
+    digest = hashlib.sha256()
+    reduced = []
+    for i in range(len(x)):
+        for name, detail in inputs.items():
+            value = x[i] if x.dtype.names is None else x[name][i]
+            interpreter.set_tensor(detail["index"], _fit(value, detail, "sample %d" % i))
+        interpreter.invoke()
+        out = interpreter.get_tensor(outputs[0]["index"])
+        digest.update(np.ascontiguousarray(out).tobytes())
+        if reduce != NO_REDUCER:
+            reduced.append(REDUCERS[reduce](out))
+        for writer, detail in zip(writers or (), outputs):
+            writer[i] = _dequantized(interpreter.get_tensor(detail["index"]), detail).reshape(writer.shape[1:])
+    for writer in writers or ():
+        writer.flush()
+    result = {
+        "model": model_facts(path, interpreter),
+        "samples": len(x),
+        "reducer": reduce,
+        "reduced": reduced,
+        "kernels": kernels,
+        "outputs_sha256": digest.hexdigest(),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    if writers:
+        result["output_files"] = [{"file": os.path.join(outputs_dir, "output_%d.npy" % k), "shape": list(w.shape)}
+                                  for k, w in enumerate(writers)]
+    if labels is not None and reduce == "argmax":
+        result["top1"] = float(np.mean(np.asarray(reduced) == labels.astype(np.int64)))
+    return result
+
+
+def _eval_samples(samples_path: str):
     try:
         with np.load(samples_path, allow_pickle=False) as npz:
             if "x" not in npz.files:
@@ -157,32 +208,64 @@ def evaluate(path: str, samples_path: str, *, threads: int = 4, xnnpack: bool = 
         raise AgentError("bad_input", "%s: 'x' holds no samples" % samples_path)
     if labels is not None and labels.shape != (len(x),):
         raise AgentError("bad_input", "%s: labels shape %s does not match %d samples" % (samples_path, labels.shape, len(x)))
-    start = time.perf_counter()
-    interpreter, kernels = _open(path, threads, xnnpack)
-    inputs = interpreter.get_input_details()
-    output = interpreter.get_output_details()[0]
-    if len(inputs) != 1:
-        raise AgentError("bad_input", "eval supports single-input models; this one has %d inputs" % len(inputs))
-    digest = hashlib.sha256()
-    reduced = []
-    for i, sample in enumerate(x):
-        interpreter.set_tensor(inputs[0]["index"], _fit(sample, inputs[0], "sample %d" % i))
-        interpreter.invoke()
-        out = interpreter.get_tensor(output["index"])
-        digest.update(np.ascontiguousarray(out).tobytes())
-        reduced.append(reducer(out))
-    result = {
-        "model": model_facts(path, interpreter),
-        "samples": len(x),
-        "reducer": reduce,
-        "reduced": reduced,
-        "kernels": kernels,
-        "outputs_sha256": digest.hexdigest(),
-        "wall_time_s": time.perf_counter() - start,
-    }
-    if labels is not None and reduce == "argmax":
-        result["top1"] = float(np.mean(np.asarray(reduced) == labels.astype(np.int64)))
-    return result
+    return x, labels
+
+
+def _output_writers(folder: str, outputs: list, count: int) -> list:
+    """One float32 .npy per output, (count, ...) without the batch axis of 1, written sample by
+    sample (memory-mapped: a detector's outputs over many images need not fit in memory)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise AgentError("bad_input", "cannot create %s: %s" % (folder, exc)) from None
+    writers = []
+    for k, detail in enumerate(outputs):
+        shape = [int(s) for s in detail["shape"]]
+        per_sample = shape[1:] if shape[:1] == [1] else shape
+        writers.append(np.lib.format.open_memmap(os.path.join(folder, "output_%d.npy" % k), mode="w+", dtype=np.float32,
+                                                 shape=(count, *per_sample)))
+    return writers
+
+
+def _dequantized(value: np.ndarray, detail: dict) -> np.ndarray:
+    if np.issubdtype(value.dtype, np.integer):
+        scale, zero_point = detail["quantization"]
+        if scale:
+            return (value.astype(np.float32) - zero_point) * np.float32(scale)
+    return value.astype(np.float32)
+
+
+def _inputs_by_name(interpreter) -> dict:
+    """Input details under the exported model's input names (the converter's signature keeps the
+    ONNX names), else under the interpreter's own names."""
+    details = interpreter.get_input_details()
+    signature = _signature(interpreter)
+    if signature is not None:
+        by_index = {d["index"]: d for d in details}
+        if set(signature["inputs"].values()) == set(by_index):
+            return {name: by_index[index] for name, index in signature["inputs"].items()}
+    return {d["name"]: d for d in details}
+
+
+def _outputs_in_model_order(interpreter) -> list:
+    """Output details in the exported model's order: the signature's output_0, output_1, ... (the
+    ONNX order), which the interpreter's own listing does not keep."""
+    details = interpreter.get_output_details()
+    signature = _signature(interpreter)
+    if signature is None:
+        return details
+    by_index = {d["index"]: d for d in details}
+    names = ["output_%d" % k for k in range(len(signature["outputs"]))]
+    if set(signature["outputs"]) != set(names) or set(signature["outputs"].values()) != set(by_index):
+        return details
+    return [by_index[signature["outputs"][n]] for n in names]
+
+
+def _signature(interpreter):
+    """The model's one signature ({"inputs": name -> index, "outputs": ...}), or None."""
+    full = getattr(interpreter, "_get_full_signature_list", None)
+    signatures = full() if full is not None else {}
+    return next(iter(signatures.values())) if len(signatures) == 1 else None
 
 
 def profile(paths: list, *, warmup: int = 3, runs: int = 10, rounds: int = 3, threads: int = 4, xnnpack: bool = True,

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from quantune_edge.common.console import Reporter
+from quantune_edge.common.inputs import is_loader
 from quantune_edge.common.outputs import RUN_FOLDER, check_output_folder, write_page
 from quantune_edge.common.preprocessing import Preprocessing
 from quantune_edge.common.records import jsonable, now_iso, sha256_file, write_json
 from quantune_edge.compile.artifacts import COMPILE_FOLDER
 from quantune_edge.deploy.targets import Target
 from quantune_edge.errors import QuantuneError
+from quantune_edge.tasks.base import Task
 
 STAGES = ("compile", "analyze", "tune", "bench", "device-eval", "report")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".csv", ".npy"}
@@ -44,6 +46,9 @@ class StageError(QuantuneError):
 class RunOptions:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     label_offset: int = 0
+    judge: Task | None = None  # what judges the model (compile's --task); None: an image classifier
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    min_sqnr: float | None = None  # the fidelity task's budget, instead of max_drop
     per_tensor: bool = False
     num_calib: int = 100
     analysis_samples: int = 32
@@ -62,7 +67,11 @@ class RunOptions:
 
 
 def data_fingerprint(source: str | Path) -> str:
-    """sha256 over a data file, or over every image (and labels.csv) of a folder, names included."""
+    """sha256 over a data file (a loader's module and function name), or over every image (and
+    labels.csv) of a folder, names included."""
+    if is_loader(source):
+        file, _, function = str(source).rpartition(":")
+        return hashlib.sha256(bytes.fromhex(sha256_file(Path(file))) + function.encode()).hexdigest()
     path = Path(source)
     if path.is_file():
         return sha256_file(path)
@@ -156,11 +165,12 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     o = options
 
     compile_key = _key("compile", sha256_file(model), data_fingerprint(calib), o.preprocessing.to_dict(), o.label_offset,
-                       o.per_tensor, o.num_calib)
+                       o.per_tensor, o.num_calib, o.judge.to_dict() if o.judge else None, o.input_shapes)
     stages.run("compile", compile_key, lambda: [compiled / layout.REPORT, compiled / layout.INT8_MODEL],
                lambda: compile_model(model, calib, compiled, CompileOptions(
                    preprocessing=o.preprocessing, num_calib=o.num_calib, per_channel=not o.per_tensor,
-                   label_offset=o.label_offset, force=True, verbose=o.verbose, threads=o.threads), reporter), reporter)
+                   label_offset=o.label_offset, force=True, verbose=o.verbose, threads=o.threads, judge=o.judge,
+                   input_shapes=o.input_shapes), reporter), reporter)
 
     analyze_key = _key("analyze", compile_key, o.analysis_samples)
     stages.run("analyze", analyze_key, lambda: [compiled / layout.ANALYSIS_JSON],
@@ -170,10 +180,10 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     eval_fingerprint = data_fingerprint(eval_data)
     timed_on = targets[0] if o.max_latency_ratio is not None and targets else None
     tune_key = _key("tune", analyze_key, eval_fingerprint, o.max_drop, o.max_latency_ratio, timed_on.to_dict() if timed_on else None,
-                    o.num_eval, o.best_effort, o.pareto)
+                    o.num_eval, o.best_effort, o.pareto, o.min_sqnr)
     stages.run("tune", tune_key, lambda: [compiled / layout.TUNE_JSON, compiled / layout.MIXED_MODEL],
                lambda: tune(compiled, eval_data, TuneOptions(
-                   max_drop=o.max_drop if o.max_latency_ratio is None else None, max_latency_ratio=o.max_latency_ratio,
+                   max_drop=_drop_budget(o), max_latency_ratio=o.max_latency_ratio, min_sqnr=o.min_sqnr,
                    latency_source=timed_on, num_eval=o.num_eval, threads=o.threads, best_effort=o.best_effort, pareto=o.pareto,
                    verbose=o.verbose), reporter), reporter)
 
@@ -219,6 +229,11 @@ def run_pipeline(model: str | Path, calib: str | Path, eval_data: str | Path, ta
     return report
 
 
+def _drop_budget(options: RunOptions) -> float | None:
+    """The accuracy budget in the task metric's points, unless another budget was given."""
+    return options.max_drop if options.max_latency_ratio is None and options.min_sqnr is None else None
+
+
 def _check_before_any_work(model: Path, calib: str | Path, eval_data: str | Path, out: Path, compiled: Path, options: RunOptions) -> None:
     """Inputs that exist, a budget that means something, and outputs that may be written: a run that
     would fail on them fails before compiling anything."""
@@ -228,9 +243,9 @@ def _check_before_any_work(model: Path, calib: str | Path, eval_data: str | Path
     if not model.is_file():
         raise InputError(f"{model}: no such ONNX model")
     for what, src in (("calibration", calib), ("evaluation", eval_data)):
-        if not Path(src).exists():
+        if not (Path(str(src).rpartition(":")[0]).is_file() if is_loader(src) else Path(src).exists()):
             raise InputError(f"{what} data not found: {src}")
-    check_budget(options.max_drop if options.max_latency_ratio is None else None, options.max_latency_ratio)
+    check_budget(_drop_budget(options), options.max_latency_ratio, min_sqnr=options.min_sqnr)
     inputs = {"the ONNX model": model, "the --calib data": calib, "the --eval data": eval_data}
     check_output_folder(out, RUN_FOLDER, "--out", inputs)
     check_output_folder(compiled, COMPILE_FOLDER, "--out", inputs)

@@ -92,6 +92,32 @@ class GraphBuilder:
         return model
 
 
+def graph_model(builder: GraphBuilder, inputs: list, out: str):
+    """A model of the builder's nodes with several named float inputs ((name, shape) pairs) and one output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(builder.nodes, "test", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, None])], builder.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def image_and_vector_net():
+    """Two inputs: an image branch (conv, conv, pool) and a vector branch (Gemm) joined into 5 logits."""
+    from onnx import helper
+
+    b = GraphBuilder(1)
+    x = b.node("Relu", [b.conv(b.node("Relu", [b.conv("image", 3, 8, stride=2)]), 8, 16, stride=2)])
+    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    v = b.node("Relu", [b.node("Gemm", ["meta", b.const(b.rng.normal(0, 0.3, (16, 16))), b.const(b.rng.normal(0, 0.1, 16))])])
+    logits = b.node("Gemm", [b.node("Concat", [pooled, v], axis=1), b.const(b.rng.normal(0, 0.3, (32, 5))), b.const(b.rng.normal(0, 0.1, 5))])
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    return graph_model(b, [("image", [1, 3, 32, 32]), ("meta", [1, 16])], "logits")
+
+
 def residual_net(batch="N", size: int = 32):
     """Conv+BN+ReLU6 stem, depthwise+BN+ReLU6, residual Add+ReLU, classifier head; NCHW input."""
     g = GraphBuilder(1)

@@ -68,8 +68,9 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert on_device["arm"]["mixed"]["machine"] == "aarch64" and set(on_device["loop"]) == {"float32", "int8", "mixed"}
     for target in ("arm", "loop"):
         for label, row in on_device[target].items():
-            assert row["agreement_with_host"] >= 0.9 and 0 <= row["top1"] <= 1, (target, label)
-    assert on_device["loop"]["int8"]["top1"] == pytest.approx(report["accuracy"]["host"]["int8"])  # same kernels, same answer
+            assert row["metric"] == "top-1" and row["agreement_with_host"] >= 0.9 and 0 <= row["value"] <= 1, (target, label)
+    assert on_device["loop"]["int8"]["value"] == pytest.approx(report["accuracy"]["host"]["int8"])  # same kernels, same answer
+    assert on_device["loop"]["int8"]["host_value"] == pytest.approx(report["accuracy"]["host"]["int8"])
     assert "on the devices" in page
 
     again = run_cli(*_args(out, targets_dir, "loop,arm", "--eval-on-device", "--json"))
@@ -89,7 +90,7 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
     assert state["bench"]["status"] == "failed" and state["tune"]["status"] == "done"
 
     both = run_cli(*_args(out, targets_dir, "loop", "--max-drop", "1", "--max-latency-ratio", "1.2"))
-    assert both.returncode != 0 and both.stderr.strip().splitlines() == ["error: give one of --max-drop, --max-latency-ratio"], both.stderr
+    assert both.returncode != 0 and both.stderr.strip().splitlines() == ["error: give one of --max-drop, --min-sqnr, --max-latency-ratio"], both.stderr
     timed = run_cli(*_args(out, targets_dir, "loop,arm", "--max-latency-ratio", "1.3", "--best-effort"))
     assert timed.returncode == 0, timed.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -192,3 +193,34 @@ def test_run_refuses_nonsense_budgets_and_foreign_out_folders_before_any_work(tm
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "new").exists() and sorted(p.name for p in calib.iterdir()) == sorted(p.name for p in DEMO_IMAGES.iterdir())
     assert (others / "thesis.tex").read_text() == "keep" and (mine / "compiled" / "draft.txt").read_text() == "keep"
+
+
+def test_run_judges_by_the_compiles_task_in_every_table_and_chart(sshd, tmp_path):
+    """A two-input model, --task fidelity: the budget is --min-sqnr, the device measures the task's
+    metric from its own outputs, and the report speaks of output SQNR, not top-1."""
+    import onnx
+    from conftest import image_and_vector_net
+
+    rng = np.random.default_rng(0)
+    onnx.save(image_and_vector_net(), tmp_path / "two.onnx")
+    np.savez(tmp_path / "two.npz", image=rng.normal(size=(12, 3, 32, 32)).astype(np.float32),
+             meta=rng.normal(size=(12, 16)).astype(np.float32))
+    targets_dir = tmp_path / "targets"
+    sshd.target_toml(targets_dir / "loop.toml", python=sys.executable, work_dir=tmp_path / "device")
+    out = tmp_path / "run"
+    proc = run_cli("run", tmp_path / "two.onnx", "--calib", tmp_path / "two.npz", "--eval", tmp_path / "two.npz", "--target", "loop",
+                   "--targets-dir", targets_dir, "--out", out, "--task", "fidelity", "--min-sqnr", 30, "--num-calib", 12,
+                   "--num-samples", 8, "--num-eval", 12, "--runs", 2, "--eval-on-device", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["accuracy"]["is"] == "output SQNR dB" and report["tune"]["budget"]["min_sqnr_db"] == 30
+    assert report["accuracy"]["host"]["mixed"] >= 30 and report["tune"]["budget"]["met"]
+    rows = report["accuracy"]["device"]["targets"]["loop"]
+    assert set(rows) == {"float32", "int8", "mixed"} and rows["int8"]["metric"] == "output SQNR dB"
+    assert rows["int8"]["value"] == pytest.approx(report["accuracy"]["host"]["int8"], abs=0.01)  # the same kernels
+    page = (out / "report.html").read_text()
+    assert "output SQNR dB vs latency" in page and "every output at least 30 dB SQNR against float32 (met)" in page
+    assert "output SQNR dB (device)" in page and "top-1" not in page
+    wrong = run_cli("run", tmp_path / "two.onnx", "--calib", tmp_path / "two.npz", "--eval", tmp_path / "two.npz", "--target", "loop",
+                    "--targets-dir", targets_dir, "--out", tmp_path / "other", "--min-sqnr", 30)
+    assert wrong.returncode == 2 and "--min-sqnr is the fidelity task's budget" in wrong.stderr and not (tmp_path / "other").exists()

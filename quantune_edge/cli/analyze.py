@@ -11,9 +11,10 @@ from rich.table import Table
 
 from quantune_edge.analyze.analysis import LOCAL_SAMPLES
 from quantune_edge.analyze.sensitivity import DEFAULT_METRIC, nan_low
-from quantune_edge.cli.shared import DATA_HELP, ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, Verbose, app, both_names, fmt_count, fmt_db, fmt_metric, one_line_errors, op_label, preprocessing_override, print_json
+from quantune_edge.cli.shared import DATA_HELP, ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, Verbose, app, both_names, fmt_count, fmt_db, one_line_errors, op_label, preprocessing_override, print_json
 from quantune_edge.common.console import Reporter
 from quantune_edge.compile import artifacts as layout
+from quantune_edge.tasks.base import format_metric
 
 
 def _print_analysis(reporter: Reporter, report, top: int) -> None:
@@ -47,7 +48,7 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     metric = out.get("metric", "top-1")
     con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB"
               + (f", top-1 agreement {100 * out['top1_agreement']:.1f} %" if "top1_agreement" in out else "")
-              + (f", {metric} float {fmt_metric(out['float32_top1'], metric)} / int8 {fmt_metric(out['int8_top1'], metric)}"
+              + (f", {metric} float {format_metric(out['float32_top1'], metric)} / int8 {format_metric(out['int8_top1'], metric)}"
                  if out.get("int8_top1") is not None else ""))
     con.print(f"cost: {inv['float32']} float32 + {inv['int8']} int8 invocations, {report.timings_s['analysis']:.2f} s "
               f"(+{inv.get('layer_kernels', 0)} of the layer-kernel model for the local errors, "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -13,6 +13,7 @@ from quantune_edge.cli.shared import (
     ChannelOrder,
     Classes,
     Decoder,
+    InputShape,
     InputSize,
     JsonOut,
     Labels,
@@ -30,13 +31,13 @@ from quantune_edge.cli.shared import (
     Verbose,
     app,
     fmt_count,
-    fmt_metric,
     make_judge,
     one_line_errors,
     op_label,
     print_json,
 )
 from quantune_edge.common.console import Reporter
+from quantune_edge.tasks.base import format_metric
 
 
 def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
@@ -61,7 +62,7 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
         for name in names:
             row = [scores[k][name] if scores.get(k) else acc[k] for k in ("onnxruntime_float32", "tflite_float32", "tflite_int8")]
             judged = acc["samples"] if acc.get("judged_against") == "float32" else acc["labelled"]
-            table.add_row(f"{name} ({judged} calib. samples)", *(fmt_metric(v, name) for v in row))
+            table.add_row(f"{name} ({judged} calib. samples)", *(format_metric(v, name) for v in row))
     check = report.verification["float32_vs_onnxruntime"]
     q = report.verification["int8_vs_onnxruntime"]
     outputs = report.verification.get("outputs", {})
@@ -140,7 +141,7 @@ def compile_cmd(
     nms_iou: NmsIou = 0.6,
     classes: Classes = 80,
     metric: Metric = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=1x3x640x640: fix an input's dynamic dimensions (repeatable).")] = None,
+    input_shape: InputShape = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,

@@ -10,20 +10,31 @@ from quantune_edge import __version__
 from quantune_edge.cli.shared import (
     DATA_HELP,
     ChannelOrder,
+    Classes,
+    Decoder,
+    InputShape,
     InputSize,
     InstallRuntime,
     JsonOut,
+    Labels,
     Mean,
+    Metric,
+    NmsIou,
+    PadValue,
+    Placement,
     Preset,
     Quiet,
     Resize,
+    ResizeMode,
     Std,
     TargetsDir,
+    TaskName,
     TrustNew,
     Verbose,
     app,
     fail,
     load_targets,
+    make_judge,
     one_line,
     one_line_errors,
     print_json,
@@ -31,6 +42,7 @@ from quantune_edge.cli.shared import (
 )
 from quantune_edge.common.console import Reporter
 from quantune_edge.errors import InputError, QuantuneError
+from quantune_edge.tasks.base import format_metric
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = REPO_ROOT / "demo"
@@ -43,12 +55,13 @@ DEMO_PREPROCESSING = {"mean": "127,127,127", "std": "128,128,128"}
 
 @app.command("run")
 def run_cmd(
-    model: Annotated[Path, typer.Argument(help="ONNX image model.")],
+    model: Annotated[Path, typer.Argument(help="ONNX model (image inputs preprocessed, others fed as given).")],
     calib: Annotated[Path, typer.Option("--calib", help=DATA_HELP)],
     eval_data: Annotated[Path, typer.Option("--eval", help=DATA_HELP)],
     target: Annotated[str, typer.Option("--target", help="Target name(s), comma-separated.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for everything (kept; stages are cached in it).")] = Path("runs/run"),
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: top-1 points below float32 (default 1.0).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget: points of the task's metric below float32 (top-1, mAP50-95; default 1.0).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="The fidelity task's budget: the worst output's SQNR vs float32, dB.")] = None,
     max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Latency budget vs full int8, timed on the first target (instead of --max-drop).")] = None,
     num_calib: Annotated[int, typer.Option("--num-calib")] = 100,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples for the two-run analysis.")] = 32,
@@ -57,7 +70,7 @@ def run_cmd(
     label_offset: Annotated[int, typer.Option("--label-offset")] = 0,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model on each target.")] = 20,
     pareto: Annotated[bool, typer.Option("--pareto", help="Also sweep k on the host and plot pareto.png.")] = False,
-    eval_on_device: Annotated[bool, typer.Option("--eval-on-device", help="Also measure top-1 on each target (the agent's eval).")] = False,
+    eval_on_device: Annotated[bool, typer.Option("--eval-on-device", help="Also measure the task's metric on each target from the outputs computed there (the agent's eval).")] = False,
     best_effort: Annotated[bool, typer.Option("--best-effort", help="Go on with the best model when the budget is unreachable.")] = False,
     targets_dir: TargetsDir = None,
     trust_new_host_key: TrustNew = False,
@@ -68,19 +81,35 @@ def run_cmd(
     input_size: InputSize = None,
     resize: Resize = None,
     channel_order: ChannelOrder = None,
+    resize_mode: ResizeMode = None,
+    pad_value: PadValue = None,
+    placement: Placement = None,
+    task: TaskName = "classify",
+    decoder: Decoder = "yolov5",
+    labels: Labels = None,
+    nms_iou: NmsIou = 0.6,
+    classes: Classes = 80,
+    metric: Metric = None,
+    input_shape: InputShape = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
 ) -> None:
     """ONNX to on-device report: compile, analyze, tune, deploy and bench float32/int8/mixed, report.html."""
     from quantune_edge.common.preprocessing import make_preprocessing
+    from quantune_edge.model.onnx_model import parse_input_shapes
     from quantune_edge.pipeline import RunOptions
 
     with one_line_errors():
-        if max_drop is not None and max_latency_ratio is not None:
-            raise InputError("give one of --max-drop, --max-latency-ratio")
+        if sum(b is not None for b in (max_drop, max_latency_ratio, min_sqnr)) > 1:
+            raise InputError("give one of --max-drop, --min-sqnr, --max-latency-ratio")
+        judge = make_judge(task, label_offset, decoder, labels, nms_iou, classes, metric)
+        if min_sqnr is not None and task != "fidelity":
+            raise InputError(f"--min-sqnr is the fidelity task's budget; this run's task is {task} (use --max-drop)")
         targets = load_targets(target, targets_dir)
-        options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order),
+        options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode,
+                                                              pad_value, placement),
+                             judge=judge, input_shapes=parse_input_shapes(input_shape or []), min_sqnr=min_sqnr,
                              label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
                              analysis_samples=num_samples, max_drop=1.0 if max_drop is None else max_drop, max_latency_ratio=max_latency_ratio,
                              num_eval=num_eval, best_effort=best_effort, pareto=pareto, eval_on_device=eval_on_device, runs=runs,
@@ -102,8 +131,8 @@ def _run(model: Path, calib: Path, eval_data: Path, targets, out: Path, options,
     if quiet:
         return
     acc = data["accuracy"]
-    reporter.console.print(f"accuracy ({acc['is']}, {acc['samples']} images, host): "
-                           + ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc["host"].items() if v is not None)
+    reporter.console.print(f"accuracy ({acc['is']}, {acc['samples']} samples, host): "
+                           + ", ".join(f"{k} {format_metric(v, acc['is'])}" for k, v in acc["host"].items() if v is not None)
                            + f"; float layers: {', '.join(one_line(l) for l in data['tune']['chosen_layers']) or 'none'}", markup=False)
     if data["device"]:
         print_results(reporter, [ResultRow(**r) for r in data["device"]])

@@ -39,6 +39,7 @@ Decoder = Annotated[str, typer.Option("--decoder", help="detect: yolov5 | yolov8
 Labels = Annotated[Optional[Path], typer.Option("--labels", help="detect: COCO json of the images (default: annotations.json or labels/ beside them).")]
 NmsIou = Annotated[float, typer.Option("--nms-iou", help="detect: IoU above which class-wise NMS drops a box.")]
 Classes = Annotated[int, typer.Option("--classes", help="detect: number of classes the detector predicts.")]
+InputShape = Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=1x3x640x640: fix an input's dynamic dimensions (repeatable).")]
 ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rgb | bgr: channel order the model expects.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/onnx2tf logs.")]
@@ -94,17 +95,6 @@ def make_judge(task: str, label_offset: int, decoder: str, labels: Path | None, 
     if task == "custom":
         return make_task("custom", metric_file=metric)
     return make_task(task)
-
-
-def fmt_metric(value, metric: str) -> str:
-    """A task's figure as people read it: top-1 as a percentage, mAP in points, a custom metric as is."""
-    if value is None:
-        return "-"
-    if metric.startswith("top"):
-        return f"{100 * value:.1f} %"
-    if metric.endswith("dB"):
-        return f"{value:.1f} dB"
-    return f"{100 * value:.1f}" if metric.startswith("mAP") else f"{value:.4g}"
 
 
 def fmt_db(v) -> str:

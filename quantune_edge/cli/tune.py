@@ -9,9 +9,10 @@ import typer
 from rich import box
 from rich.table import Table
 
-from quantune_edge.cli.shared import DATA_HELP, ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, TargetsDir, Verbose, app, fmt_metric, load_targets, one_line, one_line_errors, preprocessing_override, print_json
+from quantune_edge.cli.shared import DATA_HELP, ChannelOrder, InputSize, JsonOut, Mean, Preset, Quiet, Resize, Std, TargetsDir, Verbose, app, load_targets, one_line, one_line_errors, preprocessing_override, print_json
 from quantune_edge.common.console import Reporter
 from quantune_edge.compile import artifacts as layout
+from quantune_edge.tasks.base import format_metric
 
 
 def fmt_drop(points: float) -> str:
@@ -78,13 +79,13 @@ def _print_tune(reporter: Reporter, report) -> None:
         table.add_column(col, justify="right", no_wrap=True)
     int8 = ref.get("int8")
     metric = ref["accuracy_is"]
-    table.add_row("float32", "all", fmt_metric(ref['float32_accuracy'], metric), "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
+    table.add_row("float32", "all", format_metric(ref['float32_accuracy'], metric), "0.00", "inf", f"{ref['float32_latency_ms']:.2f}",
                   f"{ref['float32_latency_ms'] / ref['int8_latency_ms']:.2f}x", "0")
     if int8:
-        table.add_row("int8", "0", fmt_metric(int8['accuracy'], metric), fmt_drop(int8['drop_points']), f"{int8['output_sqnr_db']:.1f}",
+        table.add_row("int8", "0", format_metric(int8['accuracy'], metric), fmt_drop(int8['drop_points']), f"{int8['output_sqnr_db']:.1f}",
                       f"{ref['int8_latency_ms']:.2f}", "1.00x", str(int8["quantize_ops"]))
     table.add_row("[bold]mixed[/]", f"{len(c['float_layers'])} ({100 * c['share_of_layers_float']:.0f} %)",
-                  fmt_metric(c['accuracy'], metric), fmt_drop(c['drop_points']), f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
+                  format_metric(c['accuracy'], metric), fmt_drop(c['drop_points']), f"{c['output_sqnr_db']:.1f}", f"{c['latency_ratio'] * ref['int8_latency_ms']:.2f}",
                   f"{c['latency_ratio']:.2f}x", str(c["quantize_ops"]))
     reporter.console.print(table)
     if not math.isfinite(ref["float32_accuracy"]):

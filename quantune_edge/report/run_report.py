@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 from quantune_edge.common.outputs import PAGE_MARKER
@@ -12,6 +13,7 @@ from quantune_edge.common.records import SCHEMA_VERSION, now_iso
 from quantune_edge.compile import artifacts as layout
 from quantune_edge.measure.saved import ResultRow, rows_from
 from quantune_edge.report.bench_page import display_labels, latency_chart
+from quantune_edge.tasks.base import format_metric, metric_points
 
 TOP_LAYERS = 10
 LABELS = ("float32", "int8", "mixed")
@@ -106,15 +108,18 @@ def _pct(v) -> str:
     return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "–"
 
 
-def accuracy_latency_chart(points: list[dict]) -> str:
-    """Accuracy (host) against on-device p50 latency, one marker per model and target; the chosen
-    mixed model is ringed."""
+def accuracy_latency_chart(points: list[dict], metric: str = "top-1") -> str:
+    """The task's metric (host) against on-device p50 latency, one marker per model and target; the
+    chosen mixed model is ringed. Top-1 and mAP are drawn in points."""
     if not points:
         return "<p><em>no on-device measurements</em></p>"
     w, h, pad = 560, 320, 60
-    xs, ys = [p["p50_ms"] for p in points], [p["accuracy"] for p in points]
+    xs, ys = [p["p50_ms"] for p in points], [metric_points(p["accuracy"], metric) for p in points]
+    finite = [y for y in ys if math.isfinite(y)] or [0.0]
+    ys = [y if math.isfinite(y) else max(finite) for y in ys]  # fidelity's float32 (inf dB) drawn at the top
+    margin = max(2.0, 0.05 * (max(finite) - min(finite)))
     x0, x1 = 0.0, max(xs) * 1.1
-    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
+    y0, y1 = min(ys) - margin, max(ys) + margin
     sx = lambda v: pad + (v - x0) / (x1 - x0 or 1) * (w - 2 * pad)  # noqa: E731
     sy = lambda v: h - pad + (y0 - v) / (y1 - y0 or 1) * (h - 2 * pad)  # noqa: E731
     colours = {"float32": "#8c8c8c", "int8": "#2c7fb8", "mixed": "#31a354"}
@@ -122,15 +127,15 @@ def accuracy_latency_chart(points: list[dict]) -> str:
              f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
              f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle" font-size="12">on-device p50 latency (ms)</text>',
-             f'<text x="16" y="{h / 2}" font-size="12" transform="rotate(-90 16 {h / 2})" text-anchor="middle">top-1 (host)</text>',
+             f'<text x="16" y="{h / 2}" font-size="12" transform="rotate(-90 16 {h / 2})" text-anchor="middle">{html.escape(metric)} (host)</text>',
              f'<text x="{pad}" y="{h - pad + 16}" font-size="10">{x0:.0f}</text>',
              f'<text x="{w - pad}" y="{h - pad + 16}" font-size="10" text-anchor="end">{x1:.1f}</text>',
-             f'<text x="{pad - 4}" y="{sy(y1) + 4}" font-size="10" text-anchor="end">{100 * y1:.1f}</text>',
-             f'<text x="{pad - 4}" y="{sy(y0) + 4}" font-size="10" text-anchor="end">{100 * y0:.1f}</text>']
-    for n, p in enumerate(points):
-        cx, cy = sx(p["p50_ms"]), sy(p["accuracy"])
+             f'<text x="{pad - 4}" y="{sy(y1) + 4}" font-size="10" text-anchor="end">{y1:.1f}</text>',
+             f'<text x="{pad - 4}" y="{sy(y0) + 4}" font-size="10" text-anchor="end">{y0:.1f}</text>']
+    for n, (p, y) in enumerate(zip(points, ys)):
+        cx, cy = sx(p["p50_ms"]), sy(y)
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{colours.get(p["label"], "#756bb1")}">'
-                     f'<title>{html.escape(p["target"])} {p["label"]}: {p["p50_ms"]:.2f} ms, {100 * p["accuracy"]:.1f} %</title></circle>')
+                     f'<title>{html.escape(p["target"])} {p["label"]}: {p["p50_ms"]:.2f} ms, {html.escape(format_metric(p["accuracy"], metric))}</title></circle>')
         if p["chosen"]:
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="11" fill="none" stroke="#d62728" stroke-width="2"/>')
         parts.append(f'<text x="{cx + 9:.1f}" y="{cy - 8 - 13 * (n % 3):.1f}" font-size="11">{html.escape(p["target"])} · {p["label"]}</text>')
@@ -138,7 +143,7 @@ def accuracy_latency_chart(points: list[dict]) -> str:
     return "".join(parts)
 
 
-def _budget(budget: dict | None) -> str:
+def _budget(budget: dict | None, metric: str = "top-1") -> str:
     """The tune budget in words: which one, where latency was timed, met or not."""
     if not budget:
         return "budget: unknown"
@@ -148,9 +153,11 @@ def _budget(budget: dict | None) -> str:
         text = f"latency at most {budget['max_latency_ratio']:g}x full int8, timed {where}"
     elif budget.get("float_layers") is not None:
         text = f"{budget['float_layers']} float layers"
+    elif budget.get("min_sqnr_db") is not None:
+        text = f"every output at least {budget['min_sqnr_db']:g} dB SQNR against float32"
     else:
         drop = budget.get("max_drop_points", 0)
-        text = f"top-1 at most {drop:g} point{'' if drop == 1 else 's'} below float32"
+        text = f"{metric} at most {drop:g} point{'' if drop == 1 else 's'} below float32"
     return f"budget: {text} ({'met' if budget.get('met') else 'not met, best found'})"
 
 
@@ -163,12 +170,16 @@ def _versus_float(vs: dict | None) -> str:
 
 
 def _device_accuracy(device: dict | None) -> str:
+    """The task's metric computed from the outputs each device produced, next to the host's."""
     if not device:
         return ""
-    rows = [[t, label, r["machine"], _pct(r["top1"]), _pct(r["agreement_with_host"])]
+    metric = device.get("metric", "top-1")
+    rows = [[t, label, r["machine"], format_metric(r["value"], metric), format_metric(r["host_value"], metric),
+             _pct(r["agreement_with_host"]) if "agreement_with_host" in r else f"max |Δ output| {r['max_abs_diff_vs_host']:.3g}"]
             for t, models in device["targets"].items() for label, r in models.items()]
-    return (f"<p>on the devices ({device['samples']} samples, run by the agent there)</p>"
-            + _table(["target", "model", "arch", "top-1", "top-1 agrees with host"], rows))
+    return (f"<p>on the devices ({device['samples']} samples, run by the agent there; {html.escape(metric)} computed from the "
+            f"outputs the device produced)</p>"
+            + _table(["target", "model", "arch", f"{metric} (device)", f"{metric} (host)", "device vs host"], rows))
 
 
 def _onnx_nodes(layer: dict) -> str:
@@ -178,6 +189,7 @@ def _onnx_nodes(layer: dict) -> str:
 
 def render(data: dict, compiled: Path) -> str:
     m, c, a, t, acc = data["model"], data["compile"], data["analysis"], data["tune"], data["accuracy"]
+    metric = acc.get("is") or "top-1"
     sizes = c.get("sizes_bytes") or {}
     q = c.get("quantize_ops") or {}
     patterns = ((c.get("fusions") or {}).get("float32") or {}).get("patterns", [])
@@ -187,7 +199,8 @@ def render(data: dict, compiled: Path) -> str:
         ["left unfused", str(sum(p.get("left_unfused", 0) for p in patterns))],
         ["QUANTIZE / DEQUANTIZE ops (int8)", f"{q.get('int8_quantize', '?')} / {q.get('int8_dequantize', '?')}"],
         ["sizes", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())],
-        *[[f"{k.replace('_', ' ')}", f"cosine min {v.get('cosine_min', 0):.5f}, top-1 agreement {_pct(v.get('top1_agreement'))}"]
+        *[[f"{k.replace('_', ' ')}", f"cosine min {v.get('cosine_min', 0):.5f}"
+           + (f", top-1 agreement {_pct(v['top1_agreement'])}" if "top1_agreement" in v else "")]
           for k, v in verify.items() if isinstance(v, dict) and "cosine_min" in v],
     ]
     layers = [[i + 1, l["index"], _onnx_nodes(l), l["short_name"], l["op_type"], f"{l.get('local_rmse_lsb') or 0:.2f}",
@@ -220,10 +233,10 @@ generated {html.escape(data['created'])}</p>
 {_img(compiled / layout.ANALYSIS_PNG, 'local metrics per layer')}
 {_table(['rank', '#', 'ONNX nodes', 'TFLite', 'op', 'own error (LSB)', 'share of logit error', 'activation SQNR dB'], layers)}
 <h2>Chosen float layers</h2>
-<p>{html.escape(_budget(t.get('budget')))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
+<p>{html.escape(_budget(t.get('budget'), metric))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
 {_table(['#', 'ONNX nodes', 'TFLite', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
-<h2>Accuracy</h2><p>{html.escape(str(acc.get('is')))} on {acc.get('samples')} images (host)</p>
-{_table(['model', 'accuracy'], [[k, _pct(v)] for k, v in acc['host'].items()])}
+<h2>Accuracy</h2><p>{html.escape(metric)} on {acc.get('samples')} samples (host)</p>
+{_table(['model', metric], [[k, format_metric(v, metric)] for k, v in acc['host'].items()])}
 {_versus_float(acc.get('mixed_vs_float32'))}
 {_device_accuracy(acc.get('device'))}
 <h2>On-device latency</h2>
@@ -231,7 +244,7 @@ generated {html.escape(data['created'])}</p>
 {latency_chart(rows) if rows else '<p><em>no targets</em></p>'}
 {_table(['target', 'arch', 'model', 'p50 ms', 'p90 ms', 'p99 ms', 'vs float', 'latency ÷ full int8', 'size'], device)}{same_file}
 {''.join(f'<p><strong>{html.escape(w)}</strong></p>' for w in budget_warnings(data.get('latency_budget')))}
-<h2>Accuracy vs latency</h2>{accuracy_latency_chart(data['pareto']['device'])}
+<h2>{html.escape(metric)} vs latency</h2>{accuracy_latency_chart(data['pareto']['device'], metric)}
 {_img(compiled / layout.PARETO_PNG, 'host Pareto sweep') if data['pareto'].get('host') else ''}
 <h2>Stages</h2>{_table(['stage', 'status', 'time'], stage_rows)}
 </body></html>

@@ -126,3 +126,22 @@ def compare(task: Task, reference: np.ndarray, candidate: np.ndarray) -> dict[st
     if task.agreement_key is not None:
         out[task.agreement_key] = float(np.mean(task.agreement(align_layout(reference, candidate), reference)))
     return out
+
+
+def metric_points(value: float | str, metric: str) -> float:
+    """A task's figure in the units people quote it in: top-1 and mAP as 0-100 points, dB and a
+    custom metric as they are. ``value`` may come from JSON, where infinity is the string "inf"."""
+    value = float(value)
+    return 100 * value if metric.startswith(("top", "mAP")) else value
+
+
+def format_metric(value: float | str | None, metric: str) -> str:
+    """A task's figure as people read it: top-1 as a percentage, mAP in points, dB, a custom metric as is."""
+    if value is None:
+        return "-"
+    value = float(value)  # from JSON, infinity is the string "inf"
+    if metric.startswith("top"):
+        return f"{metric_points(value, metric):.1f} %"
+    if metric.endswith("dB"):
+        return f"{value:.1f} dB"
+    return f"{metric_points(value, metric):.1f}" if metric.startswith("mAP") else f"{value:.4g}"

@@ -140,3 +140,55 @@ def test_bench_eval_and_profile_fall_back_to_builtin_kernels_when_xnnpack_cannot
     assert code == 0 and rep["samples"] == 2 and rep["kernels"].startswith("builtin (XNNPACK failed: ")
     code, rep = agent("profile", model, nanodet_compiled[0] / "model_float32.tflite", "--runs", 2, "--rounds", 1, "--warmup", 0)
     assert code == 0 and [m["kernels"][:7] for m in rep["models"]] == ["builtin", "xnnpack"]
+
+
+def test_eval_writes_every_output_whole_in_the_models_order(nanodet_compiled, tmp_path):
+    """--reduce none --outputs DIR: every output of every sample, float32, in the ONNX model's order
+    (the interpreter lists NanoDet-m's reg_s16 first), equal to the host runtime's."""
+    from conftest import shared
+
+    from quantune_edge.compile.artifacts import CompiledModel
+    from quantune_edge.model.runtime import TfliteRunner
+
+    compiled = CompiledModel.open(nanodet_compiled[0])
+    loaded = compiled.load_samples(shared("detection/coco-val2017-128"), 2, 0)
+    samples = tmp_path / "s.npz"
+    np.savez(samples, x=loaded.data)
+    for model in (compiled.float_model, compiled.int8_model):
+        code, rep = agent("eval", model, "--samples", samples, "--threads", 2, "--reduce", "none", "--outputs", tmp_path / model.stem)
+        assert code == 0, rep
+        assert rep["reducer"] == "none" and rep["reduced"] == []
+        device = [np.load(f["file"]) for f in rep["output_files"]]
+        host = TfliteRunner(model, 2).run_all(loaded.data)
+        assert [d.shape for d in device] == [h.shape for h in host] == [(2, 1600, 80), (2, 400, 80), (2, 100, 80), (2, 1600, 32),
+                                                                        (2, 400, 32), (2, 100, 32)]
+        for d, h in zip(device, host):
+            np.testing.assert_array_equal(d, h)
+    code, err = agent("eval", compiled.int8_model, "--samples", samples, "--reduce", "none")
+    assert code == 2 and err["kind"] == "usage" and "--outputs DIR" in err["error"]
+
+
+def test_eval_feeds_several_inputs_by_name(tmp_path):
+    """A two-input model: 'x' is a structured array, one field per input name, fed by name."""
+    import onnx
+    from conftest import image_and_vector_net, run_cli
+
+    from quantune_edge.compile.artifacts import CompiledModel
+    from quantune_edge.model.runtime import TfliteRunner
+
+    rng = np.random.default_rng(0)
+    onnx.save(image_and_vector_net(), tmp_path / "two.onnx")
+    np.savez(tmp_path / "two.npz", image=rng.normal(size=(6, 3, 32, 32)).astype(np.float32), meta=rng.normal(size=(6, 16)).astype(np.float32))
+    proc = run_cli("compile", tmp_path / "two.onnx", "--calib", tmp_path / "two.npz", "--out", tmp_path / "out", "--task", "fidelity")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    compiled = CompiledModel.open(tmp_path / "out")
+    x = compiled.load_samples(tmp_path / "two.npz", None).data
+    from numpy.lib.recfunctions import repack_fields
+
+    np.savez(tmp_path / "x.npz", x=repack_fields(x[["meta", "image"]]))  # another field order: names decide
+    code, rep = agent("eval", compiled.int8_model, "--samples", tmp_path / "x.npz", "--reduce", "none", "--outputs", tmp_path / "o")
+    assert code == 0, rep
+    np.testing.assert_array_equal(np.load(rep["output_files"][0]["file"]), TfliteRunner(compiled.int8_model).run_all(x)[0])
+    np.savez(tmp_path / "one.npz", x=x["image"])
+    code, err = agent("eval", compiled.int8_model, "--samples", tmp_path / "one.npz")
+    assert code == 1 and err["kind"] == "bad_input" and "the model has 2 inputs" in err["error"]

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import GraphBuilder, run_cli
-from onnx import TensorProto, helper
+from conftest import GraphBuilder, graph_model, image_and_vector_net, run_cli
+from onnx import helper
 
 from quantune_edge.common.inputs import onnx_feed
 from quantune_edge.compile.artifacts import CompiledModel
@@ -33,26 +33,6 @@ def raises():
 '''
 
 
-def _model(builder: GraphBuilder, inputs: list, out: str):
-    graph = helper.make_graph(builder.nodes, "test", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, None])], builder.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def image_and_vector_net():
-    """An image branch (conv, conv, pool) and a vector branch (Gemm) joined into 5 logits."""
-    b = GraphBuilder(1)
-    x = b.node("Relu", [b.conv(b.node("Relu", [b.conv("image", 3, 8, stride=2)]), 8, 16, stride=2)])
-    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
-    v = b.node("Relu", [b.node("Gemm", ["meta", b.const(b.rng.normal(0, 0.3, (16, 16))), b.const(b.rng.normal(0, 0.1, 16))])])
-    logits = b.node("Gemm", [b.node("Concat", [pooled, v], axis=1), b.const(b.rng.normal(0, 0.3, (32, 5))), b.const(b.rng.normal(0, 0.1, 5))])
-    b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    return _model(b, [("image", [1, 3, 32, 32]), ("meta", [1, 16])], "logits")
-
-
 def conv1d_net():
     """Keyword-spotting style: (batch, time, 10) features, two 1-D convs over time, 12 logits."""
     b = GraphBuilder(2)
@@ -65,7 +45,7 @@ def conv1d_net():
     pooled = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
     logits = b.node("Gemm", [pooled, b.const(b.rng.normal(0, 0.3, (16, 12))), b.const(b.rng.normal(0, 0.1, 12))])
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    return _model(b, [("features", ["batch", "time", 10])], "logits")
+    return graph_model(b, [("features", ["batch", "time", 10])], "logits")
 
 
 @pytest.fixture(scope="module")
