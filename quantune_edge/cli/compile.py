@@ -61,7 +61,7 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
         names = list(scores.get("tflite_float32") or {}) or [acc.get("metric", "top-1")]
         for name in names:
             row = [scores[k][name] if scores.get(k) else acc[k] for k in ("onnxruntime_float32", "tflite_float32", "tflite_int8")]
-            judged = acc["samples"] if acc.get("judged_against") == "float32" else acc["labelled"]
+            judged = acc["labelled"] if acc.get("judged_against", "labels") == "labels" else acc["samples"]
             table.add_row(f"{name} ({judged} calib. samples)", *(format_metric(v, name) for v in row))
     check = report.verification["float32_vs_onnxruntime"]
     q = report.verification["int8_vs_onnxruntime"]

@@ -24,7 +24,7 @@ from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import LayerMatch, match_layers
 from quantune_edge.model.runtime import TfliteRunner, sample_of, stacked_shape
 from quantune_edge.tasks import Task, task_from_record
-from quantune_edge.tasks.fidelity import as_labels
+from quantune_edge.tasks.base import reference_labels
 
 # The compile folder's layout: every file name the stages write into it, and only here.
 REPORT = "compile.json"
@@ -102,13 +102,13 @@ class CompiledModel:
 
     def task_scores(self, model: Path, samples: Samples, threads: int = 2) -> dict[str, float] | None:
         """The task's figures (top-1/top-5, or COCO mAP50-95/mAP50) of a model of this compile on
-        labelled samples loaded by :meth:`load_samples`; None when none is labelled."""
+        samples loaded by :meth:`load_samples`, against their labels or what stands in for them
+        (``tasks.base.reference_labels``); None when there is nothing to judge against."""
         inputs = self.tflite_inputs(samples)
-        values = TfliteRunner(model, threads).run_all(inputs)
-        labels = samples.labels
-        if self.task.judged_against_float32:
-            labels = as_labels(self.judged_outputs(TfliteRunner(self.float_model, threads).run_all(inputs)))
-        return self.task.scores(self.judged_outputs(values), labels)
+        labels, _ = reference_labels(self.task, samples, lambda: self.judged_outputs(TfliteRunner(self.float_model, threads).run_all(inputs)))
+        if labels is None:
+            return None
+        return self.task.scores(self.judged_outputs(TfliteRunner(model, threads).run_all(inputs)), labels)
 
     @property
     def float_model(self) -> Path:

@@ -30,8 +30,7 @@ from quantune_edge.errors import ConversionError, InputError, VerificationError
 from quantune_edge.model import onnx_model, tflite_graph
 from quantune_edge.model.runtime import TfliteRunner, sample_of, stack_samples
 from quantune_edge.tasks import make_task
-from quantune_edge.tasks.base import Task, compare
-from quantune_edge.tasks.fidelity import as_labels
+from quantune_edge.tasks.base import Task, compare, reference_labels
 
 
 @dataclass
@@ -279,14 +278,14 @@ def _build_report(model_path, original, prepared, prep, samples, options, stage,
     )
     accuracy: dict = {"samples": len(samples), "labelled": samples.labelled, "label_offset": options.label_offset,
                       "metric": task.metric_name}
-    if samples.has_labels or not task.needs_labels:
+    judged = lambda key: verified.per_sample(key) if task.reads_all_outputs else metrics.align_layout(ort_out, verified.first(key))  # noqa: E731
+    labels, against = reference_labels(task, samples, lambda: judged("onnxruntime_float32"))
+    if labels is not None:
         accuracy["note"] = "measured on the calibration samples; use a disjoint set to evaluate"
         accuracy["scores"] = {}
-        labels = as_labels(verified.per_sample("onnxruntime_float32")) if task.judged_against_float32 else samples.labels
-        accuracy["judged_against"] = "float32" if task.judged_against_float32 else "labels"
+        accuracy["judged_against"] = against  # not "labels": ONNX Runtime's float32 outputs are the reference
         for key in verified.outputs:
-            outputs = verified.per_sample(key) if task.reads_all_outputs else metrics.align_layout(ort_out, verified.first(key))
-            scores = accuracy["scores"][key] = task.scores(outputs, labels)
+            scores = accuracy["scores"][key] = task.scores(judged(key), labels)
             accuracy[key] = None if scores is None else scores[task.metric_name]
     return CompileReport(
         model={

@@ -21,7 +21,7 @@ from quantune_edge.deploy.targets import Target
 from quantune_edge.errors import DeviceError
 from quantune_edge.measure.latency import model_label
 from quantune_edge.model.runtime import TfliteRunner
-from quantune_edge.tasks.fidelity import as_labels
+from quantune_edge.tasks.base import reference_labels
 
 WHOLE_OUTPUTS = "none"  # the agent's reducer that keeps every output whole (written to files)
 
@@ -35,11 +35,8 @@ def evaluate_on_device(compiled: CompiledModel, models: list[Path], eval_data: s
     whole = task.device_reducer == WHOLE_OUTPUTS
     with captured_native_output(True):
         host = {m: TfliteRunner(m, threads).run_all(x) for m in models}
-        labels = samples.labels
-        if task.judged_against_float32:
-            labels = as_labels(compiled.judged_outputs(TfliteRunner(compiled.float_model, threads).run_all(x)))
-    out: dict = {"samples": len(x), "labelled": bool(samples.has_labels) or task.judged_against_float32, "metric": task.metric_name,
-                 "targets": {}}
+        labels, against = reference_labels(task, samples, lambda: compiled.judged_outputs(TfliteRunner(compiled.float_model, threads).run_all(x)))
+    out: dict = {"samples": len(x), "labelled": labels is not None, "judged_against": against, "metric": task.metric_name, "targets": {}}
     with temp_folder("eval") as tmp:
         npz = Path(tmp) / "eval.npz"
         np.savez(npz, x=x)
@@ -76,7 +73,7 @@ def _reduced(device: Device, args: list[str], compiled: CompiledModel, host: lis
             "kernels": result.get("kernels")}
 
 
-def _whole_outputs(device: Device, args: list[str], compiled: CompiledModel, host: list[np.ndarray], labels: np.ndarray,
+def _whole_outputs(device: Device, args: list[str], compiled: CompiledModel, host: list[np.ndarray], labels: np.ndarray | None,
                    tmp: Path) -> dict:
     """The agent writes every output; the host fetches them and computes the task's metric from the
     device's outputs exactly as from its own."""
@@ -99,8 +96,9 @@ def _whole_outputs(device: Device, args: list[str], compiled: CompiledModel, hos
         raise DeviceError(f"{device.target.name}: the agent returned outputs of sizes {[v.size for v in values]}, the host's run "
                           f"{[h.size for h in host]}; the deployed model is not the one evaluated here")
     diff = max(float(np.max(np.abs(v.reshape(h.shape) - h))) for v, h in zip(values, host))
-    device_scores = task.scores(compiled.judged_outputs([v.reshape(h.shape) for v, h in zip(values, host)]), labels)
-    host_scores = task.scores(compiled.judged_outputs(host), labels)
+    judged = labels is not None
+    device_scores = task.scores(compiled.judged_outputs([v.reshape(h.shape) for v, h in zip(values, host)]), labels) if judged else None
+    host_scores = task.scores(compiled.judged_outputs(host), labels) if judged else None
     name = task.metric_name
     return {"metric": name, "value": device_scores[name] if device_scores else None,
             "host_value": host_scores[name] if host_scores else None, "scores": device_scores,

@@ -13,7 +13,7 @@ from quantune_edge.common.records import SCHEMA_VERSION, now_iso
 from quantune_edge.compile import artifacts as layout
 from quantune_edge.measure.saved import ResultRow, rows_from
 from quantune_edge.report.bench_page import display_labels, latency_chart
-from quantune_edge.tasks.base import format_metric, metric_points
+from quantune_edge.tasks.base import FLOAT32_FOR_LABELS, format_metric, metric_points
 
 TOP_LAYERS = 10
 LABELS = ("float32", "int8", "mixed")
@@ -28,7 +28,7 @@ def build(out: Path, compiled: Path, bench_reports: list[Path], stages: dict, de
     comp, ana, tun = (_read(compiled / name) for name in (layout.REPORT, layout.ANALYSIS_JSON, layout.TUNE_JSON))
     by_index = {layer["index"]: layer for layer in ana.get("layers", [])}
     ref, chosen = tun.get("reference", {}), tun.get("chosen", {})
-    accuracy = {"is": ref.get("accuracy_is"), "samples": ref.get("eval_samples"),
+    accuracy = {"is": ref.get("accuracy_is"), "samples": ref.get("eval_samples"), "judged_against": ref.get("judged_against", "labels"),
                 "host": {"float32": ref.get("float32_accuracy"), "int8": (ref.get("int8") or {}).get("accuracy"),
                          "mixed": chosen.get("accuracy")},
                 "mixed_vs_float32": chosen.get("vs_float32"), "device": device_eval}
@@ -161,6 +161,13 @@ def _budget(budget: dict | None, metric: str = "top-1") -> str:
     return f"budget: {text} ({'met' if budget.get('met') else 'not met, best found'})"
 
 
+def _reference(against: str | None, metric: str) -> str:
+    """Say when the samples had no labels and the float32 model's own outputs were the reference."""
+    if against != FLOAT32_FOR_LABELS or "float32" in metric:  # "top-1 agreement with float32" says it already
+        return ""
+    return ", <strong>judged against the float32 model's own outputs</strong> (the samples have no labels)"
+
+
 def _versus_float(vs: dict | None) -> str:
     if not vs:
         return ""
@@ -235,7 +242,7 @@ generated {html.escape(data['created'])}</p>
 <h2>Chosen float layers</h2>
 <p>{html.escape(_budget(t.get('budget'), metric))}; {t.get('evaluations')} evaluations; Q/DQ ops {t.get('quantize_ops')}</p>
 {_table(['#', 'ONNX nodes', 'TFLite', 'op'], chosen) if chosen else '<p>none: full int8 meets the budget</p>'}
-<h2>Accuracy</h2><p>{html.escape(metric)} on {acc.get('samples')} samples (host)</p>
+<h2>Accuracy</h2><p>{html.escape(metric)} on {acc.get('samples')} samples (host){_reference(acc.get('judged_against'), metric)}</p>
 {_table(['model', metric], [[k, format_metric(v, metric)] for k, v in acc['host'].items()])}
 {_versus_float(acc.get('mixed_vs_float32'))}
 {_device_accuracy(acc.get('device'))}

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from quantune_edge.common.metrics import align_layout, compare_outputs
+from quantune_edge.common.preprocessing import Samples
 from quantune_edge.errors import InputError
 from quantune_edge.model.tflite_graph import TfliteGraph
 
@@ -61,10 +62,16 @@ class Task(Protocol):
         """The float model's tensor whose int8 error the analysis attributes to layers."""
         ...
 
+    def labels_from_float32(self, outputs: Any, samples: Samples) -> np.ndarray | None:
+        """Labels made of the float32 model's outputs on ``samples`` (as :meth:`scores` reads them),
+        to judge other models against where the samples have none; None: this task cannot."""
+        ...
+
 
 class SetMetric:
     """What a task judged over the whole set (mAP, a user's metric, output SQNR) shares: no
-    per-image verdict, the first output attributed, no device reducer yet. Reads every output."""
+    per-image verdict, the first output attributed, every output returned whole by the device
+    agent (the host computes the metric). Reads every output."""
 
     name: ClassVar[str]
     agreement_key: ClassVar[str | None] = None
@@ -85,6 +92,9 @@ class SetMetric:
 
     def attributed_tensor(self, graph: TfliteGraph) -> int:
         return graph.outputs[0]
+
+    def labels_from_float32(self, outputs: Any, samples: Samples) -> np.ndarray | None:
+        return None
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
@@ -145,3 +155,22 @@ def format_metric(value: float | str | None, metric: str) -> str:
     if metric.endswith("dB"):
         return f"{value:.1f} dB"
     return f"{metric_points(value, metric):.1f}" if metric.startswith("mAP") else f"{value:.4g}"
+
+
+# What a model is judged against: labels; the float32 model's outputs, as the task always is
+# (fidelity); or the float32 model's outputs standing in for labels the samples do not have.
+JUDGED_AGAINST_LABELS, JUDGED_AGAINST_FLOAT32, FLOAT32_FOR_LABELS = "labels", "float32", "float32 (no labels)"
+
+
+def reference_labels(task: Task, samples: Samples, float32_outputs: Callable[[], Any]) -> tuple[np.ndarray | None, str]:
+    """What models are judged against on ``samples``, and what that is: the samples' own labels, or
+    labels made of the float32 model's outputs (``float32_outputs()``, computed only when needed) for
+    a task always judged so (fidelity) or one that can stand in for missing labels (a detector's
+    float32 detections). (None, "labels") when there is nothing to judge against."""
+    if task.judged_against_float32 or (task.needs_labels and not samples.has_labels):
+        made = task.labels_from_float32(float32_outputs(), samples)
+        if made is not None:
+            return made, JUDGED_AGAINST_FLOAT32 if task.judged_against_float32 else FLOAT32_FOR_LABELS
+    if samples.has_labels or not task.needs_labels:
+        return samples.labels, JUDGED_AGAINST_LABELS
+    return None, JUDGED_AGAINST_LABELS

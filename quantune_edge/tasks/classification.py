@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from quantune_edge.common.metrics import top1, top1_accuracy, top1_correct
+from quantune_edge.common.preprocessing import Samples
 from quantune_edge.errors import InputError
 from quantune_edge.model.runtime import softmax_input
 from quantune_edge.model.tflite_graph import TfliteGraph
@@ -82,3 +83,7 @@ class Classification:
         """The logits: what a final SOFTMAX reads, else the model output."""
         t = softmax_input(graph)
         return graph.outputs[0] if t is None else t
+
+    def labels_from_float32(self, outputs: Any, samples: Samples) -> None:
+        """None: unlabelled, a classifier is judged image by image by agreement with float32 instead."""
+        return None

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from quantune_edge.common.preprocessing import Samples
 from quantune_edge.errors import InputError
 from quantune_edge.tasks.base import SetMetric, register
 from quantune_edge.tasks.decoders import Decoded, checked_decode, make_decoder
@@ -52,6 +53,7 @@ class Detection(SetMetric):
     nms_iou: float = 0.6
     max_detections: int = 300
     labels_file: str | None = None
+    reference_score: float = 0.25  # without labels: the float32 model's detections at least this confident are the reference
     name: ClassVar[str] = "detect"
     metric_name: ClassVar[str] = "mAP50-95"
     needs_labels: ClassVar[bool] = True
@@ -59,13 +61,15 @@ class Detection(SetMetric):
     points_per_unit: ClassVar[float] = 100.0
 
     def __post_init__(self) -> None:
-        if self.classes < 1 or not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1 or self.max_detections < 1:
+        if (self.classes < 1 or not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1 or self.max_detections < 1
+                or not 0 < self.reference_score < 1):
             raise InputError("detect needs classes >= 1, 0 <= score threshold < 1, 0 < --nms-iou <= 1 and max detections >= 1")
         make_decoder(self.decoder, self.score_threshold)  # a missing or broken plug-in is said now, not after a compile
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "decoder": self.decoder, "classes": self.classes, "score_threshold": self.score_threshold,
-                "nms_iou": self.nms_iou, "max_detections": self.max_detections, "labels_file": self.labels_file}
+                "nms_iou": self.nms_iou, "max_detections": self.max_detections, "labels_file": self.labels_file,
+                "reference_score": self.reference_score}
 
     # ------------------------------------------------------------------ labels
 
@@ -178,6 +182,21 @@ class Detection(SetMetric):
     def metric(self, outputs: list[dict[str, np.ndarray]], labels: np.ndarray) -> float | None:
         result = self.scores(outputs, labels)
         return None if result is None else result["mAP50-95"]
+
+    def labels_from_float32(self, outputs: list[dict[str, np.ndarray]], samples: Samples) -> np.ndarray | None:
+        """Unlabelled images: the float32 model's own detections with a score of at least
+        ``reference_score`` (a deployment's confidence threshold) are the boxes other models are
+        scored against, so the mAP says how much of float32's output a model keeps."""
+        if samples.geometry is None:
+            return None
+        found = self.detections(outputs, samples.geometry, samples.names)
+        labels = np.empty(len(found), object)
+        for i, (boxes, scores, classes) in enumerate(found):
+            keep = scores >= self.reference_score
+            width, height = (int(v) for v in samples.geometry[i][:2])
+            labels[i] = GroundTruth(boxes[keep], classes[keep], width, height, np.zeros(int(keep.sum()), bool), samples.names[i],
+                                    samples.geometry[i])
+        return labels
 
 
 def to_original(boxes: np.ndarray, geometry: np.ndarray) -> np.ndarray:

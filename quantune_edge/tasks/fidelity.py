@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from quantune_edge.common.metrics import cosine_per_sample, sqnr_db
+from quantune_edge.common.preprocessing import Samples
 from quantune_edge.errors import InputError
 from quantune_edge.tasks.base import SetMetric, register
 
@@ -47,6 +48,9 @@ class Fidelity(SetMetric):
     def metric(self, outputs: list[dict[str, np.ndarray]], reference: np.ndarray) -> float | None:
         result = self.scores(outputs, reference)
         return None if result is None else result[self.metric_name]
+
+    def labels_from_float32(self, outputs: list[dict[str, np.ndarray]], samples: Samples) -> np.ndarray:
+        return as_labels(outputs)
 
 
 def as_labels(per_sample: list[dict[str, np.ndarray]]) -> np.ndarray:

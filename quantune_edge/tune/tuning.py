@@ -36,8 +36,7 @@ from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import tensor_key
 from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms
-from quantune_edge.tasks.base import Task, compare
-from quantune_edge.tasks.fidelity import as_labels
+from quantune_edge.tasks.base import FLOAT32_FOR_LABELS, Task, compare, reference_labels
 from quantune_edge.tune import selection
 
 RERANK_SAMPLES = LOCAL_SAMPLES  # evaluation images each re-ranking analysis runs on
@@ -257,13 +256,18 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
 
     samples = compiled.load_samples(eval_data, options.num_eval, options.seed, options.preprocessing, what="evaluation")
     inputs = compiled.tflite_inputs(samples)
-    labelled = samples.has_labels or not compiled.task.needs_labels
-    if not labelled and compiled.task.agreement_key is None:
-        raise InputError(f"{samples.source} has no labels for the {compiled.task.name} task; tune needs labelled images to judge it")
-    if not labelled:
-        reporter.warn(f"{samples.source} has no labels.csv: accuracy = {compiled.task.metric_name} agreement with the float32 model")
+    judge = compiled.task
     with captured_native_output(not options.verbose):
         float_values = TfliteRunner(compiled.float_model, options.threads).run_all(inputs)
+    labels, against = reference_labels(judge, samples, lambda: compiled.judged_outputs(float_values))
+    labelled = labels is not None
+    if not labelled and judge.agreement_key is None:
+        raise InputError(f"{samples.source} has no labels for the {judge.name} task; tune needs labelled images to judge it")
+    if not labelled:
+        reporter.warn(f"{samples.source} has no labels.csv: accuracy = {judge.metric_name} agreement with the float32 model")
+        labels = samples.labels
+    elif against == FLOAT32_FOR_LABELS:
+        reporter.warn(f"{samples.source} has no labels: {judge.metric_name} is measured against the float32 model's own outputs")
     from quantune_edge.tune.costs import HOST_LATENCY_JSON, host_latencies  # imports paramiko: only when tuning
 
     host = host_latencies(compiled, inputs[0], options.threads, options.latency_runs, remeasure=options.remeasure,
@@ -272,8 +276,6 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     if host["reused"]:
         reporter.info(f"host latencies from {HOST_LATENCY_JSON} ({host['created']}): float32 {float_ms:.2f} ms, int8 {int8_ms:.2f} ms; "
                       "--remeasure to measure again")
-    judge = compiled.task  # (``task`` names the progress bars below)
-    labels = as_labels(compiled.judged_outputs(float_values)) if judge.judged_against_float32 else samples.labels
     float_acc = judge.metric(compiled.judged_outputs(float_values), labels) if labelled else 1.0
 
     lg = selection.LayerGraph.build(qg, match.layers)
@@ -337,7 +339,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         budget={**mode, "met": met, "keep_float": options.keep_float, "keep_int8": options.keep_int8, "fusion_aware": options.fusion_aware,
                 "ranking_metric": analysis["metric"], "latency_source": source},
         reference={"float32_accuracy": float_acc, "accuracy_is": judge.metric_name if labelled else f"{judge.metric_name} agreement with float32",
-                   "eval_samples": len(samples), "eval_source": samples.source,
+                   "eval_samples": len(samples), "eval_source": samples.source, "judged_against": against if labelled else FLOAT32_FOR_LABELS,
                    "float32_latency_ms": float_ms, "int8_latency_ms": int8_ms,
                    "host_latency": {"file": HOST_LATENCY_JSON, "reused": host["reused"], "measured": host["created"]},
                    "int8": {k: v for k, v in results.get(0, {}).items() if k != "float_layers"} or None,

@@ -14,6 +14,7 @@ from quantune_edge.compile.compiler import onnxruntime_all_outputs
 from quantune_edge.errors import InputError
 from quantune_edge.model.runtime import sample_of
 from quantune_edge.tasks import make_task
+from quantune_edge.tasks.base import reference_labels
 from quantune_edge.tasks.detection import Detection, GroundTruth, class_wise_nms, coco_map, to_original
 
 VAL = "detection/coco-val2017-128"
@@ -212,7 +213,7 @@ def test_ground_truth_gets_each_samples_geometry(yolov5n_compiled):
 def test_analyze_and_tune_judge_a_detector_by_coco_map(yolov5n_compiled, tmp_path):
     """analyze and tune read the task from compile.json: tune's accuracy is COCO mAP50-95 on its
     evaluation images (equal to scoring the emitted model independently), and its drop is in mAP
-    points. Without labels a detector cannot be judged yet: one line, nothing written."""
+    points."""
     folder = tmp_path / "y5"
     shutil.copytree(yolov5n_compiled[0], folder)
     proc = run_cli("analyze", folder, "--calib", shared("detection/coco-train2017-128"), "--num-samples", 4)
@@ -231,9 +232,30 @@ def test_analyze_and_tune_judge_a_detector_by_coco_map(yolov5n_compiled, tmp_pat
     assert report["chosen"]["accuracy"] == pytest.approx(mixed)
     assert report["chosen"]["drop_points"] == pytest.approx(100 * (report["reference"]["float32_accuracy"] - mixed))
     assert "vs_float32" not in report["chosen"]  # no image-by-image test for a set metric
+    unlabelled = tmp_path / "unlabelled"  # float32's own detections are the reference (the test below)
+    unlabelled.mkdir()
+    for image in sorted((shared(VAL) / "images").glob("*.jpg"))[:6]:
+        shutil.copy(image, unlabelled)
+    proc = run_cli("tune", folder, "--eval", unlabelled, "--num-eval", 6, "--float-layers", 1, "--rerank", 0)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "measured against the float32 model's own outputs" in " ".join(proc.stderr.split())
+    report = json.loads((folder / "tune.json").read_text())
+    assert report["reference"]["judged_against"] == "float32 (no labels)" and report["reference"]["float32_accuracy"] > 0.95
+
+
+def test_without_labels_a_detector_is_judged_against_float32s_own_detections(yolov5n_compiled, tmp_path):
+    """Unlabelled images: the float32 model's detections scoring >= 0.25 stand in for labels.
+    float32 against itself scores (nearly) 1; the collapsed int8 scores 0."""
+    folder = yolov5n_compiled[0]
     unlabelled = tmp_path / "unlabelled"
-    shutil.copytree(shared(VAL) / "images", unlabelled)
-    before = (folder / "tune.json").read_bytes()
-    proc = run_cli("tune", folder, "--eval", unlabelled, "--num-eval", 4, "--float-layers", 1)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no labels for the detect task" in proc.stderr
-    assert (folder / "tune.json").read_bytes() == before
+    unlabelled.mkdir()
+    for image in sorted((shared(VAL) / "images").glob("*.jpg"))[:6]:
+        shutil.copy(image, unlabelled)
+    compiled = CompiledModel.open(folder)
+    samples = compiled.load_samples(unlabelled, None)
+    assert not samples.has_labels
+    reference, against = reference_labels(compiled.task, samples, lambda: compiled.sample_outputs(compiled.float_model, samples.data))
+    assert against == "float32 (no labels)" and sum(len(r.boxes) for r in reference) >= 6  # six everyday COCO photos: objects found
+    assert all(r.geometry is not None and (r.width, r.height) == tuple(r.geometry[:2].astype(int)) for r in reference)
+    assert compiled.task_scores(compiled.float_model, samples)["mAP50-95"] > 0.95
+    assert compiled.task_scores(compiled.int8_model, samples)["mAP50-95"] < 0.01
