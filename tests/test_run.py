@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DEMO_IMAGES, DEMO_MODEL
+from conftest import DEMO_IMAGES, DEMO_MODEL, REPO
 
 from quantune_edge.testing.loopback_sshd import LoopbackSshd, free_port
 
@@ -112,10 +112,23 @@ def test_run_twice_report_and_failing_stage(sshd, emulated_target, tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (make test installs it as root)")
-def test_report_renders_in_headless_chromium(tmp_path):
+def test_demo_on_its_board_shows_mixed_precision_winning_back_what_int8_lost(emulated_target, tmp_path):
+    """What `make demo` runs, with its emulated board: the shipped MobileNetV2 with per-tensor weights,
+    whose full int8 collapses, gets its top-1 back from a few float layers (on images other than the
+    calibration ones), and the report renders in headless Chromium."""
     out = tmp_path / "run"
-    result = run_cli("demo", "--out", out, "--no-device", "--num-calib", 8)
+    result = run_cli("demo", "--out", out, "--runs", 1, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    host = report["accuracy"]["host"]
+    assert report["accuracy"]["samples"] == 40 and report["compile"]["quantization"]["weights"] == "int8 per-tensor"
+    assert host["int8"] < host["float32"] - 0.3  # full int8 loses clearly
+    assert host["mixed"] >= host["float32"] - 0.01 and report["tune"]["budget"]["met"]  # within the 1-point budget
+    assert 1 <= len(report["tune"]["chosen_layers"]) <= 16  # a few of its 65 layers
+    assert {(r["target"], r["label"]) for r in report["device"]} >= {("local-arm", m) for m in ("float32", "int8", "mixed")}
+    assert {r["machine"] for r in report["device"]} == {"aarch64"}
+    calibrated = set(json.loads((out / "compiled" / "compile.json").read_text())["calibration"]["files"])
+    assert not calibrated & {p.name for p in (REPO / "demo" / "images-eval").glob("*.jpg")}
     shot = tmp_path / "page.png"
     browser = subprocess.run(
         [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
