@@ -124,6 +124,8 @@ class Collected:
     attribution_note: str | None  # why there is no attribution, when there is none
     float_out: np.ndarray
     int8_out: np.ndarray
+    float_outputs: list[np.ndarray] = field(default_factory=list)  # every model output, stacked (several-output models only)
+    int8_outputs: list[np.ndarray] = field(default_factory=list)
     kernel_invocations: int = 0  # of the layer-kernel model (one per local sample)
     backward_engine: str | None = None  # what ran the backward passes: "tflite" or "numpy"
     backward_passes: int = 0
@@ -285,6 +287,9 @@ class _StatsPass:
         self.job_parts = balanced(sorted(jobs), lambda i: self._size(self.by_index[i].int8_output), float_runner.threads)
         self.float_outs: list[np.ndarray] = []
         self.int8_outs: list[np.ndarray] = []
+        self.several = len(float_runner.outputs) > 1
+        self.float_all: list[list[np.ndarray]] = []
+        self.int8_all: list[list[np.ndarray]] = []
         self.clock = dict.fromkeys(("invocations", "compare", "local_errors", "backward"), 0.0)  # where the time goes, seconds
         self.values: dict[int, np.ndarray] = {}
 
@@ -301,6 +306,9 @@ class _StatsPass:
         mark = time.perf_counter()
         self.float_outs.append(self.float_runner.invoke(x[None]))
         self.int8_outs.append(self.int8_runner.invoke(x[None]))
+        if self.several:
+            self.float_all.append(self.float_runner.last_outputs())
+            self.int8_all.append(self.int8_runner.last_outputs())
         self.values = {}
         mark = _lap(self.clock, "invocations", mark)
         self._compare(pool)
@@ -376,8 +384,9 @@ class _StatsPass:
         attribution = {} if note else {i: v / self.residual_energy for i, v in self.attribution.items() if not math.isnan(v)}
         if not attribution and note is None:
             note = "no layer whose own error is measured reaches the logits"
+        every = [[stack_samples([s[k] for s in runs]) for k in range(len(runs[0]))] if runs else [] for runs in (self.float_all, self.int8_all)]
         return Collected(self.stats, self.local, attribution, note, stack_samples(self.float_outs), stack_samples(self.int8_outs),
-                         side.kernels.invocations - self.first_invocation if side else 0, side.engine if side else None, self.passes,
+                         every[0], every[1], side.kernels.invocations - self.first_invocation if side else 0, side.engine if side else None, self.passes,
                          {k: round(v, 3) for k, v in self.clock.items()})
 
 
@@ -531,7 +540,7 @@ def analyze(
         reporter.warn(f"keeping all tensors changed the model outputs (max diff float {check['float32_max_abs_diff']:.3g}, "
                       f"int8 {check['int8_max_abs_diff']:.3g}); metrics describe the preserved-tensor run")
 
-    output = _model_output(compiled, float_out, int8_out, samples)
+    output = _model_output(compiled, collected, samples)
     scores = {name: [float(v) for v in sensitivity.score(metrics, name)] for name in sensitivity.SCORES}
     report = AnalysisReport(
         model={"compile_dir": str(compiled.folder.resolve()), "sha256": compiled.report.model["sha256"],
@@ -579,10 +588,20 @@ def _checked_match(compiled: CompiledModel) -> LayerMatch:
     return match
 
 
-def _model_output(compiled: CompiledModel, float_out: np.ndarray, int8_out: np.ndarray, samples: Samples) -> dict:
-    """The whole model's int8 error, and the task's metric of both models where there are labels."""
+def _model_output(compiled: CompiledModel, collected: Collected, samples: Samples) -> dict:
+    """The whole model's int8 error, and the task's metric of both models where there are labels.
+    A model with several outputs gets each output's SQNR too (its error normalised by its own float
+    RMS, so a box output in pixels and a score output in 0..1 weigh alike); the worst is named."""
+    float_out, int8_out = collected.float_out, collected.int8_out
     output = compare(compiled.task, float_out, int8_out)
     output["metric"] = compiled.task.metric_name
+    if collected.float_outputs:
+        names = list(compiled.output_shapes) or [f"output_{k}" for k in range(len(collected.float_outputs))]
+        per_output = {n: sqnr_db(f, q) for n, f, q in zip(names, collected.float_outputs, collected.int8_outputs)}
+        output["outputs_sqnr_db"] = per_output
+        output["worst_output"] = min(per_output, key=lambda n: per_output[n])
+        output["outputs_note"] = ("each output's SQNR: its int8 error normalised by its own float32 RMS; sqnr_db is the "
+                                  "first output's, where the layer shares are attributed")
     if (samples.has_labels or not compiled.task.needs_labels) and compiled.task.reads_all_outputs:
         # A metric over every output (a detector's mAP) needs runs that keep them all: two more
         # passes over the samples, counted apart from the analysis's own (as the consistency check is).

@@ -46,6 +46,10 @@ def _print_analysis(reporter: Reporter, report, top: int) -> None:
     out = report.model_output
     inv = report.invocations
     metric = out.get("metric", "top-1")
+    if out.get("outputs_sqnr_db"):
+        con.print("every output int8 vs float32 (each normalised by its own float32 RMS): "
+                  + ", ".join(f"{name} {fmt_db(v)} dB" for name, v in out["outputs_sqnr_db"].items()) + f"; worst {out['worst_output']}",
+                  markup=False)
     con.print(f"model output int8 vs float32: SQNR {out['sqnr_db']:.1f} dB"
               + (f", top-1 agreement {100 * out['top1_agreement']:.1f} %" if "top1_agreement" in out else "")
               + (f", {metric} float {format_metric(out['float32_top1'], metric)} / int8 {format_metric(out['int8_top1'], metric)}"

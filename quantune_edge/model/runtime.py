@@ -112,6 +112,10 @@ class TfliteRunner:
     def invoke_all(self, x: np.ndarray) -> list[np.ndarray]:
         """Run one sample; every output, float32, in the ONNX model's output order."""
         self.invoke(x)
+        return self.last_outputs()
+
+    def last_outputs(self) -> list[np.ndarray]:
+        """Every output of the last invocation, float32, in the ONNX model's output order."""
         return [self._output(d) for d in self.outputs]
 
     def run_all(self, samples: np.ndarray, on_item: Callable[[], None] | None = None) -> list[np.ndarray]:

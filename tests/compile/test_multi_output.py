@@ -5,8 +5,10 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from conftest import shared
 
+from quantune_edge.common.metrics import sqnr_db
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.compile.compiler import onnxruntime_all_outputs
 from quantune_edge.model.runtime import TfliteRunner
@@ -107,3 +109,14 @@ def test_analyze_takes_a_model_whose_outputs_have_no_batch_axis(nanodet_compiled
     analysis = json.loads((folder / "analysis.json").read_text())
     assert analysis["samples"]["count"] == 3 and analysis["model_output"]["metric"] == "mAP50-95"
     assert analysis["preserve_all_tensors_check"]["samples"] == 2  # compared per sample, [2, 1600, 80] with [2, 1600, 80]
+    # Every output's int8 error, each normalised by its own float32 RMS, equals an independent SQNR
+    # of the two models' outputs on the same three samples.
+    compiled = CompiledModel.open(folder)
+    samples = compiled.load_samples(shared("detection/coco-train2017-128"), 3, 0)
+    want, got = (compiled.outputs(m, samples.data) for m in (compiled.float_model, compiled.int8_model))
+    per_output = analysis["model_output"]["outputs_sqnr_db"]
+    assert list(per_output) == ONNX_OUTPUTS
+    for name in ONNX_OUTPUTS:
+        assert per_output[name] == pytest.approx(sqnr_db(want[name], got[name]), abs=1e-3)
+    assert analysis["model_output"]["worst_output"] == min(per_output, key=per_output.get)
+    assert "each normalised by its own float32 RMS" in " ".join(proc.stderr.split())
