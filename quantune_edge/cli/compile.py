@@ -13,6 +13,7 @@ from quantune_edge.cli.shared import (
     ChannelOrder,
     Classes,
     Decoder,
+    InputPrep,
     InputShape,
     InputSize,
     JsonOut,
@@ -91,14 +92,14 @@ def _print_compile_summary(reporter: Reporter, report, out: Path) -> None:
 
 def _compile(model: Path, calib: Path, out: Path, *, num_calib, seed, per_tensor, int8_io, label_offset, force,
              preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement,
-             task, decoder, labels, nms_iou, classes, metric, input_shape, quiet, verbose, json_out) -> None:
+             task, decoder, labels, nms_iou, classes, metric, input_shape, input_prep, quiet, verbose, json_out) -> None:
     from quantune_edge.common.preprocessing import make_preprocessing
     from quantune_edge.compile.compiler import CompileOptions, compile_model
     from quantune_edge.model.onnx_model import parse_input_shapes
 
     reporter = Reporter(quiet=quiet or json_out, verbose=verbose)
     with one_line_errors():
-        prep = make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement)
+        prep = make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode, pad_value, placement, input_prep or [])
         options = CompileOptions(
             preprocessing=prep, num_calib=num_calib, seed=seed, per_channel=not per_tensor, int8_io=int8_io,
             label_offset=label_offset, force=force, verbose=verbose, input_shapes=parse_input_shapes(input_shape or []),
@@ -142,6 +143,7 @@ def compile_cmd(
     classes: Classes = 80,
     metric: Metric = None,
     input_shape: InputShape = None,
+    input_prep: InputPrep = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
@@ -151,7 +153,7 @@ def compile_cmd(
              label_offset=label_offset, force=force, preset=preset, mean=mean, std=std, input_size=input_size,
              resize=resize, channel_order=channel_order, resize_mode=resize_mode, pad_value=pad_value, placement=placement,
              task=task, decoder=decoder, labels=labels, nms_iou=nms_iou, classes=classes, metric=metric,
-             input_shape=input_shape, quiet=quiet, verbose=verbose, json_out=json_out)
+             input_shape=input_shape, input_prep=input_prep, quiet=quiet, verbose=verbose, json_out=json_out)
 
 
 @app.command("layers")

@@ -12,6 +12,7 @@ from quantune_edge.cli.shared import (
     ChannelOrder,
     Classes,
     Decoder,
+    InputPrep,
     InputShape,
     InputSize,
     InstallRuntime,
@@ -95,6 +96,7 @@ def run_cmd(
     classes: Classes = 80,
     metric: Metric = None,
     input_shape: InputShape = None,
+    input_prep: InputPrep = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
     json_out: JsonOut = False,
@@ -112,7 +114,7 @@ def run_cmd(
             raise InputError(f"--min-sqnr is the fidelity task's budget; this run's task is {task} (use --max-drop)")
         targets = load_targets(target, targets_dir)
         options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode,
-                                                              pad_value, placement),
+                                                              pad_value, placement, input_prep or []),
                              judge=judge, input_shapes=parse_input_shapes(input_shape or []), min_sqnr=min_sqnr,
                              label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
                              analysis_samples=num_samples, max_drop=1.0 if max_drop is None else max_drop, max_latency_ratio=max_latency_ratio,

@@ -39,6 +39,7 @@ Decoder = Annotated[str, typer.Option("--decoder", help="detect: yolov5 | yolov8
 Labels = Annotated[Optional[Path], typer.Option("--labels", help="detect: COCO json of the images (default: annotations.json or labels/ beside them).")]
 NmsIou = Annotated[float, typer.Option("--nms-iou", help="detect: IoU above which class-wise NMS drops a box.")]
 Classes = Annotated[int, typer.Option("--classes", help="detect: number of classes the detector predicts.")]
+InputPrep = Annotated[Optional[list[str]], typer.Option("--input-prep", help="NAME:KEY=VALUE: one preprocessing option (KEY: preset, mean, std, input-size, resize, channel-order, resize-mode, pad-value, placement) of image input NAME.")]
 InputShape = Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=1x3x640x640: fix an input's dynamic dimensions (repeatable).")]
 ChannelOrder = Annotated[Optional[str], typer.Option("--channel-order", help="rgb | bgr: channel order the model expects.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary; errors only.")]

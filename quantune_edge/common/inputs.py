@@ -98,7 +98,8 @@ def load_arrays(source: Path | str, specs: list[InputSpec], what: str) -> tuple[
     """Per-input arrays (ONNX layout, first axis = samples), the labels if the source has any, and
     sample names, from a ``.npy`` (one input), a ``.npz`` (one array per input name, optional
     ``labels``) or a loader ``FILE.py:function`` yielding per sample a dict of arrays, or a
-    (dict, label) pair."""
+    (dict, label) pair. An image input may be given as image file paths instead (a string array,
+    or a path per sample): the caller preprocesses them."""
     if is_loader(source):
         return _from_loader(str(source), specs, what)
     path = Path(source)
@@ -155,7 +156,7 @@ def _from_loader(source: str, specs: list[InputSpec], what: str):
         for spec in specs:
             if spec.name not in sample:
                 raise InputError(f"{what} loader {source}: sample {n} has no array for input {spec.name!r} (it has: {', '.join(map(str, sample))})")
-            value = np.asarray(sample[spec.name])
+            value = np.asarray(str(sample[spec.name]) if isinstance(sample[spec.name], Path) else sample[spec.name])
             per_input[spec.name].append(value[0] if value.shape == spec.shape else value)
         labels.append(label)
     arrays = {s.name: _checked(np.stack(per_input[s.name]), s, f"{source} input {s.name!r}") for s in specs}
@@ -170,6 +171,13 @@ def _as_iterable(result, source: str) -> Iterable:
 
 def _checked(array: np.ndarray, spec: InputSpec, what: str) -> np.ndarray:
     """``array`` (samples, ONNX layout) checked against ``spec`` and cast to its dtype."""
+    if spec.is_image and array.dtype.kind in "US":  # image files, loaded and preprocessed with the input's options
+        if array.ndim != 1 or array.shape[0] == 0:
+            raise InputError(f"{what}: image file names for input {spec.name!r} must be one per sample, got shape {tuple(array.shape)}")
+        missing = [str(f) for f in array if not Path(str(f)).is_file()]
+        if missing:
+            raise InputError(f"{what}: image {missing[0]} for input {spec.name!r} does not exist")
+        return array
     expected = tuple(spec.shape[1:])
     if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != expected:
         want = "(N, " + ", ".join(map(str, expected)) + ")"

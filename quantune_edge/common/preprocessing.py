@@ -51,6 +51,12 @@ class Preprocessing:
     resize_mode: Literal["crop", "letterbox", "stretch"] = "crop"
     pad_value: float = 114.0
     placement: Literal["center", "top-left"] = "center"
+    inputs: tuple[tuple[str, Preprocessing], ...] = ()  # per named image input, where it differs (--input-prep)
+
+    def for_input(self, name: str) -> Preprocessing:
+        """How the image input ``name`` is preprocessed: its own options, else these."""
+        own = dict(self.inputs).get(name)
+        return own if own is not None else replace(self, inputs=())
 
     def with_input_size(self, size: int) -> Preprocessing:
         """Fill in the crop size (the model's) and the default resize round(S / 0.875)."""
@@ -58,11 +64,16 @@ class Preprocessing:
         return replace(self, input_size=crop, resize=self.resize or round(crop / 0.875))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(replace(self, inputs=()))
+        del data["inputs"]
+        if self.inputs:
+            data["inputs"] = {name: prep.to_dict() for name, prep in self.inputs}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
         return cls(
+            inputs=tuple((name, cls.from_dict(own)) for name, own in (data.get("inputs") or {}).items()),
             input_size=data.get("input_size"),
             resize=data.get("resize"),
             mean=tuple(float(v) for v in data["mean"]),
@@ -100,8 +111,11 @@ def make_preprocessing(
     resize_mode: str | None = None,
     pad_value: float | None = None,
     placement: str | None = None,
+    per_input: Sequence[str] = (),
 ) -> Preprocessing:
-    """Build a :class:`Preprocessing` from CLI-style options; explicit values override the preset."""
+    """Build a :class:`Preprocessing` from CLI-style options; explicit values override the preset.
+    ``per_input`` holds ``NAME:KEY=VALUE`` texts (``--input-prep``): an image input's own options,
+    on top of the others."""
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -124,7 +138,11 @@ def make_preprocessing(
     if pad_value is not None and not 0 <= pad_value <= 255:
         raise InputError(f"--pad-value is a 0-255 pixel value, got {pad_value}")
     custom = mean is not None or std is not None or channel_order is not None
+    given = {"preset": preset, "mean": mean, "std": std, "input_size": input_size, "resize": resize, "channel_order": channel_order,
+             "resize_mode": resize_mode, "pad_value": pad_value, "placement": placement}
+    inputs = tuple((name, make_preprocessing(**{**given, **own})) for name, own in _per_input_options(per_input).items())
     return Preprocessing(
+        inputs=inputs,
         input_size=input_size,
         resize=resize,
         mean=_triple(mean, "mean") if mean is not None else p_mean,
@@ -135,6 +153,25 @@ def make_preprocessing(
         pad_value=114.0 if pad_value is None else float(pad_value),
         placement=placement or "center",  # type: ignore[arg-type]
     )
+
+
+_PER_INPUT_KEYS = {"preset": str, "mean": str, "std": str, "input-size": int, "resize": int, "channel-order": str, "resize-mode": str,
+                   "pad-value": float, "placement": str}
+
+
+def _per_input_options(texts: Sequence[str]) -> dict[str, dict]:
+    """``NAME:KEY=VALUE`` texts as {name: {option: value}}."""
+    options: dict[str, dict] = {}
+    for text in texts:
+        name, sep, rest = text.partition(":")
+        key, eq, value = rest.partition("=")
+        if not (sep and eq and name and value) or key not in _PER_INPUT_KEYS:
+            raise InputError(f"--input-prep takes NAME:KEY=VALUE with KEY one of {', '.join(_PER_INPUT_KEYS)}, got {text!r}")
+        try:
+            options.setdefault(name, {})[key.replace("-", "_")] = _PER_INPUT_KEYS[key](value)
+        except ValueError:
+            raise InputError(f"--input-prep {text!r}: {key} takes a {_PER_INPUT_KEYS[key].__name__}") from None
+    return options
 
 
 def load_image(path: Path, prep: Preprocessing, channels: int = 3) -> np.ndarray:
@@ -245,7 +282,7 @@ def load_samples(
     are unlabelled."""
     path = Path(source)
     if is_loader(source) or path.is_file():
-        return _from_arrays(source, specs, num, seed, what)
+        return _from_arrays(source, prep, specs, num, seed, what, on_item)
     if not path.exists():
         raise InputError(f"{what} data not found: {path}")
     images = [s for s in specs if s.is_image]
@@ -261,7 +298,7 @@ def load_samples(
     if not files:
         raise InputError(f"no images (JPEG/PNG) found in {what} folder {path}")
     labels_by_file = labels(path) if labels else {}
-    prep = prep.with_input_size(h)
+    prep = prep.for_input(spec.name).with_input_size(h)
     if prep.resize_mode == "crop" and (prep.input_size != h or h != w):
         raise InputError(f"--input-size {prep.input_size} does not match the model input {h}x{w}")
     chosen = [files[i] for i in select(len(files), num, seed)]
@@ -297,10 +334,26 @@ def _label_array(found: list) -> np.ndarray:
     return out
 
 
-def _from_arrays(source: str | Path, specs: list[InputSpec], num: int | None, seed: int, what: str) -> Samples:
+def _from_arrays(source: str | Path, prep: Preprocessing, specs: list[InputSpec], num: int | None, seed: int, what: str,
+                 on_item: Callable[[], None] | None) -> Samples:
+    """Samples from arrays; an image input given as image file paths is loaded and preprocessed here,
+    the input's own way (``Preprocessing.for_input``), and the first such input's geometry kept."""
     arrays, labels, names = load_arrays(source, specs, what)
     idx = np.sort(select(len(names), num, seed))
-    data = pack(specs, {s.name: s.from_onnx(arrays[s.name][idx]) for s in specs})
+    values, geometry = {}, None
+    for spec in specs:
+        chosen = arrays[spec.name][idx]
+        if chosen.dtype.kind in "US":
+            h, w, c = spec.hwc
+            own = prep.for_input(spec.name).with_input_size(h)
+            loaded = [load_image_with_geometry(Path(str(f)), own, c, (h, w)) for f in chosen]
+            values[spec.name] = np.stack([pixels for pixels, _ in loaded])
+            geometry = np.stack([where for _, where in loaded]) if geometry is None else geometry
+        else:
+            values[spec.name] = spec.from_onnx(chosen)
+    if on_item:
+        for _ in idx:
+            on_item()
     found = [labels[i] for i in idx] if labels is not None else [-1] * len(idx)
     shown = str(source) if is_loader(source) else str(Path(source))
-    return Samples(data, _label_array(found), [names[i] for i in idx], shown)
+    return Samples(pack(specs, values), _label_array(found), [names[i] for i in idx], shown, geometry=geometry)

@@ -30,6 +30,13 @@ def missing_meta():
     yield {"image": np.zeros((1, 3, 32, 32), np.float32)}
 def raises():
     raise RuntimeError("the dataset is on another disk")
+def photos():
+    import pathlib
+    rng = np.random.default_rng(3)
+    for i, photo in enumerate(sorted((pathlib.Path(__file__).parent / "photos").glob("*.jpg"))):
+        yield {"image": photo, "meta": rng.normal(size=(16,)).astype("float32")}, i % 5
+def lost_photo():
+    yield {"image": "no/such.jpg", "meta": np.zeros(16, np.float32)}
 '''
 
 
@@ -172,3 +179,33 @@ def test_bad_model_inputs_are_one_line_and_nothing_is_written(files, tmp_path, t
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.strip().startswith("error: ")
     assert message in proc.stderr
     assert not out.exists()
+
+
+def test_an_image_input_given_as_files_gets_its_own_preprocessing(files, tmp_path, tiny_images):
+    """A loader names image files for the image input and arrays for the other; --input-prep sets
+    that input's preprocessing (here tf normalisation, stretched), stored in compile.json and used again."""
+    import shutil
+
+    from quantune_edge.common.preprocessing import load_image, make_preprocessing
+
+    shutil.copytree(tiny_images, files / "photos", dirs_exist_ok=True)
+    loader = f"{files / 'loader.py'}:photos"
+    out = tmp_path / "photos"
+    _ok(run_cli("compile", files / "two.onnx", "--calib", loader, "--out", out, "--task", "fidelity",
+                "--input-prep", "image:preset=tf", "--input-prep", "image:resize-mode=stretch"))
+    report = json.loads((out / "compile.json").read_text())
+    assert report["preprocessing"]["inputs"]["image"]["preset"] == "tf" and report["preprocessing"]["inputs"]["image"]["resize_mode"] == "stretch"
+    compiled = CompiledModel.open(out)
+    samples = compiled.load_samples(loader, 3, 0)
+    photos = sorted((files / "photos").glob("*.jpg"))
+    expected = make_preprocessing("tf", resize_mode="stretch").with_input_size(32)
+    for k, name in enumerate(samples.names):  # the loader's k-th sample is the k-th photo
+        np.testing.assert_allclose(samples.data["image"][k], load_image(photos[int(name.split("[")[1].rstrip("]"))], expected), atol=1e-6)
+    assert samples.geometry is not None and samples.geometry.shape == (3, 6)
+    for flag, message in ((["--input-prep", "meta:preset=tf"], "--input-prep names 'meta', which is not an image input"),
+                          (["--input-prep", "image:colour=red"], "--input-prep takes NAME:KEY=VALUE"),
+                          (["--input-prep", "image:input-size=big"], "input-size takes a int")):
+        proc = run_cli("compile", files / "two.onnx", "--calib", loader, "--out", tmp_path / "bad", "--task", "fidelity", *flag)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "bad").exists(), proc.stderr
+    proc = run_cli("compile", files / "two.onnx", "--calib", f"{files / 'loader.py'}:lost_photo", "--out", tmp_path / "bad", "--task", "fidelity")
+    assert proc.returncode == 2 and "image no/such.jpg for input 'image' does not exist" in proc.stderr and not (tmp_path / "bad").exists()
