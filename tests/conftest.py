@@ -118,6 +118,20 @@ def image_and_vector_net():
     return graph_model(b, [("image", [1, 3, 32, 32]), ("meta", [1, 16])], "logits")
 
 
+def compiled_two_input_net(folder: Path, samples: int = 8) -> tuple[Path, Path]:
+    """:func:`image_and_vector_net` with random samples in a .npz, compiled for --task fidelity in
+    ``folder``: (compile folder, the .npz)."""
+    import onnx
+
+    rng = np.random.default_rng(0)
+    onnx.save(image_and_vector_net(), folder / "two.onnx")
+    np.savez(folder / "two.npz", image=rng.normal(size=(samples, 3, 32, 32)).astype(np.float32),
+             meta=rng.normal(size=(samples, 16)).astype(np.float32))
+    proc = run_cli("compile", folder / "two.onnx", "--calib", folder / "two.npz", "--out", folder / "out", "--task", "fidelity")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    return folder / "out", folder / "two.npz"
+
+
 def residual_net(batch="N", size: int = 32):
     """Conv+BN+ReLU6 stem, depthwise+BN+ReLU6, residual Add+ReLU, classifier head; NCHW input."""
     g = GraphBuilder(1)

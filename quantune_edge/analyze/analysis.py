@@ -578,10 +578,11 @@ def _checked_match(compiled: CompiledModel) -> LayerMatch:
     """The layer match of the compile's float32/int8 pair, refused when the two are not from one compile."""
     fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
     quantized_ops = sum(op.type not in ("QUANTIZE", "DEQUANTIZE") for op in qg.ops)
-    if not match.layers or len(match.layers) < 0.5 * quantized_ops:
+    matched = len(match.layers) + len(match.exact)
+    if not match.layers or matched < 0.5 * quantized_ops:
         raise InputError(
             f"{compiled.float_model.name} and {compiled.int8_model.name} in {compiled.folder} are not a pair from one compile "
-            f"({len(match.layers)} of {quantized_ops} int8 ops matched); re-run 'quantune-edge compile'"
+            f"({matched} of {quantized_ops} int8 ops matched); re-run 'quantune-edge compile'"
         )
     if fg.tensors[fg.inputs[0]].shape != qg.tensors[qg.inputs[0]].shape:
         raise InputError(f"float and int8 models in {compiled.folder} take different input shapes: not a pair from one compile")

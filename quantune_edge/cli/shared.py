@@ -25,7 +25,7 @@ app = typer.Typer(
 # Preprocessing options shared by every command that reads images.
 DATA_HELP = ("Image folder (labels.csv / COCO / YOLO labels optional), a .npy (one input, the model's layout), a .npz (one array per "
              "input name, optional 'labels') or FILE.py:function yielding per sample a dict of arrays or (dict, label).")
-InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Center-crop size S (default: the model's input size).")]
+InputSize = Annotated[Optional[str], typer.Option("--input-size", help="Model input size S or HxW (default: the model's); fixes dynamic spatial dims.")]
 Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shorter side to R before the crop (default round(S/0.875)).")]
 Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean a,b,c in 0-255 pixel units, model channel order.")]
 Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std a,b,c in 0-255 pixel units: x = (pixel - mean) / std.")]

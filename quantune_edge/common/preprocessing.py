@@ -42,7 +42,7 @@ class Preprocessing:
     ``channel_order`` is applied), so Caffe-style BGR means read as (B, G, R).
     """
 
-    input_size: int | None = None
+    input_size: int | None = None  # the model input's height (its side when square)
     resize: int | None = None
     mean: tuple[float, ...] = PRESETS[DEFAULT_PRESET][0]
     std: tuple[float, ...] = PRESETS[DEFAULT_PRESET][1]
@@ -52,16 +52,23 @@ class Preprocessing:
     pad_value: float = 114.0
     placement: Literal["center", "top-left"] = "center"
     inputs: tuple[tuple[str, Preprocessing], ...] = ()  # per named image input, where it differs (--input-prep)
+    input_width: int | None = None  # the model input's width, when not square (--input-size HxW)
+
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        """(height, width) asked for or filled in, None before :meth:`with_input_size`."""
+        return None if self.input_size is None else (self.input_size, self.input_width or self.input_size)
 
     def for_input(self, name: str) -> Preprocessing:
         """How the image input ``name`` is preprocessed: its own options, else these."""
         own = dict(self.inputs).get(name)
         return own if own is not None else replace(self, inputs=())
 
-    def with_input_size(self, size: int) -> Preprocessing:
-        """Fill in the crop size (the model's) and the default resize round(S / 0.875)."""
-        crop = self.input_size or size
-        return replace(self, input_size=crop, resize=self.resize or round(crop / 0.875))
+    def with_input_size(self, height: int, width: int | None = None) -> Preprocessing:
+        """Fill in the input size (the model's, unless given) and the default resize of the shorter
+        side, round(min(H, W) / 0.875)."""
+        h, w = self.input_hw or (height, width or height)
+        return replace(self, input_size=h, input_width=None if w == h else w, resize=self.resize or round(min(h, w) / 0.875))
 
     def to_dict(self) -> dict:
         data = asdict(replace(self, inputs=()))
@@ -75,6 +82,7 @@ class Preprocessing:
         return cls(
             inputs=tuple((name, cls.from_dict(own)) for name, own in (data.get("inputs") or {}).items()),
             input_size=data.get("input_size"),
+            input_width=data.get("input_width"),
             resize=data.get("resize"),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
@@ -105,7 +113,7 @@ def make_preprocessing(
     preset: str | None = None,
     mean: str | Sequence[float] | None = None,
     std: str | Sequence[float] | None = None,
-    input_size: int | None = None,
+    input_size: int | str | None = None,
     resize: int | None = None,
     channel_order: str | None = None,
     resize_mode: str | None = None,
@@ -126,11 +134,11 @@ def make_preprocessing(
     order = (channel_order or p_order).lower()
     if order not in ("rgb", "bgr"):
         raise InputError(f"--channel-order must be rgb or bgr, got {channel_order!r}")
-    for value, flag in ((input_size, "input-size"), (resize, "resize")):
-        if value is not None and value <= 0:
-            raise InputError(f"--{flag} must be positive, got {value}")
-    if input_size and resize and resize < input_size:
-        raise InputError(f"--resize ({resize}) must be at least --input-size ({input_size})")
+    hw = parse_input_size(input_size)
+    if resize is not None and resize <= 0:
+        raise InputError(f"--resize must be positive, got {resize}")
+    if hw and resize and resize < min(hw):
+        raise InputError(f"--resize ({resize}) must be at least the shorter side of --input-size ({min(hw)})")
     if (resize_mode or "crop") not in RESIZE_MODES:
         raise InputError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     if (placement or "center") not in PLACEMENTS:
@@ -143,7 +151,8 @@ def make_preprocessing(
     inputs = tuple((name, make_preprocessing(**{**given, **own})) for name, own in _per_input_options(per_input).items())
     return Preprocessing(
         inputs=inputs,
-        input_size=input_size,
+        input_size=hw[0] if hw else None,
+        input_width=hw[1] if hw and hw[1] != hw[0] else None,
         resize=resize,
         mean=_triple(mean, "mean") if mean is not None else p_mean,
         std=std_t,
@@ -155,7 +164,21 @@ def make_preprocessing(
     )
 
 
-_PER_INPUT_KEYS = {"preset": str, "mean": str, "std": str, "input-size": int, "resize": int, "channel-order": str, "resize-mode": str,
+def parse_input_size(value: int | str | None) -> tuple[int, int] | None:
+    """``--input-size``: S (square) or HxW, as (height, width)."""
+    if value is None:
+        return None
+    parts = str(value).lower().split("x")
+    try:
+        sizes = [int(v) for v in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or any(v <= 0 for v in sizes):
+        raise InputError(f"--input-size takes a positive S or HxW (e.g. 224 or 480x640), got {value!r}")
+    return (sizes[0], sizes[-1])
+
+
+_PER_INPUT_KEYS = {"preset": str, "mean": str, "std": str, "input-size": str, "resize": int, "channel-order": str, "resize-mode": str,
                    "pad-value": float, "placement": str}
 
 
@@ -184,12 +207,12 @@ def load_image_with_geometry(path: Path, prep: Preprocessing, channels: int = 3,
     """Decode one image to (H, W, C) float32 the ``prep`` way, and its geometry: [original width,
     original height, scale x, scale y, offset x, offset y], so that a point of the original image
     lands at ``xy * scale + offset`` in the model input (a detector's boxes are mapped back with it).
-    ``size_hw`` is the model input's (H, W); without it, the square ``prep.input_size``."""
+    ``size_hw`` is the model input's (H, W); without it, ``prep.input_hw``."""
     from PIL import Image
 
     if prep.input_size is None or prep.resize is None:
         raise ValueError("preprocessing needs input_size and resize; call with_input_size first")
-    out_h, out_w = size_hw or (prep.input_size, prep.input_size)
+    out_h, out_w = size_hw or prep.input_hw  # type: ignore[misc]
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         w, h = img.size
@@ -298,9 +321,9 @@ def load_samples(
     if not files:
         raise InputError(f"no images (JPEG/PNG) found in {what} folder {path}")
     labels_by_file = labels(path) if labels else {}
-    prep = prep.for_input(spec.name).with_input_size(h)
-    if prep.resize_mode == "crop" and (prep.input_size != h or h != w):
-        raise InputError(f"--input-size {prep.input_size} does not match the model input {h}x{w}")
+    prep = prep.for_input(spec.name).with_input_size(h, w)
+    if prep.input_hw != (h, w):
+        raise InputError(f"--input-size {'x'.join(map(str, prep.input_hw or ()))} does not match the model input {h}x{w}")
     chosen = [files[i] for i in select(len(files), num, seed)]
     data, found, names, skipped, geometry = [], [], [], [], []
     for file in chosen:
@@ -345,7 +368,7 @@ def _from_arrays(source: str | Path, prep: Preprocessing, specs: list[InputSpec]
         chosen = arrays[spec.name][idx]
         if chosen.dtype.kind in "US":
             h, w, c = spec.hwc
-            own = prep.for_input(spec.name).with_input_size(h)
+            own = prep.for_input(spec.name).with_input_size(h, w)
             loaded = [load_image_with_geometry(Path(str(f)), own, c, (h, w)) for f in chosen]
             values[spec.name] = np.stack([pixels for pixels, _ in loaded])
             geometry = np.stack([where for _, where in loaded]) if geometry is None else geometry

@@ -172,7 +172,7 @@ class CompiledModel:
     ) -> Samples:
         images = [s for s in self.specs if s.is_image]
         prep = preprocessing or self.preprocessing
-        prep = prep.with_input_size(images[0].hwc[0]) if images else prep
+        prep = prep.with_input_size(*images[0].hwc[:2]) if images else prep
         return load_samples(source, prep, self.specs, num, seed, on_item=on_item, what=what, labels=self.task.read_labels)
 
     @staticmethod

@@ -134,13 +134,13 @@ def _prepare_onnx(model_path: Path, options: CompileOptions, reporter: Reporter,
     start = time.perf_counter()
     original = onnx_model.load(model_path)
     with captured_native_output(not options.verbose):
-        prepared = onnx_model.prepare(original, options.preprocessing.input_size, options.input_shapes)
+        prepared = onnx_model.prepare(original, options.preprocessing.input_hw, options.input_shapes)
     onnx_model.check_supported(prepared.model)
     images = [s for s in prepared.specs if s.is_image]
     if unknown := sorted(set(dict(options.preprocessing.inputs)) - {s.name for s in images}):
         raise InputError(f"--input-prep names {unknown[0]!r}, which is not an image input of the model "
                          f"(image inputs: {', '.join(s.name for s in images) or 'none'})")
-    prep = options.preprocessing.with_input_size(images[0].hwc[0]) if images else options.preprocessing
+    prep = options.preprocessing.with_input_size(*images[0].hwc[:2]) if images else options.preprocessing
     timings["prepare_onnx"] = round(time.perf_counter() - start, 3)
     for note in prepared.notes:
         reporter.info(f"[dim]note:[/dim] {note}")

@@ -14,7 +14,7 @@ own names can differ (the DEQUANTIZE hand-over above).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,6 +64,7 @@ class LayerMatch:
     unmatched_float: list[str]
     unmatched_int8: list[str]
     tensor_map: dict[int, int]  # int8 activation tensor -> its float tensor
+    exact: list[str] = field(default_factory=list)  # ops matched but computing integers (no precision to choose)
 
 
 def _macs(op: OpInfo, graph: TfliteGraph) -> int:
@@ -81,6 +82,9 @@ def _macs(op: OpInfo, graph: TfliteGraph) -> int:
 
 def _activation_inputs(op: OpInfo, graph: TfliteGraph) -> list[int]:
     return [i for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant]
+
+
+FLOAT_DTYPES = ("float32", "float16")
 
 
 def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_graph: TfliteGraph | None = None) -> LayerMatch:
@@ -106,6 +110,7 @@ def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_g
     layers: list[Layer] = []
     unmatched_int8: list[str] = []
     used_float: set[int] = set()
+    exact: list[str] = []
     for op in int8_graph.ops:
         if op.type in BOUNDARY_OPS:
             continue
@@ -122,6 +127,9 @@ def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_g
             continue
         used_float.add(partner.index)
         tensor_map[op.outputs[0]] = partner.outputs[0]
+        if float_graph.tensors[partner.outputs[0]].dtype not in FLOAT_DTYPES:
+            exact.append(out.name)  # integer or bool arithmetic (an index computation) is exact either way: not a precision choice
+            continue
         weighted = op.type in WEIGHTED_OPS and len(op.inputs) > 1
         layers.append(
             Layer(
@@ -142,7 +150,7 @@ def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_g
             )
         )
     unmatched_float = [float_graph.tensors[op.outputs[0]].name for op in float_graph.ops if op.index not in used_float]
-    return LayerMatch(layers, unmatched_float, unmatched_int8, tensor_map)
+    return LayerMatch(layers, unmatched_float, unmatched_int8, tensor_map, exact)
 
 
 def dequantized_weights(tensor: TensorInfo) -> np.ndarray:

@@ -63,9 +63,9 @@ def graph_inputs(model) -> list:
 ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 2: "uint8", 3: "int8"}  # TensorProto element types fed as numpy
 
 
-def input_specs(model, input_size: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[list[InputSpec], list[str]]:
+def input_specs(model, input_size: tuple[int, int] | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[list[InputSpec], list[str]]:
     """Every input of the model, with notes on what was fixed (dynamic dims). A 4-D float input with
-    a channel axis of 1, 3 or 4 is an image (``input_size`` fixes its dynamic spatial size); any
+    a channel axis of 1, 3 or 4 is an image (``input_size`` (H, W) fixes its dynamic spatial size); any
     other input is fed in its own layout. ``shapes`` (``--input-shape NAME=1x3x640x640``) sets
     dynamic dimensions by input name; the batch becomes 1."""
     inputs = graph_inputs(model)
@@ -85,7 +85,7 @@ def input_specs(model, input_size: int | None = None, shapes: dict[str, tuple[in
     return specs, notes
 
 
-def _input_spec(inp, input_size: int | None, given: tuple[int, ...] | None) -> tuple[InputSpec, list[str]]:
+def _input_spec(inp, input_size: tuple[int, int] | None, given: tuple[int, ...] | None) -> tuple[InputSpec, list[str]]:
     import onnx
 
     elem = inp.type.tensor_type.elem_type
@@ -109,14 +109,14 @@ def _input_spec(inp, input_size: int | None, given: tuple[int, ...] | None) -> t
     layout = _image_layout(dims) if elem == onnx.TensorProto.FLOAT else None
     if layout is not None:
         spatial = (2, 3) if layout == "NCHW" else (1, 2)
-        for axis in spatial:
+        for axis, size in zip(spatial, input_size or (None, None)):
             if not isinstance(dims[axis], int):
-                if input_size is None:
+                if size is None:
                     raise InputError(f"model input {inp.name!r} has dynamic spatial size {dims}; pass --input-size or --input-shape {inp.name}=...")
-                notes.append(f"dynamic spatial dimension of input {inp.name!r} fixed to {input_size}")
-                dims[axis] = input_size
-        if input_size is not None and (dims[spatial[0]], dims[spatial[1]]) != (input_size, input_size):
-            raise InputError(f"--input-size {input_size} does not match the model input {inp.name!r} of shape {dims}")
+                notes.append(f"dynamic spatial dimension of input {inp.name!r} fixed to {size}")
+                dims[axis] = size
+        if input_size is not None and (dims[spatial[0]], dims[spatial[1]]) != tuple(input_size):
+            raise InputError(f"--input-size {'x'.join(map(str, input_size))} does not match the model input {inp.name!r} of shape {dims}")
     elif any(not isinstance(d, int) for d in dims):
         example = "x".join(str(d) if isinstance(d, int) else "N" for d in dims)
         raise InputError(f"model input {inp.name!r} has dynamic dimensions {dims}; set them with --input-shape {inp.name}={example}")
@@ -257,7 +257,7 @@ class PreparedModel:
     pads_folded: int
 
 
-def prepare(model, input_size: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
+def prepare(model, input_size: tuple[int, int] | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
     """Fix the input shapes (batch 1), simplify, fold pads; keeps the original model untouched."""
     import onnx
 

@@ -170,19 +170,14 @@ def test_eval_writes_every_output_whole_in_the_models_order(nanodet_compiled, tm
 
 def test_eval_feeds_several_inputs_by_name(tmp_path):
     """A two-input model: 'x' is a structured array, one field per input name, fed by name."""
-    import onnx
-    from conftest import image_and_vector_net, run_cli
+    from conftest import compiled_two_input_net
 
     from quantune_edge.compile.artifacts import CompiledModel
     from quantune_edge.model.runtime import TfliteRunner
 
-    rng = np.random.default_rng(0)
-    onnx.save(image_and_vector_net(), tmp_path / "two.onnx")
-    np.savez(tmp_path / "two.npz", image=rng.normal(size=(6, 3, 32, 32)).astype(np.float32), meta=rng.normal(size=(6, 16)).astype(np.float32))
-    proc = run_cli("compile", tmp_path / "two.onnx", "--calib", tmp_path / "two.npz", "--out", tmp_path / "out", "--task", "fidelity")
-    assert proc.returncode == 0, proc.stderr[-1500:]
-    compiled = CompiledModel.open(tmp_path / "out")
-    x = compiled.load_samples(tmp_path / "two.npz", None).data
+    out, npz = compiled_two_input_net(tmp_path, 6)
+    compiled = CompiledModel.open(out)
+    x = compiled.load_samples(npz, None).data
     from numpy.lib.recfunctions import repack_fields
 
     np.savez(tmp_path / "x.npz", x=repack_fields(x[["meta", "image"]]))  # another field order: names decide

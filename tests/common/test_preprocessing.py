@@ -30,12 +30,23 @@ def test_presets_and_overrides():
     ({"mean": "1,2"}, "one or three values"),
     ({"std": "1,0,1"}, "must not contain zero"),
     ({"mean": "a,b,c"}, "takes numbers"),
-    ({"input_size": 224, "resize": 200}, "at least --input-size"),
+    ({"input_size": 224, "resize": 200}, "at least the shorter side of --input-size"),
+    ({"input_size": "480x640", "resize": 400}, r"at least the shorter side of --input-size \(480\)"),
+    ({"input_size": "48x"}, "positive S or HxW"), ({"input_size": "0x4"}, "positive S or HxW"), ({"input_size": "4x4x4"}, "positive S or HxW"),
     ({"channel_order": "gbr"}, "rgb or bgr"),
 ])
 def test_bad_preprocessing_options(kwargs, message):
     with pytest.raises(InputError, match=message):
         make_preprocessing(**kwargs)
+
+
+def test_a_non_square_input_size_is_height_by_width():
+    prep = make_preprocessing(input_size="48x64", resize_mode="letterbox")
+    assert prep.input_hw == (48, 64) and prep.with_input_size(10, 10).input_hw == (48, 64)  # given wins over the model's
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    filled = make_preprocessing().with_input_size(48, 64)
+    assert filled.input_hw == (48, 64) and filled.resize == round(48 / 0.875)  # the shorter side
+    assert make_preprocessing(input_size=224).input_hw == (224, 224) and make_preprocessing(input_size="224").input_width is None
 
 
 def test_load_image_matches_hand_computation(tmp_path):

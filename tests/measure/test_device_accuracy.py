@@ -4,10 +4,8 @@ each next to the host's figure for the same model."""
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from conftest import image_and_vector_net, run_cli, shared
+from conftest import compiled_two_input_net, shared
 
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.deploy.targets import load_target
@@ -43,13 +41,9 @@ def test_detector_map_is_computed_from_the_devices_outputs(yolov5n_compiled, loo
 
 
 def test_a_two_input_model_judged_by_fidelity_on_the_emulated_board(emulated_target, tmp_path):
-    rng = np.random.default_rng(0)
-    onnx.save(image_and_vector_net(), tmp_path / "two.onnx")
-    np.savez(tmp_path / "two.npz", image=rng.normal(size=(8, 3, 32, 32)).astype(np.float32), meta=rng.normal(size=(8, 16)).astype(np.float32))
-    proc = run_cli("compile", tmp_path / "two.onnx", "--calib", tmp_path / "two.npz", "--out", tmp_path / "out", "--task", "fidelity")
-    assert proc.returncode == 0, proc.stderr[-1500:]
-    compiled = CompiledModel.open(tmp_path / "out")
-    result = evaluate_on_device(compiled, [compiled.int8_model], tmp_path / "two.npz", 4, 0, [load_target(str(emulated_target))])
+    out, npz = compiled_two_input_net(tmp_path)
+    compiled = CompiledModel.open(out)
+    result = evaluate_on_device(compiled, [compiled.int8_model], npz, 4, 0, [load_target(str(emulated_target))])
     (row,) = next(iter(result["targets"].values())).values()
     assert result["metric"] == "output SQNR dB" and row["machine"] == "aarch64"
     assert 20 < row["value"] < 80 and abs(row["value"] - row["host_value"]) < 3  # ARM int8 kernels may round a few LSBs apart

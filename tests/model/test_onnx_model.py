@@ -26,7 +26,7 @@ def test_dynamic_spatial_needs_input_size_or_input_shape():
     model = g.model(["N", 3, "H", "W"], g.head(g.conv("input", 3, 4), 4))
     with pytest.raises(InputError, match="pass --input-size or --input-shape input=..."):
         onnx_model.input_specs(model)
-    (spec,), _ = onnx_model.input_specs(model, input_size=48)
+    (spec,), _ = onnx_model.input_specs(model, input_size=(48, 48))
     assert spec.shape == (1, 3, 48, 48)
     (spec,), notes = onnx_model.input_specs(model, shapes=onnx_model.parse_input_shapes(["input=1x3x40x56"]))
     assert spec.shape == (1, 3, 40, 56) and spec.hwc == (40, 56, 3) and "--input-shape" in notes[0]
@@ -42,7 +42,7 @@ def test_non_image_inputs_keep_their_layout_and_need_static_shapes():
     (spec,), _ = onnx_model.input_specs(g.model([1, "T", 10], g.node("MatMul", ["input", w])), shapes={"input": (1, 49, 10)})
     assert spec.shape == (1, 49, 10) and spec.layout == "plain"
     with pytest.raises(InputError, match="--input-size applies to an image input"):
-        onnx_model.input_specs(g.model([1, 10], g.node("MatMul", ["input", w])), input_size=32)
+        onnx_model.input_specs(g.model([1, 10], g.node("MatMul", ["input", w])), input_size=(32, 32))
 
 
 @pytest.mark.parametrize("texts, message", [

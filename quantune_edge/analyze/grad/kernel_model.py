@@ -93,12 +93,14 @@ class KernelRunner:
         self.interpreter = Interpreter(model_content=kernels.content, num_threads=num_threads)
         self.interpreter.allocate_tensors()
         self.invocations = 0
+        # float32, except what an op reads as integers (a GATHER's indices from an int64 model input)
+        self.dtypes = {d["index"]: d["dtype"] for d in self.interpreter.get_input_details()}
 
     def run(self, feeds: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
-        """``feeds[job]``: float32 values for that job's inputs; returns job -> output (a copy)."""
+        """``feeds[job]``: the values of that job's inputs; returns job -> output (a copy)."""
         for job, values in feeds.items():
             for tensor, value in zip(self.kernels.inputs[job], values):
-                self.interpreter.set_tensor(tensor, np.asarray(value, np.float32))
+                self.interpreter.set_tensor(tensor, np.asarray(value, self.dtypes.get(tensor, np.float32)))
         self.interpreter.invoke()
         self.invocations += 1
         return {job: self.interpreter.get_tensor(self.kernels.outputs[job]) for job in feeds}
