@@ -257,6 +257,78 @@ class PreparedModel:
     pads_folded: int
 
 
+CONVERTED_OPSET = 13  # older exports are rewritten to this opset's meaning before conversion
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), CONVERTED_OPSET)
+
+
+def _to_current_opset(model, notes: list[str]):
+    """An export older than opset 13 rewritten to opset 13's meaning (ONNX's version converter).
+
+    Before 13, Softmax, LogSoftmax and Hardmax took ``axis`` with "coerce to 2-D" semantics (all axes
+    from ``axis`` on flattened): over an N x C x H x W tensor, axis=1 spans C*H*W values, and onnx2tf
+    applies it to C alone, so the float32 TFLite would not match ONNX Runtime. The converter writes
+    them as Flatten, Softmax, Reshape, and moves attributes that became inputs (Split, Squeeze, Clip,
+    Pad, ...)."""
+    from onnx import version_converter
+
+    old = _opset(model)
+    if old >= CONVERTED_OPSET:
+        return model
+    flattened = _flatten_coerced_axis_ops(model)
+    if flattened:
+        notes.append(f"{flattened} Softmax/LogSoftmax/Hardmax node(s) of the opset {old} export written as Flatten, op, Reshape "
+                     "(their old axis meant: every axis from it on)")
+    try:
+        converted = version_converter.convert_version(model, CONVERTED_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors for ops it has no adapter for
+        notes.append(f"opset {old} export kept as is: ONNX's version converter failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        return model
+    notes.append(f"opset {old} export rewritten to opset {CONVERTED_OPSET} (ONNX version converter): old Softmax/LogSoftmax/Hardmax "
+                 "axis semantics, and attributes that became inputs, keep their meaning")
+    return converted
+
+
+COERCED_AXIS_OPS = ("Softmax", "LogSoftmax", "Hardmax")
+
+
+def _flatten_coerced_axis_ops(model) -> int:
+    """Before opset 13, ``Softmax(axis=a)`` (and LogSoftmax, Hardmax) on a rank-r tensor flattened it
+    to 2-D at ``a`` and worked over the second axis: every axis from ``a`` on. Written out as
+    Shape + Flatten + the op on a 2-D tensor + Reshape, it means the same at every opset (ONNX's
+    version converter does this for Softmax and LogSoftmax, not for Hardmax). Edits ``model`` in
+    place; returns how many nodes were rewritten (those already over the last axis are left)."""
+    import onnx
+    from onnx import helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in known if v.type.tensor_type.HasField("shape")}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        rank = ranks.get(node.input[0]) if node.input else None
+        if node.op_type not in COERCED_AXIS_OPS or node.domain not in ("", "ai.onnx") or not rank:
+            nodes.append(node)
+            continue
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+        axis = axis + rank if axis < 0 else axis
+        if axis == rank - 1:
+            nodes.append(node)
+            continue
+        base = node.name or node.output[0]
+        shape, flat, two_d = f"{base}/coerced_shape", f"{base}/coerced_flat", f"{base}/coerced_2d"
+        nodes += [helper.make_node("Shape", [node.input[0]], [shape], name=shape),
+                  helper.make_node("Flatten", [node.input[0]], [flat], name=flat, axis=axis),
+                  helper.make_node(node.op_type, [flat], [two_d], name=node.name, axis=1),
+                  helper.make_node("Reshape", [two_d, shape], list(node.output), name=f"{base}/coerced_reshape")]
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
+
+
 def prepare(model, input_size: tuple[int, int] | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
     """Fix the input shapes (batch 1), simplify, fold pads; keeps the original model untouched."""
     import onnx
@@ -265,6 +337,7 @@ def prepare(model, input_size: tuple[int, int] | None = None, shapes: dict[str, 
     work = onnx.ModelProto()
     work.CopyFrom(model)
     _fix_input_shapes(work, specs)
+    work = _to_current_opset(work, notes)
     simplified = False
     try:
         import onnxsim
