@@ -25,7 +25,7 @@ from quantune_edge import CompileOptions, compile_model, make_preprocessing
 from quantune_edge.analyze.analysis import AnalysisOptions, analyze
 from quantune_edge.compile.artifacts import MIXED_MODEL, CompiledModel
 from quantune_edge.compile.compiler import onnxruntime_all_outputs
-from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms, sample_of
+from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms, per_sample
 from quantune_edge.tasks import make_task
 from quantune_edge.tune.tuning import TuneOptions, tune
 
@@ -39,8 +39,7 @@ DETECTORS = {
 
 def onnxruntime_scores(compiled: CompiledModel, model: Path, samples) -> dict:
     names, outputs, shapes = onnxruntime_all_outputs(model, compiled.specs, samples.data)
-    per_sample = [{n: sample_of(v, i, s) for n, v, s in zip(names, outputs, shapes)} for i in range(len(samples))]
-    return compiled.task.scores(per_sample, samples.labels)
+    return compiled.task.scores(per_sample(names, outputs, shapes), samples.labels)
 
 
 def latency_ratio(model: Path, reference: Path, sample: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from quantune_edge.compile import converter, tracing
 from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import LayerMatch, match_layers
-from quantune_edge.model.runtime import TfliteRunner, sample_of, stacked_shape
+from quantune_edge.model.runtime import TfliteRunner, per_sample, stacked_shape
 from quantune_edge.tasks import Task, task_from_record
 from quantune_edge.tasks.base import reference_labels
 
@@ -87,9 +87,7 @@ class CompiledModel:
 
     def per_sample(self, stacked: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """:meth:`as_onnx`'s dict as one dict per sample, each output shaped as one ONNX Runtime run returns it."""
-        shapes = list(self.output_shapes.values())
-        count = len(next(iter(stacked.values())))
-        return [{name: sample_of(v, i, shape) for (name, v), shape in zip(stacked.items(), shapes)} for i in range(count)]
+        return per_sample(list(stacked), list(stacked.values()), list(self.output_shapes.values()))
 
     def sample_outputs(self, model: Path, inputs: np.ndarray, threads: int = 2) -> list[dict[str, np.ndarray]]:
         """:meth:`outputs`, one dict per sample, each output shaped as one ONNX Runtime run returns it."""

@@ -28,7 +28,7 @@ from quantune_edge.compile import converter, fusion, tracing
 from quantune_edge.compile.artifacts import CALIBRATED_MODEL, COMPILE_FOLDER, FLOAT_MODEL, INT8_MODEL, PREPARED_ONNX, REPORT, SAVED_MODEL
 from quantune_edge.errors import ConversionError, InputError, VerificationError
 from quantune_edge.model import onnx_model, tflite_graph
-from quantune_edge.model.runtime import TfliteRunner, sample_of, stack_samples
+from quantune_edge.model.runtime import TfliteRunner, per_sample, stack_samples
 from quantune_edge.tasks import make_task
 from quantune_edge.tasks.base import Task, compare, reference_labels
 
@@ -219,8 +219,7 @@ class Verified:
     def per_sample(self, model: str) -> list[dict[str, np.ndarray]]:
         """One dict of outputs per sample, named, ordered, shaped and laid out as ONNX Runtime returns them."""
         values = [to_shape(v, r.shape) for v, r in zip(self.outputs[model], self.outputs["onnxruntime_float32"])]
-        return [{name: sample_of(v, i, shape) for name, shape, v in zip(self.names, self.shapes, values)}
-                for i in range(len(values[0]))]
+        return per_sample(self.names, values, self.shapes)
 
 
 def _trace(original, specs: list[InputSpec], samples: Samples, stage: Path, out_dir: Path, options: CompileOptions, progress, reporter: Reporter,

@@ -6,6 +6,7 @@ outputs. Either way the host also compares with its own run of the same model (a
 kernels may round differently). The agent knows no task."""
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +43,8 @@ def evaluate_on_device(compiled: CompiledModel, models: list[Path], eval_data: s
         np.savez(npz, x=x)
         for target in targets:
             device = open_device(target, log=log)
+            remote_npz = f"{device.work_dir}/eval-{sha256_file(npz)[:12]}.npz"
             try:
-                remote_npz = f"{device.work_dir}/eval-{sha256_file(npz)[:12]}.npz"
                 device.conn.sftp.put(str(npz), remote_npz)
                 rows = {}
                 for model in models:
@@ -53,8 +54,9 @@ def evaluate_on_device(compiled: CompiledModel, models: list[Path], eval_data: s
                         rows[model_label(model)] = _whole_outputs(device, args, compiled, host[model], labels, Path(tmp))
                     else:
                         rows[model_label(model)] = _reduced(device, args, compiled, host[model], samples.labels)
-                device.conn.sftp.remove(remote_npz)
             finally:
+                with contextlib.suppress(OSError):  # the samples do not stay on the device, whatever happened
+                    device.conn.sftp.remove(remote_npz)
                 device.conn.close()
             out["targets"][target.name] = rows
     return out
@@ -88,10 +90,8 @@ def _whole_outputs(device: Device, args: list[str], compiled: CompiledModel, hos
             values.append(np.load(local, allow_pickle=False))
             device.conn.sftp.remove(entry["file"])
     finally:
-        try:
+        with contextlib.suppress(OSError):
             device.conn.sftp.rmdir(remote)
-        except OSError:
-            pass
     if [v.size for v in values] != [h.size for h in host]:
         raise DeviceError(f"{device.target.name}: the agent returned outputs of sizes {[v.size for v in values]}, the host's run "
                           f"{[h.size for h in host]}; the deployed model is not the one evaluated here")

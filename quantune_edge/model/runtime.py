@@ -180,6 +180,13 @@ def sample_of(stacked: np.ndarray, i: int, sample_shape: tuple[int, ...]) -> np.
     return stacked[i:i + 1] if sample_shape and sample_shape[0] == 1 else stacked[i]
 
 
+def per_sample(names: list[str], stacked: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+    """Outputs stacked over samples (:func:`stack_samples`) as one dict per sample: each output under
+    its name, shaped as one run returned it (``shapes``: one sample's shape per output)."""
+    count = len(stacked[0]) if stacked else 0
+    return [{name: sample_of(v, i, shape) for name, v, shape in zip(names, stacked, shapes)} for i in range(count)]
+
+
 def _inputs_by_name(interpreter) -> dict[str, dict]:
     """The input details under the exported model's input names, in its order. onnx2tf's signature
     keeps the ONNX input names; without a signature (one input), the interpreter's own name."""

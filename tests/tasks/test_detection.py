@@ -12,7 +12,7 @@ from quantune_edge.common.preprocessing import load_image_with_geometry, make_pr
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.compile.compiler import onnxruntime_all_outputs
 from quantune_edge.errors import InputError
-from quantune_edge.model.runtime import sample_of
+from quantune_edge.model.runtime import per_sample
 from quantune_edge.tasks import make_task
 from quantune_edge.tasks.base import reference_labels
 from quantune_edge.tasks.detection import Detection, GroundTruth, class_wise_nms, coco_map, to_original
@@ -170,8 +170,7 @@ def test_flags_of_one_task_refuse_the_other():
 
 def _onnxruntime_scores(compiled, onnx_path, samples):
     names, outputs, shapes = onnxruntime_all_outputs(onnx_path, compiled.specs, samples.data)
-    per_sample = [{n: sample_of(v, i, s) for n, v, s in zip(names, outputs, shapes)} for i in range(len(samples))]
-    return compiled.task.scores(per_sample, samples.labels)
+    return compiled.task.scores(per_sample(names, outputs, shapes), samples.labels)
 
 
 @pytest.mark.parametrize("fixture, onnx_file", [("yolov5n_compiled", "yolov5n-640-coco.onnx"), ("nanodet_compiled", "nanodet-m-320-coco.onnx")])
