@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quantune_edge.common.console import Reporter
-from quantune_edge.common.inputs import is_loader
+from quantune_edge.common.inputs import is_loader, loader_file
 from quantune_edge.common.outputs import RUN_FOLDER, check_output_folder, write_page
 from quantune_edge.common.preprocessing import Preprocessing
 from quantune_edge.common.records import jsonable, now_iso, sha256_file, write_json
@@ -52,7 +52,7 @@ class RunOptions:
     per_tensor: bool = False
     num_calib: int = 100
     analysis_samples: int = 32
-    max_drop: float = 1.0
+    max_drop: float | None = None  # in the task metric's points; None: the task's default (tune's)
     max_latency_ratio: float | None = None  # instead of max_drop: timed on the first target (the host without one)
     num_eval: int = 200
     best_effort: bool = False
@@ -70,8 +70,8 @@ def data_fingerprint(source: str | Path) -> str:
     """sha256 over a data file (a loader's module and function name), or over every image (and
     labels.csv) of a folder, names included."""
     if is_loader(source):
-        file, _, function = str(source).rpartition(":")
-        return hashlib.sha256(bytes.fromhex(sha256_file(Path(file))) + function.encode()).hexdigest()
+        function = str(source).rpartition(":")[2]
+        return hashlib.sha256(bytes.fromhex(sha256_file(loader_file(source))) + function.encode()).hexdigest()
     path = Path(source)
     if path.is_file():
         return sha256_file(path)
@@ -238,14 +238,17 @@ def _check_before_any_work(model: Path, calib: str | Path, eval_data: str | Path
     """Inputs that exist, a budget that means something, and outputs that may be written: a run that
     would fail on them fails before compiling anything."""
     from quantune_edge.errors import InputError
-    from quantune_edge.tune.tuning import check_budget
+    from quantune_edge.tasks import make_task
+    from quantune_edge.tune.tuning import budget_for_the_task, check_budget
 
     if not model.is_file():
         raise InputError(f"{model}: no such ONNX model")
     for what, src in (("calibration", calib), ("evaluation", eval_data)):
-        if not (Path(str(src).rpartition(":")[0]).is_file() if is_loader(src) else Path(src).exists()):
+        if not (loader_file(src).is_file() if is_loader(src) else Path(src).exists()):
             raise InputError(f"{what} data not found: {src}")
     check_budget(_drop_budget(options), options.max_latency_ratio, min_sqnr=options.min_sqnr)
+    budget_for_the_task(options.judge or make_task("classify", label_offset=options.label_offset), _drop_budget(options), options.min_sqnr,
+                        options.max_latency_ratio)  # tune's own refusal, said before anything is compiled
     inputs = {"the ONNX model": model, "the --calib data": calib, "the --eval data": eval_data}
     check_output_folder(out, RUN_FOLDER, "--out", inputs)
     check_output_folder(compiled, COMPILE_FOLDER, "--out", inputs)

@@ -110,14 +110,12 @@ def run_cmd(
         if sum(b is not None for b in (max_drop, max_latency_ratio, min_sqnr)) > 1:
             raise InputError("give one of --max-drop, --min-sqnr, --max-latency-ratio")
         judge = make_judge(task, label_offset, decoder, labels, nms_iou, classes, metric)
-        if min_sqnr is not None and task != "fidelity":
-            raise InputError(f"--min-sqnr is the fidelity task's budget; this run's task is {task} (use --max-drop)")
         targets = load_targets(target, targets_dir)
         options = RunOptions(preprocessing=make_preprocessing(preset, mean, std, input_size, resize, channel_order, resize_mode,
                                                               pad_value, placement, input_prep or []),
                              judge=judge, input_shapes=parse_input_shapes(input_shape or []), min_sqnr=min_sqnr,
                              label_offset=label_offset, per_tensor=per_tensor, num_calib=num_calib,
-                             analysis_samples=num_samples, max_drop=1.0 if max_drop is None else max_drop, max_latency_ratio=max_latency_ratio,
+                             analysis_samples=num_samples, max_drop=max_drop, max_latency_ratio=max_latency_ratio,
                              num_eval=num_eval, best_effort=best_effort, pareto=pareto, eval_on_device=eval_on_device, runs=runs,
                              trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, verbose=verbose)
     _run(model, calib, eval_data, targets, out, options, quiet=quiet, verbose=verbose, json_out=json_out)

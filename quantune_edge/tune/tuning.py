@@ -244,7 +244,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
     reporter = reporter or Reporter(quiet=True)
     _check_options(options)
     compiled = CompiledModel.open(compile_dir)
-    _budget_for_the_task(compiled.task, options)
+    options.max_drop = budget_for_the_task(compiled.task, options.max_drop, options.min_sqnr, options.max_latency_ratio,
+                                           options.float_layers)
     analysis = _load_analysis(compiled, options.metric)
     fg, qg, match = compiled.float_graph, compiled.int8_graph, compiled.layer_match
     if [l.name for l in match.layers] != [l["name"] for l in analysis["layers"]]:
@@ -476,18 +477,21 @@ def _check_options(options: TuneOptions) -> None:
         raise InputError(f"--rerank must be 0 or more, got {options.rerank}")
 
 
-def _budget_for_the_task(task: Task, options: TuneOptions) -> None:
-    """The fidelity task has no drop from a perfect float32 (its SQNR is infinite): its budget is
-    --min-sqnr; every other task's default budget is --max-drop 1."""
-    given = any(b is not None for b in (options.max_drop, options.max_latency_ratio, options.float_layers, options.min_sqnr))
-    if task.judged_against_float32 and options.max_drop is not None:
+def budget_for_the_task(task: Task, max_drop: float | None, min_sqnr: float | None, max_latency_ratio: float | None = None,
+                        float_layers: int | None = None) -> float | None:
+    """The --max-drop to tune with, or a one-line refusal of a budget that does not fit the task: the
+    fidelity task has no drop from a perfect float32 (its SQNR is infinite), its budget is --min-sqnr;
+    every other task's default budget is --max-drop 1."""
+    given = any(b is not None for b in (max_drop, max_latency_ratio, float_layers, min_sqnr))
+    if task.judged_against_float32 and max_drop is not None:
         raise InputError("the fidelity task's accuracy budget is --min-sqnr DB (float32 is its own reference, with no drop to measure)")
-    if options.min_sqnr is not None and not task.judged_against_float32:
+    if min_sqnr is not None and not task.judged_against_float32:
         raise InputError(f"--min-sqnr is the fidelity task's budget; this compile's task is {task.name} (use --max-drop)")
     if not given:
         if task.judged_against_float32:
             raise InputError("the fidelity task needs a budget: --min-sqnr DB, --max-latency-ratio or --float-layers")
-        options.max_drop = 1.0
+        return 1.0
+    return max_drop
 
 
 def _fixed_and_free(analysis: dict, options: TuneOptions) -> tuple[set[int], set[int], list[int]]:
