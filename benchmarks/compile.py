@@ -43,7 +43,7 @@ def main() -> None:
             model = ASSETS / "models" / file
             prep = make_preprocessing(**prep_kwargs)
             specs, _ = input_specs(load(model))
-            held_out = load_samples(args.eval_dir, prep.with_input_size(specs[0].hwc[0]), specs, args.eval_num, seed=1, what="evaluation",
+            held_out = load_samples(args.eval_dir, prep.sized_for(specs), specs, args.eval_num, seed=1, what="evaluation",
                                     labels=Classification(offset).read_labels)
             ort_top1 = metrics.top1_accuracy(onnxruntime_outputs(model, specs, held_out.data), held_out.labels, offset)
             for per_channel in (True, False):

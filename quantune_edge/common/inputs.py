@@ -94,6 +94,11 @@ def is_loader(source: str | Path) -> bool:
     return LOADER_SEPARATOR in str(source)
 
 
+def loader_file(source: str | Path) -> Path:
+    """The Python file of a loader ``FILE.py:function``."""
+    return Path(str(source).rpartition(":")[0])
+
+
 def load_arrays(source: Path | str, specs: list[InputSpec], what: str) -> tuple[dict[str, np.ndarray], list | None, list[str]]:
     """Per-input arrays (ONNX layout, first axis = samples), the labels if the source has any, and
     sample names, from a ``.npy`` (one input), a ``.npz`` (one array per input name, optional
@@ -160,7 +165,7 @@ def _from_loader(source: str, specs: list[InputSpec], what: str):
             per_input[spec.name].append(value[0] if value.shape == spec.shape else value)
         labels.append(label)
     arrays = {s.name: _checked(np.stack(per_input[s.name]), s, f"{source} input {s.name!r}") for s in specs}
-    return arrays, (labels if any(v is not None for v in labels) else None), [f"{Path(source.split(':')[0]).name}[{i}]" for i in range(len(items))]
+    return arrays, (labels if any(v is not None for v in labels) else None), [f"{loader_file(source).name}[{i}]" for i in range(len(items))]
 
 
 def _as_iterable(result, source: str) -> Iterable:

@@ -64,6 +64,11 @@ class Preprocessing:
         own = dict(self.inputs).get(name)
         return own if own is not None else replace(self, inputs=())
 
+    def sized_for(self, specs: list[InputSpec]) -> Preprocessing:
+        """Filled in for a model's inputs: the first image input's size (unchanged without one)."""
+        images = [s for s in specs if s.is_image]
+        return self.with_input_size(*images[0].hwc[:2]) if images else self
+
     def with_input_size(self, height: int, width: int | None = None) -> Preprocessing:
         """Fill in the input size (the model's, unless given) and the default resize of the shorter
         side, round(min(H, W) / 0.875)."""

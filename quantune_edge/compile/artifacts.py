@@ -168,9 +168,7 @@ class CompiledModel:
         self, source: str | Path, num: int | None, seed: int = 0, preprocessing: Preprocessing | None = None,
         on_item: Callable[[], None] | None = None, what: str = "calibration",
     ) -> Samples:
-        images = [s for s in self.specs if s.is_image]
-        prep = preprocessing or self.preprocessing
-        prep = prep.with_input_size(*images[0].hwc[:2]) if images else prep
+        prep = (preprocessing or self.preprocessing).sized_for(self.specs)
         return load_samples(source, prep, self.specs, num, seed, on_item=on_item, what=what, labels=self.task.read_labels)
 
     @staticmethod

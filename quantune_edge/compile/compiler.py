@@ -140,7 +140,7 @@ def _prepare_onnx(model_path: Path, options: CompileOptions, reporter: Reporter,
     if unknown := sorted(set(dict(options.preprocessing.inputs)) - {s.name for s in images}):
         raise InputError(f"--input-prep names {unknown[0]!r}, which is not an image input of the model "
                          f"(image inputs: {', '.join(s.name for s in images) or 'none'})")
-    prep = options.preprocessing.with_input_size(*images[0].hwc[:2]) if images else options.preprocessing
+    prep = options.preprocessing.sized_for(prepared.specs)
     timings["prepare_onnx"] = round(time.perf_counter() - start, 3)
     for note in prepared.notes:
         reporter.info(f"[dim]note:[/dim] {note}")

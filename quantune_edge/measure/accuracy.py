@@ -66,12 +66,11 @@ def _reduced(device: Device, args: list[str], compiled: CompiledModel, host: lis
     """The agent reduces each output (argmax); the task scores the answers and the host's run its own."""
     task = compiled.task
     result = device.agent([*args, "--reduce", task.device_reducer])
-    answers = np.asarray(result["reduced"])
-    right = task.reduced_correct(answers, labels)
-    host_right = task.reduced_correct(task.reduce(host[0]), labels)
+    answers, host_answers = np.asarray(result["reduced"]), task.reduce(host[0])
+    right, host_right = task.reduced_correct(answers, labels), task.reduced_correct(host_answers, labels)
     return {"metric": task.metric_name, "value": float(right.mean()) if right.size else None,
             "host_value": float(host_right.mean()) if host_right.size else None,
-            "agreement_with_host": float(np.mean(answers == task.reduce(host[0]))), "machine": result["device"]["machine"],
+            "agreement_with_host": float(np.mean(answers == host_answers)), "machine": result["device"]["machine"],
             "kernels": result.get("kernels")}
 
 
@@ -95,9 +94,10 @@ def _whole_outputs(device: Device, args: list[str], compiled: CompiledModel, hos
     if [v.size for v in values] != [h.size for h in host]:
         raise DeviceError(f"{device.target.name}: the agent returned outputs of sizes {[v.size for v in values]}, the host's run "
                           f"{[h.size for h in host]}; the deployed model is not the one evaluated here")
-    diff = max(float(np.max(np.abs(v.reshape(h.shape) - h))) for v, h in zip(values, host))
+    values = [v.reshape(h.shape) for v, h in zip(values, host)]  # as the host's run stacks them
+    diff = max(float(np.max(np.abs(v - h))) for v, h in zip(values, host))
     judged = labels is not None
-    device_scores = task.scores(compiled.judged_outputs([v.reshape(h.shape) for v, h in zip(values, host)]), labels) if judged else None
+    device_scores = task.scores(compiled.judged_outputs(values), labels) if judged else None
     host_scores = task.scores(compiled.judged_outputs(host), labels) if judged else None
     name = task.metric_name
     return {"metric": name, "value": device_scores[name] if device_scores else None,

@@ -192,11 +192,9 @@ def _inputs_by_name(interpreter) -> dict[str, dict]:
     keeps the ONNX input names; without a signature (one input), the interpreter's own name."""
     details = interpreter.get_input_details()
     by_index = {d["index"]: d for d in details}
-    signatures = interpreter._get_full_signature_list()
-    if len(signatures) == 1:
-        inputs = next(iter(signatures.values()))["inputs"]
-        if {inputs[n] for n in inputs} == set(by_index):
-            return {name: by_index[index] for name, index in inputs.items()}
+    signature = _signature(interpreter)
+    if signature is not None and set(signature["inputs"].values()) == set(by_index):
+        return {name: by_index[index] for name, index in signature["inputs"].items()}
     return {d["name"]: d for d in details}
 
 
@@ -206,14 +204,21 @@ def _outputs_in_model_order(interpreter) -> list[dict]:
     (NanoDet-m: reg_s16 first); without such a signature, the interpreter's order."""
     details = interpreter.get_output_details()
     by_index = {d["index"]: d for d in details}
-    signatures = interpreter._get_full_signature_list()  # public get_signature_list() omits tensor indices
-    if len(signatures) != 1:
+    signature = _signature(interpreter)
+    if signature is None:
         return details
-    outputs = next(iter(signatures.values()))["outputs"]
+    outputs = signature["outputs"]
     names = [f"output_{k}" for k in range(len(outputs))]
     if set(outputs) != set(names) or {outputs[n] for n in names} != set(by_index):
         return details
     return [by_index[outputs[n]] for n in names]
+
+
+def _signature(interpreter) -> dict | None:
+    """The model's one signature ({"inputs": name -> tensor index, "outputs": ...}), or None. The
+    public get_signature_list() omits the tensor indices."""
+    signatures = interpreter._get_full_signature_list()
+    return next(iter(signatures.values())) if len(signatures) == 1 else None
 
 
 def _first_line(exc: BaseException) -> str:
