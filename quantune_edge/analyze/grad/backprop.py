@@ -16,13 +16,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from quantune_edge.analyze.grad.reference_ops import VALID, patches, strides_dilations, window_padding
+from quantune_edge.analyze.grad.reference_ops import VALID, patches, resize_matrix, strided_slice_index, strides_dilations, window_padding
 from quantune_edge.model.tflite_graph import OpInfo, TfliteGraph
 
 G = TypeVar("G")  # a gradient: an array, or a tensor of a model being written
 
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
-             "CONCATENATION", "RESHAPE", "SQUEEZE")
+             "CONCATENATION", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "LOGISTIC", "TANH", "EXP", "HARD_SWISH", "SOFTMAX", "MUL", "SUB",
+             "TRANSPOSE", "STRIDED_SLICE", "SLICE", "PAD", "PADV2", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "SPLIT", "SPLIT_V")
 
 
 class Unsupported(ValueError):
@@ -132,7 +133,7 @@ def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[
     """(input tensor, gradient) pairs for the activation inputs of ``op``, given the gradient at its output."""
     t = graph.tensors
     acts = [i for i in op.inputs if i >= 0 and not t[i].is_constant]
-    probes = g.shape[0]
+    probes = g.shape[0] if isinstance(g, np.ndarray) else g_probes(g)
 
     def shape_of(i: int) -> tuple[int, ...]:
         return (probes, *t[i].shape[1:])
@@ -164,7 +165,94 @@ def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[
         sizes = [t[i].shape[axis] for i in op.inputs]
         parts = np.split(g, np.cumsum(sizes)[:-1], axis=axis)
         return [(i, p) for i, p in zip(op.inputs, parts) if not t[i].is_constant]
+    return _detector_input_grads(op, graph, g, value, shape_of, acts)
+
+
+def _constant(graph: TfliteGraph, op: OpInfo, position: int) -> np.ndarray:
+    data = graph.tensors[op.inputs[position]].data
+    if data is None:
+        raise Unsupported(f"{op.type} whose input {position} is not a constant")
+    return data
+
+
+def _detector_input_grads(op: OpInfo, graph: TfliteGraph, g, value: Callable[[int], np.ndarray],
+                          shape_of: Callable[[int], tuple[int, ...]], acts: list[int]) -> list[tuple[int, np.ndarray]]:
+    """The rules for what detector heads and modern backbones add: element-wise activations (their
+    derivative at the run's value), products of two activations (SiLU's x·σ(x)), data movement
+    (transposes, slices, pads, splits, resizes: the adjoint index map), softmax."""
+    t = graph.tensors
+    y = (lambda: value(op.outputs[0]))  # noqa: E731
+    if op.type == "LOGISTIC":
+        return [(acts[0], g * (y() * (1 - y())))]
+    if op.type == "TANH":
+        return [(acts[0], g * (1 - y() * y()))]
+    if op.type == "EXP":
+        return [(acts[0], g * y())]
+    if op.type == "HARD_SWISH":
+        x = value(acts[0])
+        return [(acts[0], g * np.where(x < -3, 0.0, np.where(x > 3, 1.0, (2 * x + 3) / 6)).astype(np.float32))]
+    if op.type == "SOFTMAX":
+        s = y() * op.options.get("beta", 1.0)
+        return [(acts[0], (s * (g - np.sum(g * y(), axis=-1, keepdims=True))).astype(np.float32))]
+    if op.type in ("MUL", "SUB"):
+        out = []
+        for pos, i in enumerate(op.inputs):
+            if i < 0 or t[i].is_constant:
+                continue
+            if op.type == "SUB":
+                gi = g if pos == 0 else -g
+            else:
+                other = op.inputs[1 - pos]
+                gi = g * (t[other].data.astype(np.float32) if t[other].is_constant else value(other))
+            out.append((i, _unbroadcast(gi, shape_of(i))))
+        return out
+    if op.type == "EXPAND_DIMS":
+        return [(acts[0], g.reshape(shape_of(acts[0])))]
+    if op.type == "TRANSPOSE":
+        perm = [int(p) for p in _constant(graph, op, 1)]
+        if perm[0] != 0:
+            raise Unsupported("TRANSPOSE that moves the batch axis")
+        return [(acts[0], np.ascontiguousarray(g.transpose(np.argsort(perm))))]
+    if op.type in ("STRIDED_SLICE", "SLICE"):
+        shape = shape_of(acts[0])
+        if op.type == "STRIDED_SLICE":
+            try:
+                index = strided_slice_index(shape, *(_constant(graph, op, k) for k in (1, 2, 3)), op.options)
+            except ValueError as exc:
+                raise Unsupported(str(exc)) from None
+        else:
+            begin, size = _constant(graph, op, 1), _constant(graph, op, 2)
+            index = tuple(slice(int(b), None if s < 0 else int(b) + int(s)) for b, s in zip(begin, size))
+        batch = t[acts[0]].shape[0]
+        if not isinstance(index[0], slice) or range(batch)[index[0]] != range(batch):
+            raise Unsupported(f"{op.type} along the batch axis")
+        gx = np.zeros(shape, np.float32)
+        view = gx[(slice(None), *index[1:])]
+        view += g.reshape(view.shape)
+        return [(acts[0], gx)]
+    if op.type in ("PAD", "PADV2"):
+        pads = _constant(graph, op, 1).reshape(-1, 2)
+        if pads[0].any():
+            raise Unsupported("PAD along the batch axis")
+        return [(acts[0], np.ascontiguousarray(g[tuple(slice(int(b), g.shape[a] - int(e)) for a, (b, e) in enumerate(pads))]))]
+    if op.type in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
+        shape = shape_of(acts[0])
+        flags = bool(op.options.get("alignCorners", False)), bool(op.options.get("halfPixelCenters", False))
+        nearest = op.type == "RESIZE_NEAREST_NEIGHBOR"
+        ry = resize_matrix(shape[1], g.shape[1], *flags, nearest).astype(np.float32)
+        rx = resize_matrix(shape[2], g.shape[2], *flags, nearest).astype(np.float32)
+        return [(acts[0], np.einsum("oh,nopc,pw->nhwc", ry, g, rx, optimize=True))]
+    if op.type in ("SPLIT", "SPLIT_V"):
+        source = op.inputs[1] if op.type == "SPLIT" else op.inputs[0]
+        axis = int(_constant(graph, op, 0 if op.type == "SPLIT" else 2).reshape(-1)[0]) % len(t[source].shape)
+        parts = [np.zeros((g_probes(g), *t[o].shape[1:]), np.float32) if p is None else p for o, p in zip(op.outputs, g)]
+        return [(source, np.concatenate(parts, axis=axis))]
     raise Unsupported(op.type)
+
+
+def g_probes(g: list) -> int:
+    """The number of probes of a multi-output op's gradients (a list, None where an output got none)."""
+    return next(p.shape[0] for p in g if p is not None)
 
 
 def _avg_pool_input_grad(g: np.ndarray, in_shape: tuple[int, ...], kh: int, kw: int, options: dict) -> np.ndarray:
@@ -193,14 +281,19 @@ def walk_backward(graph: TfliteGraph, start: int, seed: G, wanted: set[int], mas
     grads: dict[int, G] = {start: seed}
     out: dict[int, G] = {}
     for op in reversed(graph.ops):
-        g = grads.pop(op.outputs[0], None)
-        if g is None:
-            continue
-        if op.outputs[0] in wanted:
-            out[op.outputs[0]] = g
-        if op.type == "SOFTMAX":
-            raise Unsupported("SOFTMAX inside the backward path (start at its input)")
-        g = masked(op, g)
+        if len(op.outputs) > 1:  # SPLIT: the list of its outputs' gradients, None for one that got none
+            parts = [grads.pop(t, None) for t in op.outputs]
+            out.update({t: p for t, p in zip(op.outputs, parts) if p is not None and t in wanted})
+            if all(p is None for p in parts):
+                continue
+            g: G | list = parts
+        else:
+            g = grads.pop(op.outputs[0], None)
+            if g is None:
+                continue
+            if op.outputs[0] in wanted:
+                out[op.outputs[0]] = g
+            g = masked(op, g)
         if all(i in graph.inputs and i not in wanted for i in op.inputs if i >= 0 and not graph.tensors[i].is_constant):
             continue  # reads only the model input, which nobody asked for: the costliest rule, skipped
         for tensor, gi in input_grads(op, g):

@@ -108,3 +108,102 @@ def run(op_type: str, options: dict, inputs: list[np.ndarray], weight: np.ndarra
         return activation(y, fused_activation).reshape(out_shape)
     except NotImplementedError:
         return None
+
+
+def strided_slice_index(in_shape: tuple[int, ...], begin: np.ndarray, end: np.ndarray, strides: np.ndarray,
+                        options: dict) -> tuple[slice | int, ...]:
+    """The numpy index of a TFLite STRIDED_SLICE (begin/end masks; a shrunk axis is an integer index).
+    Ellipsis, new-axis and offset forms raise ValueError: no model here uses them."""
+    if options.get("ellipsisMask", 0) or options.get("newAxisMask", 0) or options.get("offset", False):
+        raise ValueError("STRIDED_SLICE with an ellipsis, a new axis or offsets")
+    index: list[slice | int] = []
+    for axis in range(len(in_shape)):
+        if axis >= len(begin):
+            index.append(slice(None))
+            continue
+        if options.get("shrinkAxisMask", 0) >> axis & 1:
+            index.append(int(begin[axis]))
+            continue
+        start = None if options.get("beginMask", 0) >> axis & 1 else int(begin[axis])
+        stop = None if options.get("endMask", 0) >> axis & 1 else int(end[axis])
+        index.append(slice(start, stop, int(strides[axis])))
+    return tuple(index)
+
+
+def resize_matrix(in_size: int, out_size: int, align_corners: bool, half_pixel_centers: bool, nearest: bool) -> np.ndarray:
+    """(out_size, in_size) weights of TFLite's RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR along one axis
+    (the kernels' own index rules), so a resize is ``Ry @ x @ Rxᵀ`` per channel and its adjoint the transpose."""
+    scale = (in_size - 1) / (out_size - 1) if align_corners and out_size > 1 else in_size / out_size
+    m = np.zeros((out_size, in_size), np.float64)
+    for o in range(out_size):
+        if nearest:
+            offset = 0.5 if half_pixel_centers else 0.0
+            src = int(np.round((o + offset) * scale)) if align_corners else int(np.floor((o + offset) * scale))
+            m[o, max(min(src, in_size - 1), 0)] = 1.0
+            continue
+        value = (o + 0.5) * scale - 0.5 if half_pixel_centers else o * scale
+        low, high = max(int(np.floor(value)), 0), min(int(np.ceil(value)), in_size - 1)
+        frac = value - low
+        m[o, low] += 1 - frac
+        m[o, high] += frac
+    return m
+
+
+def hard_swish(x: np.ndarray) -> np.ndarray:
+    return x * np.clip(x + 3, 0, 6) / 6
+
+
+def softmax(x: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    z = np.exp(beta * (x - x.max(axis=-1, keepdims=True)))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def pool_padded(x: np.ndarray, kh: int, kw: int, options: dict) -> np.ndarray:
+    """A max pool's (N, OH, OW, C, KH, KW) windows, padding never winning."""
+    return patches(x, kh, kw, options, pad_value=-np.inf)
+
+
+def evaluate(op_type: str, options: dict, inputs: list[np.ndarray | None], constants: list[np.ndarray | None],
+             out_shapes: list[tuple[int, ...]], fused_activation: str | None = None) -> list[np.ndarray] | None:
+    """Every output of one op of the ops detector heads use, from its inputs in the op's order
+    (``inputs[k]`` the activation value, ``constants[k]`` the constant, one of them set), batch first;
+    None when there is no kernel here. The numpy twin the backward rules' tests differentiate."""
+    a: list = [c if c is not None else v for v, c in zip(inputs, constants)]
+    if op_type == "LOGISTIC":
+        return [1 / (1 + np.exp(-a[0]))]
+    if op_type == "TANH":
+        return [np.tanh(a[0])]
+    if op_type == "EXP":
+        return [np.exp(a[0])]
+    if op_type == "HARD_SWISH":
+        return [hard_swish(a[0])]
+    if op_type == "SOFTMAX":
+        return [softmax(a[0], options.get("beta", 1.0))]
+    if op_type in ("MUL", "ADD", "SUB"):
+        y = a[0] * a[1] if op_type == "MUL" else a[0] + a[1] if op_type == "ADD" else a[0] - a[1]
+        return [activation(y, fused_activation)]
+    if op_type == "TRANSPOSE":
+        return [np.transpose(a[0], a[1])]
+    if op_type in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
+        return [a[0].reshape(a[0].shape[0], *out_shapes[0][1:])]
+    if op_type == "STRIDED_SLICE":
+        return [a[0][strided_slice_index(a[0].shape, a[1], a[2], a[3], options)]]
+    if op_type == "SLICE":
+        return [a[0][tuple(slice(int(b), None if s < 0 else int(b) + int(s)) for b, s in zip(a[1], a[2]))]]
+    if op_type in ("PAD", "PADV2"):
+        value = float(a[2].reshape(-1)[0]) if len(a) > 2 else 0.0
+        return [np.pad(a[0], [tuple(int(p) for p in row) for row in a[1]], constant_values=value)]
+    if op_type in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
+        (oh, ow), nearest = out_shapes[0][1:3], op_type == "RESIZE_NEAREST_NEIGHBOR"
+        flags = options.get("alignCorners", False), options.get("halfPixelCenters", False)
+        ry, rx = resize_matrix(a[0].shape[1], oh, *flags, nearest), resize_matrix(a[0].shape[2], ow, *flags, nearest)
+        return [np.einsum("oh,nhwc,pw->nopc", ry, a[0], rx)]
+    if op_type == "SPLIT":
+        return list(np.split(a[1], len(out_shapes), axis=int(a[0].reshape(-1)[0])))
+    if op_type == "SPLIT_V":
+        return list(np.split(a[0], np.cumsum(a[1])[:-1], axis=int(a[2].reshape(-1)[0])))
+    if op_type == "CONCATENATION":
+        return [activation(np.concatenate(a, axis=options.get("axis", -1)), fused_activation)]
+    if op_type == "MAX_POOL_2D":
+        return [pool_padded(a[0], options["filterHeight"], options["filterWidth"], options).max(axis=(-1, -2))]
+    return None

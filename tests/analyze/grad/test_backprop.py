@@ -90,13 +90,6 @@ def test_vjp_through_a_small_graph_with_skip_mean_and_fully_connected():
     assert set(grads) == {0, 2, 3}
 
 
-def test_an_op_without_a_rule_is_named():
-    tensors = [_tensor(0, (1, 4)), _tensor(1, (1, 4)), _tensor(2, (1, 4))]
-    graph = TfliteGraph([OpInfo(0, "LOGISTIC", [0], [1]), OpInfo(1, "ADD", [1, 1], [2])], tensors, [0], [2], 0)
-    with pytest.raises(backprop.Unsupported, match="LOGISTIC"):
-        backprop.vjp(graph, 2, np.ones((1, 1, 4)), lambda t: np.zeros((1, 4)), {0})
-
-
 def _numpy_forward(graph: TfliteGraph, x: np.ndarray, inject: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """The float graph in float64 with the reference kernels, adding ``inject[t]`` to tensor t."""
     values = {graph.inputs[0]: x}
