@@ -284,3 +284,29 @@ def future_op_model(model: Path, out: Path) -> Path:
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
     out.write_bytes(bytes(builder.Output()))
     return out
+
+
+def xnnpack_unpreparable(int8_model: Path, out: Path) -> Path:
+    """A copy of an int8 model that XNNPACK refuses to prepare: the last LeakyReLU feeding only convs
+    gets the scale 1.3e36 (what the converter once gave NanoDet-m's stem through a max pool padded with
+    -3.4e38; the builtin kernels still run it)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    raw = int8_model.read_bytes()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
+    graph = model.subgraphs[0]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+    def kind(op):
+        return names[max(model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)]
+
+    def readers(t):
+        return [op for op in graph.operators if t in list(op.inputs)]
+
+    op = [op for op in graph.operators if kind(op) == "LEAKY_RELU" and all(kind(r) == "CONV_2D" for r in readers(op.outputs[0]))][-1]
+    graph.tensors[op.outputs[0]].quantization.scale = np.asarray([1.3344405750530544e36], np.float32)
+    builder = flatbuffers.Builder(len(raw))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out

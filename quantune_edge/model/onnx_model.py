@@ -329,6 +329,64 @@ def _flatten_coerced_axis_ops(model) -> int:
     return rewritten
 
 
+def _same_padding(shape: list[int], attrs: dict) -> list[int] | None:
+    """The ONNX ``pads`` TF's SAME padding gives a pool over an NCHW input of ``shape`` (the extra
+    row or column at the end), None when the spatial sizes are unknown."""
+    kernel = list(attrs.get("kernel_shape", []))
+    sizes = shape[2:]
+    if not kernel or len(sizes) != len(kernel) or not all(sizes):
+        return None
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    begin, end = [], []
+    for size, k, s in zip(sizes, kernel, strides):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        begin.append(total // 2)
+        end.append(total - total // 2)
+    return begin + end
+
+
+def edge_pad_max_pools(model) -> int:
+    """MaxPool's own padding rewritten as an edge Pad in front of it (same outputs: a window reaching
+    into the padding also holds the edge value the pad repeats), where TF's SAME padding cannot say
+    it. onnx2tf then pads with the most negative float32, which int8 calibration takes as the tensor's
+    range: on NanoDet-m (k3 s2 p1), a scale of 1.3e36 tied through the pool to the LeakyReLU before it,
+    every value rounded to zero. Edits ``model`` in place; returns how many nodes were rewritten
+    (ceil_mode and auto_pad ones, and those SAME pads, are left)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    known = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in known if v.type.tensor_type.HasField("shape")}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attrs.get("pads", []))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        if (node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or not any(pads) or attrs.get("ceil_mode", 0)
+                or auto_pad not in (b"NOTSET", "NOTSET") or len(node.output) > 1
+                or _same_padding(shapes.get(node.input[0], []), attrs) == pads):
+            nodes.append(node)
+            continue
+        half = len(pads) // 2
+        base = node.name or node.output[0]
+        amounts = numpy_helper.from_array(np.asarray([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64), f"{base}/edge_pads")
+        model.graph.initializer.append(amounts)
+        padded = f"{base}/edge_padded"
+        nodes.append(helper.make_node("Pad", [node.input[0], amounts.name], [padded], name=padded, mode="edge"))
+        pool = helper.make_node("MaxPool", [padded], list(node.output), name=node.name,
+                                **{k: v for k, v in attrs.items() if k != "pads"})
+        nodes.append(pool)
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
 def prepare(model, input_size: tuple[int, int] | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
     """Fix the input shapes (batch 1), simplify, fold pads; keeps the original model untouched."""
     import onnx
@@ -352,6 +410,9 @@ def prepare(model, input_size: tuple[int, int] | None = None, shapes: dict[str, 
     folded = fold_pads(work)
     if folded:
         notes.append(f"folded {folded} Pad node(s) into Conv padding")
+    edged = edge_pad_max_pools(work)
+    if edged:
+        notes.append(f"{edged} padded MaxPool node(s) given an edge Pad instead (the converter's -3.4e38 padding would set the int8 range)")
     try:
         work = onnx.shape_inference.infer_shapes(work)
     except Exception:

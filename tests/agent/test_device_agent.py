@@ -127,9 +127,12 @@ def test_profile_times_several_models_side_by_side(effnet_compiled):
 
 
 def test_bench_eval_and_profile_fall_back_to_builtin_kernels_when_xnnpack_cannot_prepare(nanodet_compiled, tmp_path):
-    """NanoDet-m's int8 model makes XNNPACK fail to prepare; the agent still measures it, on the
-    builtin kernels, and every JSON document says which kernels ran."""
-    model = nanodet_compiled[0] / "model_int8.tflite"
+    """A NanoDet-m int8 model XNNPACK fails to prepare (one absurd scale, as the converter once
+    made); the agent still measures it, on the builtin kernels, and every JSON document says which
+    kernels ran."""
+    from conftest import xnnpack_unpreparable
+
+    model = xnnpack_unpreparable(nanodet_compiled[0] / "model_int8.tflite", tmp_path / "model_int8.tflite")
     code, rep = agent("bench", model, "--warmup", 1, "--runs", 3, "--threads", 2)
     assert code == 0 and rep["kernels"].startswith("builtin (XNNPACK failed: ") and rep["latency_ms"]["p50"] > 0
     code, rep = agent("bench", model, "--warmup", 1, "--runs", 3, "--no-xnnpack")

@@ -25,10 +25,8 @@ def test_every_output_is_verified_under_its_onnx_name(nanodet_compiled):
     for name in ONNX_OUTPUTS:
         assert verification["outputs"][name]["float32"]["cosine_min"] > 0.9999, name
         assert verification["outputs"][name]["float32"]["samples"] == 8
-    assert verification["host_kernels"]["float32"] == "xnnpack"
-    assert verification["host_kernels"]["int8"].startswith("builtin (XNNPACK failed: ")
+    assert verification["host_kernels"] == {"float32": "xnnpack", "int8": "xnnpack"}  # it failed while the stem's scale was 1.3e36
     said = proc.stdout + proc.stderr  # the console writes to stderr
-    assert "warning: the int8 model runs on the host's builtin (XNNPACK failed" in " ".join(said.split())
     for name in ONNX_OUTPUTS:  # one row per output in the CLI's table
         assert f"{name}: cos min" in said
 
@@ -51,15 +49,17 @@ def test_outputs_come_in_the_onnx_models_order_and_shapes(nanodet_compiled):
     assert np.array_equal(float_runner.run(x), outputs[0])  # run() is the first ONNX output
 
 
-def test_a_model_xnnpack_cannot_prepare_runs_on_the_builtin_kernels(nanodet_compiled):
+def test_a_model_xnnpack_cannot_prepare_runs_on_the_builtin_kernels(nanodet_compiled, tmp_path):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from conftest import xnnpack_unpreparable
 
     out, _ = nanodet_compiled
     compiled = CompiledModel.open(out)
     x = compiled.tflite_inputs(compiled.load_samples(shared("detection/coco-val2017-128/images"), 1, 0))
-    runner = TfliteRunner(compiled.int8_model)
+    model = xnnpack_unpreparable(compiled.int8_model, tmp_path / "unpreparable.tflite")
+    runner = TfliteRunner(model)
     assert runner.kernels.startswith("builtin (XNNPACK failed: ") and "failed to prepare" in runner.kernels
-    builtin = Interpreter(model_path=str(compiled.int8_model), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    builtin = Interpreter(model_path=str(model), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     builtin.allocate_tensors()
     builtin.set_tensor(builtin.get_input_details()[0]["index"], x)  # float model I/O
     builtin.invoke()

@@ -110,3 +110,21 @@ def test_load_rejects_truncated_model(tmp_path):
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputError, match="truncated or corrupt ONNX"):
         onnx_model.load(path)
+
+
+@pytest.mark.parametrize("kernel, pads, strides, rewritten", [(3, [1, 1, 1, 1], 2, 1), (5, [2, 2, 2, 2], 1, 0), (3, [1, 0, 2, 1], 1, 1)])
+def test_max_pool_padding_becomes_an_edge_pad_with_the_same_outputs(kernel, pads, strides, rewritten):
+    """NanoDet's stem (k3 s2 p1) and an uneven pad are rewritten; YOLOv5's SPPF (k5 s1 p2) is TF's
+    SAME padding, which the converter expresses without a pad value, and is left. ONNX Runtime gives
+    the same outputs before and after, on values that are all negative (where a zero pad would win)."""
+    g = GraphBuilder(3)
+    x = g.node("LeakyRelu", [g.conv("input", 3, 4, 3, 1)], alpha=0.1)
+    y = g.node("MaxPool", [x], kernel_shape=[kernel, kernel], pads=pads, strides=[strides, strides])
+    model = g.model([1, 3, 12, 11], y)
+    data = {"input": -np.abs(np.random.default_rng(0).normal(size=(1, 3, 12, 11))).astype(np.float32) - 1}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data)[0]
+    assert onnx_model.edge_pad_max_pools(model) == rewritten
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    assert any(a.name == "pads" for a in pool.attribute) == (not rewritten)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data)[0]
+    np.testing.assert_array_equal(before, after)

@@ -174,10 +174,11 @@ def _onnxruntime_scores(compiled, onnx_path, samples):
 
 
 @pytest.mark.parametrize("fixture, onnx_file", [("yolov5n_compiled", "yolov5n-640-coco.onnx"), ("nanodet_compiled", "nanodet-m-320-coco.onnx")])
-def test_real_detectors_float32_tflite_map_equals_onnxruntimes_and_int8_collapses(fixture, onnx_file, request):
+def test_real_detectors_float32_tflite_map_equals_onnxruntimes_and_int8_as_measured(fixture, onnx_file, request):
     """On all 128 labelled val images (none used for calibration): TFLite float32 within 0.3 mAP
-    points of ONNX Runtime; per-channel full int8 is reported as the collapse it is (YOLOv5n: every
-    score rounds to 0 in the head's shared int8 scale)."""
+    points of ONNX Runtime; per-channel full int8 is reported as it is: YOLOv5n collapses (every score
+    rounds to 0 in the head's shared int8 scale), NanoDet-m keeps most of its mAP now that its max
+    pool's padding no longer sets its int8 range (it collapsed to 0.2 before)."""
     out, proc = request.getfixturevalue(fixture)
     compiled = CompiledModel.open(out)
     report = json.loads((out / "compile.json").read_text())
@@ -190,8 +191,12 @@ def test_real_detectors_float32_tflite_map_equals_onnxruntimes_and_int8_collapse
     int8 = compiled.task_scores(compiled.int8_model, samples)
     assert reference["mAP50-95"] > 0.25 and reference["mAP50"] > 0.4
     assert abs(tflite["mAP50-95"] - reference["mAP50-95"]) <= 0.003 and abs(tflite["mAP50"] - reference["mAP50"]) <= 0.003
-    assert int8["mAP50-95"] < 0.02, int8
-    assert report["accuracy"]["tflite_int8"] < 0.02 < report["accuracy"]["tflite_float32"]
+    if fixture == "yolov5n_compiled":
+        assert int8["mAP50-95"] < 0.02, int8
+        assert report["accuracy"]["tflite_int8"] < 0.02 < report["accuracy"]["tflite_float32"]
+    else:
+        assert tflite["mAP50-95"] - 0.04 < int8["mAP50-95"] < tflite["mAP50-95"] + 0.01, (tflite, int8)
+        assert any("padded MaxPool" in note for note in report["notes"])
 
 
 def test_yolov5n_scores_equal_the_shared_measurement(yolov5n_compiled):
