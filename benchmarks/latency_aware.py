@@ -22,6 +22,7 @@ from quantune_edge.analyze.analysis import AnalysisOptions, analyze  # noqa: E40
 from quantune_edge.common.console import captured_native_output  # noqa: E402
 from quantune_edge.compile.artifacts import CompiledModel  # noqa: E402
 from quantune_edge.deploy.targets import load_target  # noqa: E402
+from quantune_edge.model.layers import float_units  # noqa: E402
 from quantune_edge.model.runtime import TfliteRunner, paired_latency_ms  # noqa: E402
 from quantune_edge.tune import selection  # noqa: E402
 from quantune_edge.tune.costs import device_cost_model, profile_on_device  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
         compiled = CompiledModel.open(out)
         qg, match = compiled.int8_graph, compiled.layer_match
         names = {l.index: l.name for l in match.layers}
-        lg = selection.LayerGraph.build(qg, match.layers)
+        lg = selection.LayerGraph.build(qg, match.layers, float_units(match, qg))
         samples = compiled.load_samples(ASSETS / "imagenet-val", args.eval_num, 1, what="evaluation")
         inputs = compiled.tflite_inputs(samples)
         with captured_native_output(True):

@@ -75,7 +75,7 @@ def main() -> None:
             key = frozenset(int(i) for i in float_set)
             if key not in cache:
                 with captured_native_output(True):
-                    model.write_bytes(compiled.requantize([layers[i]["name"] for i in sorted(key)]))
+                    model.write_bytes(compiled.mixed([layers[i]["name"] for i in sorted(key)]))
                 r = run(model)
                 noise = np.sum((r["logits"] - reference["logits"]) ** 2, axis=1)
                 signal = np.sum(reference["logits"] ** 2, axis=1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from quantune_edge.common.records import SCHEMA_VERSION, now_iso, write_json
 from quantune_edge.compile.artifacts import ANALYSIS_CSV, ANALYSIS_JSON, ANALYSIS_PNG, CompiledModel
 from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
-from quantune_edge.model.layers import WEIGHTED_OPS, Layer, LayerMatch, dequantized_weights, match_layers
+from quantune_edge.model.layers import WEIGHTED_OPS, Layer, LayerMatch, dequantized_weights, match_layers, requantized_tails, unit_notes
 from quantune_edge.model.runtime import TfliteRunner, stack_samples
 from quantune_edge.tasks.base import compare
 
@@ -102,14 +102,22 @@ def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph
     return sqnr_db(w_float, approx), float(np.mean((w_float.astype(np.float64) - approx) ** 2))
 
 
-def _kernel_jobs(match: LayerMatch, fg: tflite_graph.TfliteGraph) -> dict[int, int]:
-    """Layer index -> its float op, for the layers whose own error is measured: the ops with weights or
-    several activation inputs, where the int8 op reads exactly the float op's activation inputs."""
-    jobs = {}
+def _kernel_jobs(match: LayerMatch, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph) -> dict[int, int | kernel_model.Group]:
+    """Layer index -> what its own error is measured on: its float op, for the ops with weights, several
+    activation inputs or a fixed-scale output, where the int8 op reads exactly the float op's
+    activation inputs; and for the first layer reading a requantized tensor, the float ops of the
+    whole requantized tail (``model.layers.requantized_tails``), read at the tail's exits."""
+    jobs: dict[int, int | kernel_model.Group] = {}
     for layer in match.layers:
         if layer.op_type in LOCAL_OPS and layer.int8_inputs and len(layer.int8_inputs) == len(layer.float_inputs):
             if layer.op_type not in WEIGHTED_OPS or fg.tensors[fg.ops[layer.float_op].inputs[1]].is_constant:
                 jobs[layer.index] = layer.float_op
+    by_index = {layer.index: layer for layer in match.layers}
+    for tail in requantized_tails(match, qg):
+        members = {by_index[i].float_op for i in tail.layers}
+        outputs = {t: i for i in tail.layers for t in fg.ops[by_index[i].float_op].outputs}
+        exits = [t for t in outputs if t in fg.outputs or any(op.index not in members for op in fg.consumers(t))]
+        jobs[tail.entry] = kernel_model.Group(tuple(sorted(members)), tuple(exits))
     return jobs
 
 
@@ -170,19 +178,27 @@ def _lap(clock: dict[str, float], part: str, since: float) -> float:
     return now
 
 
-def _quantized_model_inputs(match: LayerMatch, fg: tflite_graph.TfliteGraph) -> set[int]:
-    """The int8 model's quantized copies of the float model's inputs."""
-    return {t for t, f in match.tensor_map.items() if f in fg.inputs}
-
-
-def _float_side_needs(match: LayerMatch, fg: tflite_graph.TfliteGraph, jobs: dict[int, int]) -> tuple[dict[int, int], set[int]]:
-    """For the layers of ``jobs`` (layer -> float op): the kernel jobs (op -> op, and -1 - op -> op for
-    a second copy fed the float model input, for a layer reading its quantized copy) and the float
-    tensors the backward pass must reach."""
+def _float_side_needs(match: LayerMatch, jobs: dict[int, int | kernel_model.Group], copies: bool = True
+                      ) -> tuple[dict[Hashable, int | kernel_model.Group], set[int]]:
+    """For the layers of ``jobs``: the kernel jobs (op -> op; ``-1 - op`` -> op for a second copy fed
+    what a float copy of the layer reads, for a layer whose int8 op reads a quantized or requantized
+    copy of a value, unless ``copies`` is False: without local statistics the op's one copy is fed
+    that; ("tail", layer) -> a requantized tail's group) and the float tensors the backward pass must
+    reach."""
     by_index = {layer.index: layer for layer in match.layers}
-    quantized = _quantized_model_inputs(match, fg)
-    copies = {-1 - op: op for i, op in jobs.items() if quantized & set(by_index[i].int8_inputs)}
-    return {op: op for op in jobs.values()} | copies, {by_index[i].float_output for i in jobs}
+    int8_of = match.int8_tensors()
+    kernel_jobs: dict[Hashable, int | kernel_model.Group] = {}
+    wanted: set[int] = set()
+    for i, job in jobs.items():
+        if isinstance(job, kernel_model.Group):
+            kernel_jobs["tail", i] = job
+            wanted.update(job.exits)
+            continue
+        kernel_jobs[job] = job
+        wanted.add(by_index[i].float_output)
+        if copies and any(int8_of[match.tensor_map[t]] != t for t in by_index[i].int8_inputs if t in match.tensor_map):
+            kernel_jobs[-1 - job] = job
+    return kernel_jobs, wanted
 
 
 @dataclass
@@ -193,20 +209,20 @@ class FloatSide:
     depends on the int8 model compared, so tune's re-ranking builds it once for all its mixed models."""
 
     kernels: kernel_model.KernelRunner
-    jobs: frozenset[int]
-    backward: Callable[[np.ndarray, Callable[[int], np.ndarray]], dict[int, np.ndarray]] | None
+    jobs: frozenset[Hashable]
+    backward: Callable[[dict[int, np.ndarray], Callable[[int], np.ndarray]], dict[int, np.ndarray]] | None
     engine: str | None
     wanted: frozenset[int]
 
     @classmethod
-    def build(cls, float_runner: TfliteRunner, fg: tflite_graph.TfliteGraph, jobs: dict[int, int], logits: int | None,
-              wanted: set[int]) -> FloatSide:
-        """``jobs``: kernel job -> float op index; ``logits``: where the backward pass starts (None: no backward pass)."""
+    def build(cls, float_runner: TfliteRunner, fg: tflite_graph.TfliteGraph, jobs: dict[Hashable, int | kernel_model.Group],
+              logits: list[int] | None, wanted: set[int]) -> FloatSide:
+        """``jobs``: kernel job -> float op index or group; ``logits``: where the backward pass starts (None: no backward pass)."""
         kernels = kernel_model.KernelRunner(kernel_model.build(float_runner.path, jobs), float_runner.threads)
         backward, engine = (None, None) if logits is None else adjoint_model.backward_pass(fg, logits, wanted, float_runner.threads)
         return cls(kernels, frozenset(jobs), backward, engine, frozenset(wanted) if logits is not None else frozenset())
 
-    def covers(self, jobs: dict[int, int], wanted: set[int] | None) -> bool:
+    def covers(self, jobs: dict[Hashable, int | kernel_model.Group], wanted: set[int] | None) -> bool:
         """Whether it holds these kernel jobs and (unless None) a backward pass reaching ``wanted``."""
         return self.jobs >= jobs.keys() and (wanted is None or (self.backward is not None and self.wanted >= wanted))
 
@@ -218,7 +234,7 @@ def collect_tensor_stats(
     fg: tflite_graph.TfliteGraph,
     qg: tflite_graph.TfliteGraph,
     inputs: np.ndarray,
-    attributed: int,
+    attributed: list[int],
     on_item: Callable[[], None] | None = None,
     local_samples: int = LOCAL_SAMPLES,
     shares_only: bool = False,
@@ -232,8 +248,9 @@ def collect_tensor_stats(
 
     ``shares_only`` skips every error statistic (tensor and local), which callers of the attribution
     alone do not read (tune's re-ranking rounds: about 0.3 s of each round's 2.4 s). ``float_side`` is
-    used when it covers this match's layers; otherwise one is built for them. ``attributed`` is the float
-    model's tensor the task attributes error to (a classifier's logits)."""
+    used when it covers this match's layers; otherwise one is built for them. ``attributed``: the float
+    model's tensors the task attributes error to (a classifier's logits; every output of a detector,
+    each weighted by its own float energy, so a box output in pixels and a score output in 0..1 count alike)."""
     run = _StatsPass(match, float_runner, int8_runner, fg, qg, attributed, local_samples, shares_only, float_side)
     # The numpy comparisons run between invocations, when XNNPACK's threads are idle: each sample's
     # tensors (and jobs) are dealt to as many threads, numpy releasing the GIL in its loops.
@@ -249,7 +266,7 @@ class _StatsPass:
     """The state of one ``collect_tensor_stats`` pass, with one method per step of a sample."""
 
     def __init__(self, match: LayerMatch, float_runner: TfliteRunner, int8_runner: TfliteRunner, fg: tflite_graph.TfliteGraph,
-                 qg: tflite_graph.TfliteGraph, attributed: int, local_samples: int, shares_only: bool,
+                 qg: tflite_graph.TfliteGraph, attributed: list[int], local_samples: int, shares_only: bool,
                  float_side: FloatSide | None) -> None:
         self.match, self.float_runner, self.int8_runner, self.qg = match, float_runner, int8_runner, qg
         self.shares_only = shares_only
@@ -260,21 +277,23 @@ class _StatsPass:
         self.stats = {t: ErrorStats() for t in needed}
         self.names = {layer.int8_output: layer.name for layer in match.layers}
         self.by_index = {layer.index: layer for layer in match.layers}
-        self.jobs = jobs = _kernel_jobs(match, fg)
-        self.local = {i: ErrorStats() for i in jobs}
-        self.int8_of = {f: q for q, f in match.tensor_map.items()}
+        self.jobs = jobs = _kernel_jobs(match, fg, qg)
+        self.local = {i: ErrorStats() for i, job in jobs.items() if not isinstance(job, kernel_model.Group)}
+        self.int8_of = match.int8_tensors()
         self.float_logits = attributed
-        self.int8_logits = self.int8_of.get(attributed)
-        self.note = None if self.int8_logits is not None else "the int8 model's logits are not matched to the float model's"
+        self.int8_logits = [self.int8_of.get(t) for t in attributed]
+        self.note = None if None not in self.int8_logits else "the int8 model's logits are not matched to the float model's"
         self.attribution = {i: 0.0 for i in jobs}
         self.residual_energy = 0.0
-        # What keeping a layer float removes: it reads the float model input where the int8 model reads
-        # its quantized copy (a second copy of its op is fed that), and its output is re-quantized to the
+        # What keeping a layer float removes: its float copy reads the values before any (re)quantizing
+        # copy (the spliced mixed model looks through QUANTIZE ops), and its output is re-quantized to the
         # same grid wherever an int8 op reads it.
-        self.quantized_inputs = _quantized_model_inputs(match, fg)
-        kernel_jobs, wanted = _float_side_needs(match, fg, jobs)
-        self.reads_model_input = {i for i in jobs if -1 - jobs[i] in kernel_jobs}
-        self.regrid = {i: g for i in jobs if (g := _output_grid(qg, self.by_index[i].int8_output)) is not None}
+        kernel_jobs, wanted = _float_side_needs(match, jobs, copies=not shares_only)
+        self.kernel_key: dict[int, Hashable] = {i: ("tail", i) if isinstance(job, kernel_model.Group) else job for i, job in jobs.items()}
+        self.float_runner_inputs = set(fg.inputs)
+        self.reads_copy = {i for i, job in jobs.items() if not isinstance(job, kernel_model.Group) and -1 - job in kernel_jobs}
+        self.regrid = {t: g for t in {self.int8_of[f] for f in wanted if f in self.int8_of}
+                       if (g := _output_grid(qg, t)) is not None}
         self.float_side: FloatSide | None = None
         self.first_invocation = 0
         if jobs and local_samples > 0:
@@ -331,49 +350,73 @@ class _StatsPass:
             if t is not None:
                 raise AnalysisError(f"NaN or Inf in layer {self.names.get(t, self.qg.tensors[t].name)!r} (float or int8 output); cannot compare")
 
-    def _removable_errors(self, pool: ThreadPoolExecutor) -> dict[int, np.ndarray]:
-        """Float tensor -> what keeping its layer float removes from this sample's int8 value; each
-        layer's own error is added to its local stats on the way."""
+    def _removable_errors(self, pool: ThreadPoolExecutor) -> dict[int, list[tuple[int, np.ndarray]]]:
+        """Layer -> (float tensor, what keeping the layer float removes from this sample's int8 value
+        there) for each tensor its float copy writes; each single op's own error (on its own int8
+        input) is added to its local stats on the way."""
         assert self.float_side is not None
-        jobs, by_index = self.jobs, self.by_index
-        feeds = {jobs[i]: [self._int8_value(t) for t in by_index[i].int8_inputs] for i in jobs}
-        model_input = self.float_runner.tensor  # the float model's own input, whichever of its inputs the layer reads
-        feeds.update({-1 - jobs[i]: [model_input(self.match.tensor_map[t]) if t in self.quantized_inputs else self._int8_value(t)
-                                     for t in by_index[i].int8_inputs]
-                      for i in self.reads_model_input})
+        jobs, by_index, int8_of = self.jobs, self.by_index, self.int8_of
+        sources = self.float_side.kernels.kernels.sources
+        seen = self._seen_value
+        own_input = set() if self.shares_only else set(self.local)  # else fed what a float copy reads
+        feeds = {self.kernel_key[i]: [self._int8_value(t) for t in by_index[i].int8_inputs] for i in own_input}
+        feeds.update({-1 - jobs[i]: [seen(f) for f in sources[-1 - jobs[i]]] for i in self.reads_copy})  # type: ignore[operator]
+        feeds.update({self.kernel_key[i]: [seen(f) for f in sources[self.kernel_key[i]]] for i in jobs if i not in own_input})
         refs = self.float_side.kernels.run(feeds)
-        errors: dict[int, np.ndarray] = {}
+        errors: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+        def removable(i: int) -> list[tuple[int, np.ndarray]]:
+            job = jobs[i]
+            if isinstance(job, kernel_model.Group):
+                pairs = list(zip(job.exits, refs[self.kernel_key[i]]))
+            else:
+                own = self._int8_value(by_index[i].int8_output)
+                if not self.shares_only:
+                    self.local[i].add(refs[job][0], own)
+                pairs = [(by_index[i].float_output, refs.get(-1 - job, refs[job])[0])]  # type: ignore[operator]
+            out = []
+            for f, ref in pairs:  # the kernel runner's own copies: rewritten in place
+                t = int8_of[f]
+                ref = self.regrid[t](ref) if t in self.regrid else ref
+                out.append((f, np.subtract(self._int8_value(t), ref, out=ref)))
+            return out
 
         def local_errors(part: list[int]) -> None:
             for i in part:
-                own = self._int8_value(by_index[i].int8_output)
-                op = jobs[i]
-                if not self.shares_only:
-                    self.local[i].add(refs[op], own)
-                removable = refs.get(-1 - op, refs[op])  # the kernel runner's own copy: rewritten in place
-                removable = self.regrid[i](removable) if i in self.regrid else removable
-                errors[by_index[i].float_output] = np.subtract(own, removable, out=removable)
+                errors[i] = removable(i)
 
         list(pool.map(local_errors, self.job_parts))
         return errors
 
-    def _attribute(self, errors: dict[int, np.ndarray]) -> None:
+    def _seen_value(self, f: int) -> np.ndarray:
+        """What a float copy reading float tensor ``f`` gets in the mixed model: the int8 value at its own
+        scale (before any requantize), or the float model input itself."""
+        t = self.int8_of.get(f)
+        return self.float_runner.tensor(f) if t is None or f in self.float_runner_inputs else self._int8_value(t)
+
+    def _attribute(self, errors: dict[int, list[tuple[int, np.ndarray]]]) -> None:
         """One backward pass from this sample's logit error; adds each layer's share of it."""
         if self.note is not None:
             return
-        assert self.float_side is not None and self.float_side.backward is not None and self.int8_logits is not None
-        residual = self._int8_value(self.int8_logits) - self.float_runner.tensor(self.float_logits)
-        self.residual_energy += float(np.vdot(residual, residual))
+        assert self.float_side is not None and self.float_side.backward is not None
+        seeds = {}
+        for f, q in zip(self.float_logits, self.int8_logits):
+            assert q is not None
+            reference = self.float_runner.tensor(f)
+            residual = self._int8_value(q) - reference
+            weight = 1.0 if len(self.float_logits) == 1 else 1.0 / max(float(np.mean(np.square(reference, dtype=np.float64))), 1e-12)
+            self.residual_energy += weight * float(np.vdot(residual, residual))
+            seeds[f] = weight * residual
         int8_of = self.int8_of
         try:
             self.passes += 1
-            back = self.float_side.backward(residual, lambda t: self._int8_value(int8_of[t]) if t in int8_of else self.float_runner.tensor(t))
+            back = self.float_side.backward(seeds, lambda t: self._int8_value(int8_of[t]) if t in int8_of else self.float_runner.tensor(t))
             shares = backprop.output_error_attribution(back, errors)
         except backprop.Unsupported as exc:
             self.note = f"no backward rule for {exc} between a layer and the logits"
         else:
             for i in self.jobs:
-                self.attribution[i] += shares.get(self.by_index[i].float_output, math.nan)
+                self.attribution[i] += shares.get(i, math.nan)
 
     def collected(self) -> Collected:
         note, side = self.note, self.float_side
@@ -414,7 +457,7 @@ class OutputShares:
             mixed_runner = TfliteRunner(model, self.threads, preserve_all_tensors=True)
             if self.float_side is None:
                 self.float_side = self._full_int8_side()
-        collected = collect_tensor_stats(match, self.float_runner, mixed_runner, fg, mg, inputs, compiled.task.attributed_tensor(fg),
+        collected = collect_tensor_stats(match, self.float_runner, mixed_runner, fg, mg, inputs, compiled.task.attributed_tensors(fg),
                                          local_samples=len(inputs),
                                          shares_only=True, float_side=self.float_side)
         if collected.attribution_note:
@@ -425,9 +468,9 @@ class OutputShares:
         """The float side for every layer of the full-int8 model; None when that model has no such
         layers or unmatched logits (each call then builds what it needs, or says why it cannot)."""
         match, fg = self.compiled.layer_match, self.compiled.float_graph
-        logits = self.compiled.task.attributed_tensor(fg)
-        kernel_jobs, wanted = _float_side_needs(match, fg, _kernel_jobs(match, fg))
-        if not kernel_jobs or logits not in match.tensor_map.values():
+        logits = self.compiled.task.attributed_tensors(fg)
+        kernel_jobs, wanted = _float_side_needs(match, _kernel_jobs(match, fg, self.compiled.int8_graph), copies=False)
+        if not kernel_jobs or not set(logits) <= set(match.tensor_map.values()):
             return None
         return FloatSide.build(self.float_runner, fg, kernel_jobs, logits, wanted)
 
@@ -441,6 +484,7 @@ def layer_metrics(match: LayerMatch, collected: Collected, fg, qg, sources: dict
     """``sources``: float32 op index -> its ONNX trace entry (:meth:`CompiledModel.onnx_sources`)."""
     out = []
     stats, local, sources = collected.stats, collected.local, sources or {}
+    units = unit_notes(match, qg)
     for layer in match.layers:
         source = sources.get(layer.float_op, {})
         s = stats[layer.int8_output]
@@ -463,6 +507,7 @@ def layer_metrics(match: LayerMatch, collected: Collected, fg, qg, sources: dict
                 local_rmse_lsb=math.sqrt(own.mse) / scale if own_ok and scale else None,
                 output_share=collected.attribution.get(layer.index),
                 onnx_nodes=list(source.get("onnx_nodes", [])), onnx_ops=list(source.get("onnx_ops", [])),
+                unit=units.get(layer.index),
             )
         )
     return out
@@ -513,7 +558,7 @@ def analyze(
         with captured_native_output(not options.verbose):
             float_runner = TfliteRunner(compiled.float_model, options.threads, preserve_all_tensors=True)
             int8_runner = TfliteRunner(compiled.int8_model, options.threads, preserve_all_tensors=True)
-        collected = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs, compiled.task.attributed_tensor(fg),
+        collected = collect_tensor_stats(match, float_runner, int8_runner, fg, qg, inputs, compiled.task.attributed_tensors(fg),
                                          lambda: progress.advance(task), options.local_samples)
         float_out, int8_out = collected.float_out, collected.int8_out
         metrics = layer_metrics(match, collected, fg, qg, _onnx_sources(compiled, reporter))
@@ -602,7 +647,7 @@ def _model_output(compiled: CompiledModel, collected: Collected, samples: Sample
         output["outputs_sqnr_db"] = per_output
         output["worst_output"] = min(per_output, key=lambda n: per_output[n])
         output["outputs_note"] = ("each output's SQNR: its int8 error normalised by its own float32 RMS; sqnr_db is the "
-                                  "first output's, where the layer shares are attributed")
+                                  "first output's; the layer shares are attributed to every output, each weighted so")
     if (samples.has_labels or not compiled.task.needs_labels) and compiled.task.reads_all_outputs:
         # A metric over every output (a detector's mAP) needs runs that keep them all: two more
         # passes over the samples, counted apart from the analysis's own (as the consistency check is).

@@ -39,7 +39,7 @@ def build_and_run(compiled: CompiledModel, float_nodes: list[str], inputs: np.nd
     """Quantize with ``float_nodes`` kept float and return the model's logits on ``inputs``."""
     path = workdir / "candidate.tflite"
     with captured_native_output(quiet):
-        path.write_bytes(compiled.requantize(float_nodes))
+        path.write_bytes(compiled.mixed(float_nodes))
         runner = TfliteRunner(path, threads, logits=True)
     return runner.run(inputs)
 

@@ -56,6 +56,7 @@ class LayerMetrics:
     output_share: float | None = None
     onnx_nodes: list[str] = field(default_factory=list)  # the ONNX nodes this fused op came from
     onnx_ops: list[str] = field(default_factory=list)
+    unit: str | None = None  # what keeping it float takes with it (a requantized tail, a scale-tied chain)
 
     def to_dict(self) -> dict:
         return asdict(self)

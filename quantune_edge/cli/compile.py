@@ -178,7 +178,8 @@ def layers_cmd(
         table.add_column(col, justify="left" if col in ("TFLite op", "ONNX nodes") else "right", overflow="fold")
     for row in data["layers"]:
         nodes = "\n".join(f"{escape(n)} [dim]{o}[/]" for n, o in zip(row["onnx_nodes"], row["onnx_ops"])) or "[yellow]not traced[/]"
-        table.add_row(str(row["index"]), f"{op_label(row)}\n[dim]{escape(row['short_name'])}[/]", nodes, fmt_count(row["params"]),
+        unit = f"\n[yellow]{escape(row['unit'])}[/]" if row.get("unit") else ""
+        table.add_row(str(row["index"]), f"{op_label(row)}\n[dim]{escape(row['short_name'])}[/]{unit}", nodes, fmt_count(row["params"]),
                       f"{row['macs'] / 1e6:.2f}", f"{row['int8_scale']:.4g}" if row["int8_scale"] else "-")
     reporter.console.print(table)
     if data.get("error"):

@@ -125,7 +125,8 @@ def both_names(layer: dict) -> str:
     from quantune_edge.compile.tracing import onnx_label
 
     onnx = onnx_label(layer)
-    return f"{escape(onnx)}\n[dim]{escape(layer['short_name'])}[/]" if onnx else escape(layer["short_name"])
+    names = f"{escape(onnx)}\n[dim]{escape(layer['short_name'])}[/]" if onnx else escape(layer["short_name"])
+    return names + (f"\n[yellow]{escape(layer['unit'])}[/]" if layer.get("unit") else "")
 
 
 def one_line(layer: dict) -> str:

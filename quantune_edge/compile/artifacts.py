@@ -18,11 +18,12 @@ from quantune_edge.common.metrics import to_shape
 from quantune_edge.common.outputs import OutputKind
 from quantune_edge.common.preprocessing import Preprocessing, Samples, load_samples
 from quantune_edge.common.records import CompileReport
-from quantune_edge.compile import converter, tracing
+from quantune_edge.compile import tracing
 from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
-from quantune_edge.model.layers import LayerMatch, match_layers
+from quantune_edge.model.layers import LayerMatch, match_layers, unit_notes
 from quantune_edge.model.runtime import TfliteRunner, per_sample, stacked_shape
+from quantune_edge.model.splice import splice
 from quantune_edge.tasks import Task, task_from_record
 from quantune_edge.tasks.base import reference_labels
 
@@ -30,7 +31,7 @@ from quantune_edge.tasks.base import reference_labels
 REPORT = "compile.json"
 FLOAT_MODEL = "model_float32.tflite"
 INT8_MODEL = "model_int8.tflite"
-CALIBRATED_MODEL = "model_calibrated.tflite"  # activation ranges recorded, nothing quantized: re-quantized by tune
+CALIBRATED_MODEL = "model_calibrated.tflite"  # activation ranges recorded, nothing quantized: names the layers
 SAVED_MODEL = "saved_model"
 PREPARED_ONNX = "model_prepared.onnx"
 ANALYSIS_JSON, ANALYSIS_CSV, ANALYSIS_PNG = "analysis.json", "analysis.csv", "analysis.png"
@@ -138,14 +139,22 @@ class CompiledModel:
         """The layers of this compile: float and int8 ops matched by name (calibrated names break ties)."""
         return match_layers(self.float_graph, self.int8_graph, self.calibrated_graph)
 
-    @cached_property
-    def _calibrated_bytes(self) -> bytes:
-        return self.calibrated_model.read_bytes()
+    def mixed(self, float_layers: list[str]) -> bytes:
+        """The full-int8 model with the layers named (calibrated-model tensor names, as analyze and tune
+        name them) computed in float: spliced from this compile's float32 and int8 models
+        (``model.splice``), so every int8 op keeps the full-int8 model's scales and no int8 round trip
+        joins two float layers."""
+        by_name = {layer.name: layer for layer in self.layer_match.layers}
+        unknown = [name for name in float_layers if name not in by_name]
+        if unknown:
+            raise InputError(f"{unknown[0]!r} is not a layer of {self.folder}; run 'quantune-edge layers {self.folder}'")
+        chosen = [by_name[name] for name in float_layers]
+        return splice(self._model_bytes[0], self._model_bytes[1], {layer.int8_op: layer.float_op for layer in chosen})
 
-    def requantize(self, float_nodes: list[str]) -> bytes:
-        """The int8 model again from the same calibration, with ``float_nodes`` (calibrated-model
-        tensor names) kept float: TF selective quantization."""
-        return converter.quantize(self._calibrated_bytes, self.per_channel, self.int8_io, float_nodes)
+    @cached_property
+    def _model_bytes(self) -> tuple[bytes, bytes]:
+        """The float32 and int8 models' bytes, read once (tune splices one mixed model per evaluation)."""
+        return self.float_model.read_bytes(), self.int8_model.read_bytes()
 
     @property
     def per_channel(self) -> bool:
@@ -207,6 +216,7 @@ def layer_table(compile_dir) -> dict:
     compiled = CompiledModel.open(compile_dir)
     qg, match = compiled.int8_graph, compiled.layer_match
     sources = compiled.onnx_sources()
+    units = unit_notes(match, qg)
     rows = []
     for layer in match.layers:
         q = qg.tensors[layer.int8_output]
@@ -215,7 +225,8 @@ def layer_table(compile_dir) -> dict:
                      "name": layer.name, "short_name": layer.short_name,
                      "onnx_nodes": source.get("onnx_nodes", []), "onnx_ops": source.get("onnx_ops", []),
                      "params": layer.params, "macs": layer.macs,
-                     "int8_scale": q.scales[0] if q.scales else None, "int8_zero_point": q.zero_points[0] if q.zero_points else None})
+                     "int8_scale": q.scales[0] if q.scales else None, "int8_zero_point": q.zero_points[0] if q.zero_points else None,
+                     "unit": units.get(layer.index)})
     trace = compiled.trace
     return {"kind": "quantune-edge/layers", "schema_version": SCHEMA_VERSION, "compile_dir": str(compiled.folder.resolve()),
             "onnx_model": compiled.report.model["path"], "layers": rows, "untraced": trace.get("untraced"),

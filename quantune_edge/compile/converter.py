@@ -1,9 +1,8 @@
 """The TensorFlow side of compile, and the only module that imports TensorFlow, tf_keras or onnx2tf:
 ONNX -> SavedModel (onnx2tf), SavedModel -> float32 TFLite, calibration, and (re-)quantization.
 
-Calibration and quantization are TF's own two halves of a full-integer ``convert()``: the calibrated
-model is kept, so every int8 or mixed model is produced by :func:`quantize` alone, with the same
-activation ranges.
+Calibration and quantization are TF's own two halves of a full-integer ``convert()``; the calibrated
+model is kept beside the int8 model it was quantized into.
 """
 from __future__ import annotations
 
@@ -138,23 +137,15 @@ def calibrate(saved_model: Path, calibration: np.ndarray, on_sample=None) -> byt
         raise _converter_failure(exc, "int8 calibration") from None
 
 
-def quantize(calibrated: bytes, per_channel: bool = True, int8_io: bool = False, float_nodes: list[str] | None = None) -> bytes:
-    """Quantize a calibrated model to int8, keeping the ops named in ``float_nodes`` (their output
-    tensor names) in float with QUANTIZE/DEQUANTIZE around them (TF selective quantization).
-
-    This is the second half of ``TFLiteConverter.convert()`` for full-integer quantization.
-    """
+def quantize(calibrated: bytes, per_channel: bool = True, int8_io: bool = False) -> bytes:
+    """Quantize a calibrated model to full int8: the second half of ``TFLiteConverter.convert()`` for
+    full-integer quantization. (Mixed models are spliced from this one and the float32 model.)"""
     import tensorflow as tf
     from tensorflow.lite.python import convert
 
     io_type = tf.int8 if int8_io else tf.float32
     try:
-        return convert.mlir_quantize(
-            calibrated,
-            disable_per_channel=not per_channel,
-            input_data_type=io_type,
-            output_data_type=io_type,
-            denylisted_nodes=list(float_nodes) if float_nodes else None,
-        )
+        return convert.mlir_quantize(calibrated, disable_per_channel=not per_channel, input_data_type=io_type,
+                                     output_data_type=io_type)
     except Exception as exc:
         raise _converter_failure(exc, "int8 quantization") from None

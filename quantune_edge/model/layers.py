@@ -8,9 +8,9 @@ the remaining parts. The int8 model's last op may hand its name to the DEQUANTIZ
 (``PartitionedCall:01`` → ``PartitionedCall:0``); then the DEQUANTIZE output's key is used.
 Ops that still find no partner are reported, never guessed.
 
-A layer's ``name`` is the output tensor name of the same op in the calibrated model (same key):
-that exact string is what TF's selective quantization accepts in its denylist; the int8 model's
-own names can differ (the DEQUANTIZE hand-over above).
+A layer's ``name`` is the output tensor name of the same op in the calibrated model (same key): a
+stable name for analysis.json, tune.json and ``--keep-float`` (the int8 model's own names can differ:
+the DEQUANTIZE hand-over above). Ops a requantizing QUANTIZE renamed are paired by type and inputs.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Layer:
     """One fused op present in both models."""
 
     index: int  # position among layers, graph order
-    name: str  # calibrated-model output tensor name (= the name TF's selective quantization takes)
+    name: str  # calibrated-model output tensor name
     op_type: str
     float_op: int
     int8_op: int
@@ -66,6 +66,14 @@ class LayerMatch:
     tensor_map: dict[int, int]  # int8 activation tensor -> its float tensor
     exact: list[str] = field(default_factory=list)  # ops matched but computing integers (no precision to choose)
 
+    def int8_tensors(self) -> dict[int, int]:
+        """float tensor -> the int8 tensor holding its value at its own scale: the producer's output,
+        not a requantized copy (those come later in the graph, and map to the same float tensor)."""
+        out: dict[int, int] = {}
+        for q, f in self.tensor_map.items():
+            out.setdefault(f, q)
+        return out
+
 
 def _macs(op: OpInfo, graph: TfliteGraph) -> int:
     if op.type not in WEIGHTED_OPS or len(op.inputs) < 2:
@@ -90,28 +98,31 @@ FLOAT_DTYPES = ("float32", "float16")
 def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_graph: TfliteGraph | None = None) -> LayerMatch:
     """Pair the ops of a float and an int8 model by the rule in the module docstring; names come from
     ``calibrated_graph`` when given (else the int8 model's)."""
-    denylist_name: dict[str, str] = {}
+    calibrated_name: dict[str, str] = {}
     if calibrated_graph is not None:
         for op in calibrated_graph.ops:
             name = calibrated_graph.tensors[op.outputs[0]].name
-            denylist_name.setdefault(tensor_key(name), name)
+            calibrated_name.setdefault(tensor_key(name), name)
     float_by_key: dict[str, OpInfo] = {}
     for op in float_graph.ops:
         float_by_key.setdefault(tensor_key(float_graph.tensors[op.outputs[0]].name), op)
     if len(float_graph.inputs) != len(int8_graph.inputs):
         raise InputError("float and int8 models have different numbers of inputs: not a pair from one compile")
 
-    # int8 tensor -> float tensor, seeded with the model inputs (through the input QUANTIZE).
+    # int8 tensor -> float tensor, seeded with the model inputs; a QUANTIZE's output (the input's
+    # quantized copy, a requantized tensor) maps to what its input maps to.
     tensor_map: dict[int, int] = dict(zip(int8_graph.inputs, float_graph.inputs))
-    for op in int8_graph.ops:
-        if op.type == "QUANTIZE" and op.inputs[0] in tensor_map:
-            tensor_map[op.outputs[0]] = tensor_map[op.inputs[0]]
 
     layers: list[Layer] = []
     unmatched_int8: list[str] = []
     used_float: set[int] = set()
     exact: list[str] = []
+    float_readers: dict[tuple[str, tuple[int, ...]], list[OpInfo]] = {}
+    for op in float_graph.ops:
+        float_readers.setdefault((op.type, tuple(_activation_inputs(op, float_graph))), []).append(op)
     for op in int8_graph.ops:
+        if op.type == "QUANTIZE" and op.inputs[0] in tensor_map:
+            tensor_map[op.outputs[0]] = tensor_map[op.inputs[0]]  # a requantized copy holds the same value
         if op.type in BOUNDARY_OPS:
             continue
         out = int8_graph.tensors[op.outputs[0]]
@@ -123,6 +134,8 @@ def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_g
                     if partner is not None:
                         break
         if partner is None or partner.type != op.type or partner.index in used_float:
+            partner = _same_op_on_same_inputs(op, int8_graph, tensor_map, float_readers, used_float)
+        if partner is None:
             unmatched_int8.append(out.name)
             continue
         used_float.add(partner.index)
@@ -134,7 +147,7 @@ def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_g
         layers.append(
             Layer(
                 index=len(layers),
-                name=denylist_name.get(tensor_key(float_graph.tensors[partner.outputs[0]].name), out.name),
+                name=calibrated_name.get(tensor_key(float_graph.tensors[partner.outputs[0]].name), out.name),
                 op_type=op.type,
                 float_op=partner.index,
                 int8_op=op.index,
@@ -153,6 +166,18 @@ def match_layers(float_graph: TfliteGraph, int8_graph: TfliteGraph, calibrated_g
     return LayerMatch(layers, unmatched_float, unmatched_int8, tensor_map, exact)
 
 
+def _same_op_on_same_inputs(op: OpInfo, int8_graph: TfliteGraph, tensor_map: dict[int, int],
+                            float_readers: dict[tuple[str, tuple[int, ...]], list[OpInfo]], used: set[int]) -> OpInfo | None:
+    """The float op of the same type reading the same values, when names do not pair them: a requantize
+    the converter inserts renames what follows it (``…/transpose1`` in float32 is ``…/transpose11``
+    after the QUANTIZE that took ``…/transpose1``)."""
+    inputs = _activation_inputs(op, int8_graph)
+    if not inputs or any(t not in tensor_map for t in inputs):
+        return None
+    free = [f for f in float_readers.get((op.type, tuple(tensor_map[t] for t in inputs)), []) if f.index not in used]
+    return free[0] if len(free) == 1 else None
+
+
 def dequantized_weights(tensor: TensorInfo) -> np.ndarray:
     """int8 weights back to float with their (per-channel or per-tensor) scales and zero points."""
     if tensor.data is None:
@@ -167,3 +192,96 @@ def dequantized_weights(tensor: TensorInfo) -> np.ndarray:
     shape = [1] * data.ndim
     shape[tensor.quantized_dimension] = len(scales)
     return (data - zps.reshape(shape)) * scales.reshape(shape)
+
+
+# Ops that only move or select values: int8 kernels require (and the converter gives) one scale on
+# their input and output, so a value entering such a chain keeps the chain's scale throughout.
+SCALE_TIED_OPS = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "STRIDED_SLICE", "SLICE", "SPLIT", "SPLIT_V",
+                  "CONCATENATION", "PAD", "PADV2", "MAX_POOL_2D", "GATHER"}
+
+
+@dataclass(frozen=True)
+class RequantizedTail:
+    """What an int8→int8 QUANTIZE the converter inserted feeds: ``entry`` (the first layer reading the
+    requantized tensor) and ``layers`` (every layer downstream of it up to the next weighted op or the
+    model output, graph order). Keeping them float lets the entry read the value before the requantize,
+    and the rest compute on it in float; a single one of them float would only move the loss."""
+
+    quantize_op: int
+    entry: int
+    layers: tuple[int, ...]
+    scales: tuple[float, float]  # the requantize's input and output scale
+
+
+def requantized_tails(match: LayerMatch, int8_graph: TfliteGraph) -> list[RequantizedTail]:
+    """Every requantize of the int8 model (QUANTIZE from int8 to int8 at another scale) with the
+    layers that keeping it out of the model needs float."""
+    by_op = {layer.int8_op: layer for layer in match.layers}
+    tails = []
+    for op in int8_graph.ops:
+        src, dst = (int8_graph.tensors[op.inputs[0]], int8_graph.tensors[op.outputs[0]]) if op.type == "QUANTIZE" else (None, None)
+        if src is None or dst is None or src.dtype != "int8" or not src.scales or not dst.scales or src.scales[0] == dst.scales[0]:
+            continue
+        reached: set[int] = set()
+        frontier = [op.outputs[0]]
+        while frontier:
+            for user in int8_graph.consumers(frontier.pop()):
+                if user.type == "QUANTIZE":
+                    frontier.extend(user.outputs)
+                elif user.index in by_op and user.index not in reached and user.type not in WEIGHTED_OPS:
+                    reached.add(user.index)
+                    frontier.extend(user.outputs)
+        readers = [user.index for user in int8_graph.consumers(op.outputs[0]) if user.index in by_op]
+        if readers and reached:
+            tails.append(RequantizedTail(op.index, by_op[min(readers)].index, tuple(sorted(by_op[i].index for i in reached)),
+                                         (src.scales[0], dst.scales[0])))
+    return tails
+
+
+def scale_tied_chains(match: LayerMatch, int8_graph: TfliteGraph) -> list[frozenset[int]]:
+    """Connected groups (two or more) of scale-tied layers sharing one int8 scale: a float region that
+    takes one of them takes them all, so it never ends inside a transpose/reshape/concat chain."""
+    by_output = {layer.int8_output: layer for layer in match.layers}
+    parent = {layer.index: layer.index for layer in match.layers if layer.op_type in SCALE_TIED_OPS}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def scale(t: int) -> float | None:
+        scales = int8_graph.tensors[t].scales
+        return scales[0] if scales else None
+
+    for layer in match.layers:
+        if layer.index not in parent:
+            continue
+        for t in layer.int8_inputs:
+            producer = by_output.get(t)
+            if producer is not None and producer.index in parent and scale(t) == scale(layer.int8_output):
+                parent[root(producer.index)] = root(layer.index)
+    groups: dict[int, set[int]] = {}
+    for i in parent:
+        groups.setdefault(root(i), set()).add(i)
+    return [frozenset(g) for g in groups.values() if len(g) > 1]
+
+
+def float_units(match: LayerMatch, int8_graph: TfliteGraph) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(layers, the layers each of them takes float with it): a requantized tail's entry takes the tail,
+    a scale-tied chain's member takes the chain (``tune.selection.LayerGraph.closed``)."""
+    units = [((tail.entry,), (tail.entry, *tail.layers)) for tail in requantized_tails(match, int8_graph)]
+    return units + [(tuple(sorted(chain)), tuple(sorted(chain))) for chain in scale_tied_chains(match, int8_graph)]
+
+
+def unit_notes(match: LayerMatch, int8_graph: TfliteGraph) -> dict[int, str]:
+    """Layer index -> what keeping it float takes with it, in words, for the layers that take more than
+    themselves (how ``layers``, analyze and the report name these candidates)."""
+    notes: dict[int, str] = {}
+    for chain in scale_tied_chains(match, int8_graph):
+        for i in chain:
+            notes[i] = f"scale-tied chain of {len(chain)} layers (one int8 scale)"
+    for tail in requantized_tails(match, int8_graph):
+        notes[tail.entry] = (f"reads a requantized tensor (int8 scale {tail.scales[0]:.3g} -> {tail.scales[1]:.3g}); "
+                             f"float with its {len(tail.layers)}-layer tail")
+    return notes

@@ -58,8 +58,8 @@ class Task(Protocol):
         """Per labelled sample: is the device's reduced answer right."""
         ...
 
-    def attributed_tensor(self, graph: TfliteGraph) -> int:
-        """The float model's tensor whose int8 error the analysis attributes to layers."""
+    def attributed_tensors(self, graph: TfliteGraph) -> list[int]:
+        """The float model's tensors whose int8 error the analysis attributes to layers."""
         ...
 
     def labels_from_float32(self, outputs: Any, samples: Samples) -> np.ndarray | None:
@@ -70,7 +70,7 @@ class Task(Protocol):
 
 class SetMetric:
     """What a task judged over the whole set (mAP, a user's metric, output SQNR) shares: no
-    per-image verdict, the first output attributed, every output returned whole by the device
+    per-image verdict, every output attributed, every output returned whole by the device
     agent (the host computes the metric). Reads every output."""
 
     name: ClassVar[str]
@@ -90,8 +90,8 @@ class SetMetric:
     def reduced_correct(self, reduced: np.ndarray, labels: np.ndarray) -> np.ndarray:
         raise InputError(f"on-device evaluation for the {self.name} task is not available yet")
 
-    def attributed_tensor(self, graph: TfliteGraph) -> int:
-        return graph.outputs[0]
+    def attributed_tensors(self, graph: TfliteGraph) -> list[int]:
+        return list(graph.outputs)
 
     def labels_from_float32(self, outputs: Any, samples: Samples) -> np.ndarray | None:
         return None

@@ -79,10 +79,10 @@ class Classification:
         known = labels >= 0
         return np.asarray(reduced)[known] == labels[known] + self.label_offset
 
-    def attributed_tensor(self, graph: TfliteGraph) -> int:
+    def attributed_tensors(self, graph: TfliteGraph) -> list[int]:
         """The logits: what a final SOFTMAX reads, else the model output."""
         t = softmax_input(graph)
-        return graph.outputs[0] if t is None else t
+        return [graph.outputs[0] if t is None else t]
 
     def labels_from_float32(self, outputs: Any, samples: Samples) -> None:
         """None: unlabelled, a classifier is judged image by image by agreement with float32 instead."""

@@ -123,7 +123,7 @@ def device_cost_model(compiled: CompiledModel, lg: LayerGraph, names: dict[int, 
     probe = boundary_probe(lg)
     probe_path = work / "probe.tflite"
     with captured_native_output(quiet):
-        probe_path.write_bytes(compiled.requantize([names[i] for i in sorted(probe)]))
+        probe_path.write_bytes(compiled.mixed([names[i] for i in sorted(probe)]))
     log(f"measuring layer costs on {target.name} (int8, float32 and a {len(probe)}-layer float probe)")
     (int8_ms, float_ms, probe_ms), facts = profile_on_device(target, [compiled.int8_model, compiled.float_model, probe_path], log=log)
     cost = CostModel.fit(lg, int8_ms, float_ms, probe, probe_ms)

@@ -7,14 +7,14 @@ float op (or back) costs one DEQUANTIZE (or QUANTIZE) op and a pass over that te
 island in the middle of an int8 pipeline can cost more than it saves. :func:`grow_regions` adds a
 neighbouring layer when that lowers the estimated latency by a measurable amount (typically an Add,
 Mean or small conv squeezed between two float layers) and the analysis does not expect it to cost
-accuracy, and :func:`boundaries` counts the conversions exactly as TF's
-selective quantizer inserts them: one per crossing tensor and precision.
+accuracy, and :func:`boundaries` counts the conversions as the splice (``model.splice``) inserts
+them: one per crossing tensor and precision.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,10 +35,13 @@ class LayerGraph:
     graph_inputs: tuple[int, ...]
     graph_outputs: tuple[int, ...]
     float_io: bool
+    units: dict[int, frozenset[int]] = field(default_factory=dict)  # layer -> the layers float with it
 
     @classmethod
-    def build(cls, graph: TfliteGraph, layers: Sequence[Layer]) -> LayerGraph:
-        """Q/DQ ops of the int8 graph are looked through: a tensor produced by QUANTIZE counts as its input."""
+    def build(cls, graph: TfliteGraph, layers: Sequence[Layer], units: Iterable[tuple[Iterable[int], Iterable[int]]] = ()) -> LayerGraph:
+        """Q/DQ ops of the int8 graph are looked through: a tensor produced by QUANTIZE counts as its input.
+        ``units``: (layers, what each of them takes float with it): a requantized tail's entry and the tail,
+        a scale-tied chain and itself."""
         alias: dict[int, int] = {}
         for op in graph.ops:
             if op.type in ("QUANTIZE", "DEQUANTIZE"):
@@ -61,13 +64,34 @@ class LayerGraph:
             consumers={t: tuple(c) for t, c in consumers.items()}, outputs=outputs, elements=elements,
             macs={layer.index: layer.macs for layer in layers},
             graph_inputs=tuple(real(t) for t in graph.inputs), graph_outputs=tuple(real(t) for t in graph.outputs),
-            float_io=float_io,
+            float_io=float_io, units=_units(units),
         )
+
+    def closed(self, float_set: Iterable[int], never: Iterable[int] = ()) -> frozenset[int]:
+        """``float_set`` with every layer its members take float with them (but none of ``never``), until
+        nothing more is added: a float region never ends inside a scale-tied chain or a requantized tail."""
+        never = frozenset(never)
+        out, todo = set(float_set), list(float_set)
+        while todo:
+            for j in self.units.get(todo.pop(), ()):
+                if j not in out and j not in never:
+                    out.add(j)
+                    todo.append(j)
+        return frozenset(out)
 
     def neighbours(self, index: int) -> set[int]:
         out = set(self.consumers.get(self.outputs[index], ()))
         out |= {self.producer[t] for t, users in self.consumers.items() if index in users and t in self.producer}
         return out
+
+
+def _units(units: Iterable[tuple[Iterable[int], Iterable[int]]]) -> dict[int, frozenset[int]]:
+    out: dict[int, frozenset[int]] = {}
+    for members, taken in units:
+        taken = frozenset(taken)
+        for i in members:
+            out[i] = out.get(i, frozenset()) | taken
+    return out
 
 
 def _crossings(lg: LayerGraph, float_set: frozenset[int]) -> list[int]:
@@ -166,7 +190,7 @@ def grow_regions(lg: LayerGraph, float_set: Iterable[int], cost: CostModel, neve
         improved = False
         frontier = sorted({n for i in current for n in lg.neighbours(i)} - current - never)
         for candidate in frontier:
-            trial = current | {candidate}
+            trial = lg.closed(current | {candidate}, never)
             latency = cost.latency_ms(lg, trial)
             if latency < best - max(threshold, 1e-12):
                 current, best, improved = trial, latency, True
@@ -180,7 +204,7 @@ def prefix_choices(order: Sequence[int], lg: LayerGraph, cost: CostModel | None,
     base = frozenset(always)
     choices = []
     for k in range(len(order) + 1):
-        chosen = base | frozenset(order[:k])
+        chosen = lg.closed(base | frozenset(order[:k]), never)
         choices.append(grow_regions(lg, chosen, cost, never, predicted_gain) if cost is not None and chosen else chosen)
     return choices
 

@@ -3,8 +3,8 @@
 Candidates for k = 0 … n are the k most sensitive layers grown into fusion-aware float regions
 (:mod:`selection`). The first picks are re-ranked: each after the first is the top output share in an
 analysis of the mixed model with the earlier picks float, because which error matters next depends on
-what is float already. Each evaluation re-quantizes the calibrated model with that float set (TF
-selective quantization, same calibration ranges) and runs it on the evaluation images. The accuracy
+what is float already. Each evaluation splices the float set's float32 ops into the full-int8 model
+(``model.splice``: same scales, no int8 round trip between float ops) and runs it on the evaluation images. The accuracy
 budget is met by bisection over k (≤ ⌈log2 n⌉ + 2 evaluations); the latency budget by bisection over
 measured latency: on the host, or on the ``latency_source`` target when one is given.
 """
@@ -34,7 +34,7 @@ from quantune_edge.compile.artifacts import BEST_FOUND, MIXED_MODEL, PARETO_PNG,
 from quantune_edge.deploy.targets import Target
 from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
-from quantune_edge.model.layers import tensor_key
+from quantune_edge.model.layers import float_units, tensor_key
 from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms
 from quantune_edge.tasks.base import FLOAT32_FOR_LABELS, Task, compare, reference_labels
 from quantune_edge.tune import selection
@@ -123,7 +123,7 @@ def _names(layer: dict) -> list[str]:
 
 def layer_summary(layer: dict) -> dict:
     """How tune.json and the report name a layer: TFLite and ONNX names side by side."""
-    return {key: layer.get(key) for key in ("index", "name", "short_name", "op_type", "onnx_nodes", "onnx_ops")}
+    return {key: layer.get(key) for key in ("index", "name", "short_name", "op_type", "onnx_nodes", "onnx_ops", "unit")}
 
 
 def _load_analysis(compiled: CompiledModel, metric: str | None = None) -> dict:
@@ -189,7 +189,7 @@ class Evaluator:
 
     def model_bytes(self, float_set: frozenset[int]) -> bytes:
         with captured_native_output(self.quiet):
-            return self.compiled.requantize([self.names[i] for i in sorted(float_set)])
+            return self.compiled.mixed([self.names[i] for i in sorted(float_set)])
 
     def evaluate(self, float_set: frozenset[int]) -> tuple[dict, Path]:
         path = self.work / f"candidate_{self.builds}.tflite"
@@ -279,7 +279,7 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                       "--remeasure to measure again")
     float_acc = judge.metric(compiled.judged_outputs(float_values), labels) if labelled else 1.0
 
-    lg = selection.LayerGraph.build(qg, match.layers)
+    lg = selection.LayerGraph.build(qg, match.layers, float_units(match, qg))
     cost, source = _cost_model(compiled, lg, names, float_ms, int8_ms, options, reporter)
     rerank = options.rerank if options.rerank is not None else DEFAULT_RERANK if analysis["metric"] == "output_share" else 0
     rounds = min(rerank, free if options.float_layers is None else max(options.float_layers - 1, 0))
@@ -614,7 +614,7 @@ def _rerank(compiled: CompiledModel, order: list[int], forced: set[int], names: 
             nonlocal analyses
             path = Path(tmp) / f"mixed_{analyses}.tflite"
             with captured_native_output(not options.verbose):
-                path.write_bytes(compiled.requantize([names[i] for i in sorted(forced | set(picked))]))
+                path.write_bytes(compiled.mixed([names[i] for i in sorted(forced | set(picked))]))
             try:
                 shares = {index_of[name]: v for name, v in shares_of(path, inputs).items()}
             except AnalysisError as exc:

@@ -326,14 +326,14 @@ def test_output_share_predicts_what_keeping_a_layer_float_does(effnet_compiled, 
 
 
 def test_without_a_backward_rule_the_ranking_falls_back_to_local_rmse(tiny_images, save_model, tmp_path):
-    """A sigmoid (LOGISTIC) between the convs and the logits: no share, a warning, local_rmse ranks."""
+    """An ELU (no rule) between the convs and the logits: no share, a warning, local_rmse ranks."""
     g = GraphBuilder(5)
-    x = g.node("Sigmoid", [g.conv("input", 3, 8, 3, 2)])
-    out = tmp_path / "sigmoid"
-    compile_model(save_model(g.model([1, 3, 32, 32], g.head(g.relu6(g.conv(x, 8, 8, 3, 1)), 8)), "sigmoid_net"), tiny_images, out,
+    x = g.node("Elu", [g.conv("input", 3, 8, 3, 2)])
+    out = tmp_path / "elu"
+    compile_model(save_model(g.model([1, 3, 32, 32], g.head(g.relu6(g.conv(x, 8, 8, 3, 1)), 8)), "elu_net"), tiny_images, out,
                   CompileOptions(num_calib=4))
     report = analyze(out, tiny_images, AnalysisOptions(num_samples=4))
-    assert "LOGISTIC" in report.samples["output_share_note"]
+    assert "ELU" in report.samples["output_share_note"]
     assert report.metric == "local_rmse" and all(l["output_share"] is None for l in report.layers)
     assert report.sensitivity_order == [int(i) for i in np.argsort(-np.array(report.scores["local_rmse"]), kind="stable")]
 

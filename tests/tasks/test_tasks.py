@@ -42,7 +42,7 @@ def test_the_compile_records_its_task_and_older_compiles_are_classifiers(effnet_
     assert json.loads((effnet_compiled / "compile.json").read_text())["task"] == {"name": "classify", "label_offset": 0}
     assert compiled.task == Classification(0)
     graph = tflite_graph.read(compiled.float_model)
-    assert compiled.task.attributed_tensor(graph) == graph.outputs[0]  # EfficientNet-Lite0 ends in its logits
+    assert compiled.task.attributed_tensors(graph) == [graph.outputs[0]]  # EfficientNet-Lite0 ends in its logits
     old = tmp_path / "old"
     shutil.copytree(effnet_compiled, old, ignore=shutil.ignore_patterns("saved_model"))
     report = json.loads((old / "compile.json").read_text())

@@ -345,7 +345,7 @@ def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp
     compiled = CompiledModel.open(folder)
     layers = json.loads((folder / "analysis.json").read_text())["layers"]
     mixed = tmp_path / "first_float.tflite"
-    mixed.write_bytes(compiled.requantize([layers[first]["name"]]))
+    mixed.write_bytes(compiled.mixed([layers[first]["name"]]))
     inputs = compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, 8, 1, what="evaluation"))
     shares = {next(l["index"] for l in layers if l["name"] == name): v for name, v in output_shares(compiled, mixed, inputs).items()}
     assert abs(shares[first]) < 1e-3 * max(abs(v) for v in shares.values())  # float already: nothing left to remove
@@ -356,7 +356,7 @@ def test_rerank_picks_each_layer_from_an_analysis_of_the_mixed_model(folder, tmp
     assert shares_of(mixed, inputs) == pytest.approx(output_shares(compiled, mixed, inputs), rel=1e-6)
     side = shares_of.float_side
     two = tmp_path / "two_float.tflite"
-    two.write_bytes(compiled.requantize([layers[first]["name"], layers[second]["name"]]))
+    two.write_bytes(compiled.mixed([layers[first]["name"], layers[second]["name"]]))
     again = shares_of(two, inputs)
     assert shares_of.float_side is side and side.kernels.invocations == 2 * len(inputs)
     assert again == pytest.approx(output_shares(compiled, two, inputs), rel=1e-6)

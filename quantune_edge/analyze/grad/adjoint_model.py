@@ -288,7 +288,7 @@ def build(graph: TfliteGraph, start: int, wanted: set[int]) -> AdjointModel:
     def add(a: int, b: int) -> int:
         return w.op("ADD", [a, b], [w.shapes[b]], "AddOptions")[0]
 
-    gradients = walk_backward(graph, start, probe, wanted, masked, lambda op, g: _input_grads(w, op, graph, g, routes), add)
+    gradients = walk_backward(graph, {start: probe}, wanted, masked, lambda op, g: _input_grads(w, op, graph, g, routes), add)
     outputs = sorted({g for g in gradients.values() if g not in w.inputs})
     return AdjointModel(w.finish(outputs), probe, masks, routes, gradients)
 
@@ -317,12 +317,15 @@ class AdjointRunner:
         return {t: probe if g == a.probe else interp.get_tensor(g) for t, g in a.gradients.items()}
 
 
-def backward_pass(graph: TfliteGraph, start: int, wanted: set[int], num_threads: int = 2
-                  ) -> tuple[Callable[[np.ndarray, Callable[[int], np.ndarray]], dict[int, np.ndarray]], str]:
-    """(probe, value) -> gradients at the wanted tensors, and which engine runs it: this module's
-    TFLite model when every op on the path has a rule here (and the runtime loads it), else
-    ``backprop.vjp`` in numpy."""
-    try:
-        return AdjointRunner(build(graph, start, wanted), num_threads).vjp, "tflite"
-    except (Unsupported, ValueError, RuntimeError):  # the runtime's refusals are ValueError/RuntimeError
-        return (lambda probe, value: vjp(graph, start, probe, value, wanted)), "numpy"
+def backward_pass(graph: TfliteGraph, starts: list[int], wanted: set[int], num_threads: int = 2
+                  ) -> tuple[Callable[[dict[int, np.ndarray], Callable[[int], np.ndarray]], dict[int, np.ndarray]], str]:
+    """(probe per start tensor, value) -> gradients at the wanted tensors, and which engine runs it:
+    this module's TFLite model when there is one start and every op on the path has a rule here (and
+    the runtime loads it), else ``backprop.vjp`` in numpy."""
+    if len(starts) == 1:
+        try:
+            runner = AdjointRunner(build(graph, starts[0], wanted), num_threads)
+            return (lambda seeds, value: runner.vjp(seeds[starts[0]], value)), "tflite"
+        except (Unsupported, ValueError, RuntimeError):  # the runtime's refusals are ValueError/RuntimeError
+            pass
+    return (lambda seeds, value: vjp(graph, seeds, None, value, wanted)), "numpy"

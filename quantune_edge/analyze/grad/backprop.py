@@ -11,19 +11,21 @@ Ops without a rule here stop the pass for what lies before them (:class:`Unsuppo
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
 
 import numpy as np
 
-from quantune_edge.analyze.grad.reference_ops import VALID, patches, resize_matrix, strided_slice_index, strides_dilations, window_padding
+from quantune_edge.analyze.grad.reference_ops import VALID, mirror_index, mirror_mode, patches, resize_matrix, strided_slice_index, strides_dilations, window_padding
 from quantune_edge.model.tflite_graph import OpInfo, TfliteGraph
 
 G = TypeVar("G")  # a gradient: an array, or a tensor of a model being written
+K = TypeVar("K", bound=Hashable)
 
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D",
              "CONCATENATION", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "LOGISTIC", "TANH", "EXP", "HARD_SWISH", "SOFTMAX", "MUL", "SUB",
-             "TRANSPOSE", "STRIDED_SLICE", "SLICE", "PAD", "PADV2", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "SPLIT", "SPLIT_V")
+             "TRANSPOSE", "STRIDED_SLICE", "SLICE", "PAD", "PADV2", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "SPLIT", "SPLIT_V",
+             "LEAKY_RELU", "PRELU", "MIRROR_PAD")
 
 
 class Unsupported(ValueError):
@@ -134,9 +136,10 @@ def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[
     t = graph.tensors
     acts = [i for i in op.inputs if i >= 0 and not t[i].is_constant]
     probes = g.shape[0] if isinstance(g, np.ndarray) else g_probes(g)
+    whole = _whole(g, [t[o].shape for o in op.outputs])
 
     def shape_of(i: int) -> tuple[int, ...]:
-        return (probes, *t[i].shape[1:])
+        return t[i].shape if whole else (probes, *t[i].shape[1:])
 
     if op.type == "CONV_2D":
         return [(acts[0], _conv_input_grad(g, t[op.inputs[1]].data.astype(np.float32), shape_of(acts[0]), op.options))]
@@ -165,7 +168,7 @@ def _input_grads(op: OpInfo, graph: TfliteGraph, g: np.ndarray, value: Callable[
         sizes = [t[i].shape[axis] for i in op.inputs]
         parts = np.split(g, np.cumsum(sizes)[:-1], axis=axis)
         return [(i, p) for i, p in zip(op.inputs, parts) if not t[i].is_constant]
-    return _detector_input_grads(op, graph, g, value, shape_of, acts)
+    return _detector_input_grads(op, graph, g, value, shape_of, acts, whole)
 
 
 def _constant(graph: TfliteGraph, op: OpInfo, position: int) -> np.ndarray:
@@ -175,8 +178,15 @@ def _constant(graph: TfliteGraph, op: OpInfo, position: int) -> np.ndarray:
     return data
 
 
+def _whole(g, out_shapes: list[tuple[int, ...]]) -> bool:
+    """Whether the gradient has the op's own output shapes (one probe): then tensors without a batch
+    axis (NanoDet-m's [1600, 80] outputs) and ops across axis 0 have rules too."""
+    parts = g if isinstance(g, list) else [g]
+    return all(p is None or p.shape == tuple(s) for p, s in zip(parts, out_shapes))
+
+
 def _detector_input_grads(op: OpInfo, graph: TfliteGraph, g, value: Callable[[int], np.ndarray],
-                          shape_of: Callable[[int], tuple[int, ...]], acts: list[int]) -> list[tuple[int, np.ndarray]]:
+                          shape_of: Callable[[int], tuple[int, ...]], acts: list[int], whole: bool) -> list[tuple[int, np.ndarray]]:
     """The rules for what detector heads and modern backbones add: element-wise activations (their
     derivative at the run's value), products of two activations (SiLU's x·σ(x)), data movement
     (transposes, slices, pads, splits, resizes: the adjoint index map), softmax."""
@@ -188,6 +198,10 @@ def _detector_input_grads(op: OpInfo, graph: TfliteGraph, g, value: Callable[[in
         return [(acts[0], g * (1 - y() * y()))]
     if op.type == "EXP":
         return [(acts[0], g * y())]
+    if op.type in ("LEAKY_RELU", "PRELU"):
+        x = value(acts[0])
+        slope = np.float32(op.options.get("alpha", 0.2)) if op.type == "LEAKY_RELU" else _constant(graph, op, 1).astype(np.float32)
+        return [(acts[0], (g * np.where(x >= 0, np.float32(1), slope)).astype(np.float32))]
     if op.type == "HARD_SWISH":
         x = value(acts[0])
         return [(acts[0], g * np.where(x < -3, 0.0, np.where(x > 3, 1.0, (2 * x + 3) / 6)).astype(np.float32))]
@@ -210,7 +224,7 @@ def _detector_input_grads(op: OpInfo, graph: TfliteGraph, g, value: Callable[[in
         return [(acts[0], g.reshape(shape_of(acts[0])))]
     if op.type == "TRANSPOSE":
         perm = [int(p) for p in _constant(graph, op, 1)]
-        if perm[0] != 0:
+        if perm[0] != 0 and not whole:
             raise Unsupported("TRANSPOSE that moves the batch axis")
         return [(acts[0], np.ascontiguousarray(g.transpose(np.argsort(perm))))]
     if op.type in ("STRIDED_SLICE", "SLICE"):
@@ -224,17 +238,28 @@ def _detector_input_grads(op: OpInfo, graph: TfliteGraph, g, value: Callable[[in
             begin, size = _constant(graph, op, 1), _constant(graph, op, 2)
             index = tuple(slice(int(b), None if s < 0 else int(b) + int(s)) for b, s in zip(begin, size))
         batch = t[acts[0]].shape[0]
-        if not isinstance(index[0], slice) or range(batch)[index[0]] != range(batch):
+        if not whole and (not isinstance(index[0], slice) or range(batch)[index[0]] != range(batch)):
             raise Unsupported(f"{op.type} along the batch axis")
         gx = np.zeros(shape, np.float32)
-        view = gx[(slice(None), *index[1:])]
+        view = gx[index if whole else (slice(None), *index[1:])]
         view += g.reshape(view.shape)
         return [(acts[0], gx)]
     if op.type in ("PAD", "PADV2"):
         pads = _constant(graph, op, 1).reshape(-1, 2)
-        if pads[0].any():
+        if pads[0].any() and not whole:
             raise Unsupported("PAD along the batch axis")
         return [(acts[0], np.ascontiguousarray(g[tuple(slice(int(b), g.shape[a] - int(e)) for a, (b, e) in enumerate(pads))]))]
+    if op.type == "MIRROR_PAD":  # each padded position copies an input one: add its gradient back there
+        pads, gx = _constant(graph, op, 1).reshape(-1, 2), g
+        if pads[0].any() and not whole:
+            raise Unsupported("MIRROR_PAD along the batch axis")
+        for axis, (before, after) in enumerate(pads):
+            if before or after:
+                index = mirror_index(shape_of(acts[0])[axis], int(before), int(after), mirror_mode(op.options))
+                folded = np.zeros((*gx.shape[:axis], shape_of(acts[0])[axis], *gx.shape[axis + 1:]), np.float32)
+                np.add.at(folded, (slice(None),) * axis + (index,), gx)
+                gx = folded
+        return [(acts[0], gx)]
     if op.type in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
         shape = shape_of(acts[0])
         flags = bool(op.options.get("alignCorners", False)), bool(op.options.get("halfPixelCenters", False))
@@ -271,14 +296,15 @@ def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def walk_backward(graph: TfliteGraph, start: int, seed: G, wanted: set[int], masked: Callable[[OpInfo, G], G],
+def walk_backward(graph: TfliteGraph, seeds: dict[int, G], wanted: set[int], masked: Callable[[OpInfo, G], G],
                   input_grads: Callable[[OpInfo, G], list[tuple[int, G]]], add: Callable[[G, G], G]) -> dict[int, G]:
     """The reverse walk every backward pass takes, whatever a gradient is (a numpy array here, a tensor
-    of the TFLite model being written in ``adjoint_model``): ``seed`` at ``start``, each op's output
+    of the TFLite model being written in ``adjoint_model``): each seed at its tensor (a model with several
+    outputs seeds each; a seed on a tensor another seed's walk reaches is added to it), each op's output
     gradient recorded if wanted, passed through its fused activation (``masked``), then to its inputs
     (``input_grads``), summed (``add``) where a tensor feeds several ops. Ops after ``start`` are
     ignored; returns the wanted tensors reached."""
-    grads: dict[int, G] = {start: seed}
+    grads: dict[int, G] = dict(seeds)
     out: dict[int, G] = {}
     for op in reversed(graph.ops):
         if len(op.outputs) > 1:  # SPLIT: the list of its outputs' gradients, None for one that got none
@@ -302,8 +328,10 @@ def walk_backward(graph: TfliteGraph, start: int, seed: G, wanted: set[int], mas
     return out
 
 
-def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int], np.ndarray], wanted: set[int]) -> dict[int, np.ndarray]:
-    """Backward pass of ``probes`` (P, *shape of tensor ``start``) to every tensor in ``wanted``.
+def vjp(graph: TfliteGraph, start: int | dict[int, np.ndarray], probes: np.ndarray | None, value: Callable[[int], np.ndarray],
+        wanted: set[int]) -> dict[int, np.ndarray]:
+    """Backward pass of ``probes`` (P, *shape of tensor ``start``) to every tensor in ``wanted`` (or, with
+    ``start`` a dict, of each tensor's probes at once: the sum of their passes).
 
     ``value(t)`` is tensor t's (dequantized) value in the run being linearised (batch 1); it is read for
     activation masks and max-pool routing. Returns tensor -> (P, *shape) gradient for the wanted
@@ -314,19 +342,22 @@ def vjp(graph: TfliteGraph, start: int, probes: np.ndarray, value: Callable[[int
         mask = activation_mask(value(op.outputs[0]), op.fused_activation)
         return g if mask is None else g * mask
 
-    return walk_backward(graph, start, probes.astype(np.float32), wanted, masked,
+    seeds = start if isinstance(start, dict) else {start: probes}
+    return walk_backward(graph, {t: np.asarray(p, np.float32) for t, p in seeds.items()}, wanted, masked,
                          lambda op, g: _input_grads(op, graph, g, value), np.add)
 
 
-def output_error_attribution(back: dict[int, np.ndarray], local_errors: dict[int, np.ndarray]) -> dict[int, float]:
+def output_error_attribution(back: dict[int, np.ndarray], removable: Mapping[K, list[tuple[int, np.ndarray]]]) -> dict[K, float]:
     """How much of ||residual||² each layer's removable error accounts for, to first order, all layers at once.
 
     ``back`` holds Jᵀr at every layer's float tensor: one backward pass (:func:`vjp`, or its TFLite
     form in ``adjoint_model``) of the int8 model's logit error r (int8 − float) on one sample.
-    ``local_errors`` maps a float tensor to the error e that keeping its layer float would remove (same
-    shape). Through the layer's Jacobian J to the logits, e shows up as J·e, and r·J·e = (Jᵀr)·e.
-    Removing e lowers ||r||² by 2·r·J·e − ||J·e||²; when the layers' errors are independent
-    r·J·e ≈ ||J·e||², so r·J·e alone ranks layers as that drop does, without the one pass per layer
-    ||J·e||² would need.
+    ``removable`` maps a layer to the errors e that keeping it float would remove, at each float tensor
+    it writes (one for an op; each exit of a group of ops). Through the Jacobian J from there to the
+    logits, e shows up as J·e, and r·J·e = (Jᵀr)·e. Removing e lowers ||r||² by 2·r·J·e − ||J·e||²;
+    when the layers' errors are independent r·J·e ≈ ||J·e||², so r·J·e alone ranks layers as that
+    drop does, without the one pass per layer ||J·e||² would need. A layer whose tensors the pass did
+    not reach gets no share.
     """
-    return {t: float(np.vdot(back[t], e)) for t, e in local_errors.items() if t in back}
+    return {key: float(sum(np.vdot(back[t], e) for t, e in pairs)) for key, pairs in removable.items()
+            if pairs and all(t in back for t, _ in pairs)}

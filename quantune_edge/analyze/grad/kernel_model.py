@@ -5,10 +5,13 @@ model's own ops for that — every chosen op copied into one graph, each copy re
 tensors — gives the TFLite float kernels' exact result (XNNPACK, fused activation and padding rules
 included) in one invocation per sample, instead of one numpy kernel call per layer. The copies are
 independent, so the model does one op's work per chosen layer: the same work as one float pass.
+A job may also be a group of ops (a detector's decode tail): they are copied connected, fed the values
+entering the group, and the group's exit tensors are read.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +20,29 @@ import numpy as np
 from quantune_edge.errors import InputError
 
 
+@dataclass(frozen=True)
+class Group:
+    """Ops copied together, in graph order (``ops``), whose ``exits`` (float tensors) are read."""
+
+    ops: tuple[int, ...]
+    exits: tuple[int, ...]
+
+
 @dataclass
 class KernelModel:
-    """``content``: the .tflite bytes; ``inputs[job]``: the model inputs that job's op reads (one per
-    activation input of the op, in the op's order); ``outputs[job]``: the op's output tensor."""
+    """``content``: the .tflite bytes; ``inputs[job]``: the model inputs of that job, each standing for
+    the float model's tensor ``sources[job][k]`` (a single op's activation inputs, in the op's order);
+    ``outputs[job]``: the tensors read (a single op's output; a group's exits, in their order)."""
 
     content: bytes
-    inputs: dict[int, list[int]]
-    outputs: dict[int, int]
+    inputs: dict[Hashable, list[int]]
+    sources: dict[Hashable, list[int]]
+    outputs: dict[Hashable, list[int]]
 
 
-def build(float_model: str | Path | bytes, jobs: dict[int, int]) -> KernelModel:
-    """One copy of op ``jobs[job]`` (an operator index of ``float_model``) per job; constants
-    (weights, biases, shapes) are shared, activation inputs become model inputs."""
+def build(float_model: str | Path | bytes, jobs: dict[Hashable, int | Group]) -> KernelModel:
+    """One copy of op ``jobs[job]`` (an operator index of ``float_model``), or of a :class:`Group` of
+    ops, per job; constants (weights, biases, shapes) are shared, activation inputs become model inputs."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
@@ -56,31 +69,42 @@ def build(float_model: str | Path | bytes, jobs: dict[int, int]) -> KernelModel:
             constants[old] = len(tensors) - 1
         return constants[old]
 
-    ops, inputs, outputs = [], {}, {}
-    for job, index in jobs.items():
-        if not 0 <= index < len(graph.operators):
-            raise InputError(f"op {index} is not in the float model ({len(graph.operators)} ops)")
-        op = copy.copy(graph.operators[index])
-        new_inputs, inputs[job] = [], []
-        for pos, t in enumerate(op.inputs):
-            if t < 0:
-                new_inputs.append(t)
-            elif is_constant(t):
-                new_inputs.append(shared(t))
-            else:
-                new_inputs.append(fresh(t, f"job{job}/in{pos}"))
-                inputs[job].append(new_inputs[-1])
-        op.inputs = np.asarray(new_inputs, np.int32)
-        op.outputs = np.asarray([fresh(int(op.outputs[0]), f"job{job}/out")], np.int32)
-        outputs[job] = int(op.outputs[0])
-        ops.append(op)
+    ops, inputs, sources, outputs = [], {}, {}, {}
+    for job, spec in jobs.items():
+        group = spec if isinstance(spec, Group) else Group((spec,), ())
+        local: dict[int, int] = {}  # float tensor -> its copy in this job
+        inputs[job], sources[job] = [], []
+        for index in group.ops:
+            if not 0 <= index < len(graph.operators):
+                raise InputError(f"op {index} is not in the float model ({len(graph.operators)} ops)")
+            op = copy.copy(graph.operators[index])
+            new_inputs = []
+            for t in (int(t) for t in op.inputs):
+                if t < 0:
+                    new_inputs.append(t)
+                elif is_constant(t):
+                    new_inputs.append(shared(t))
+                elif t in local:
+                    new_inputs.append(local[t])
+                else:
+                    local[t] = fresh(t, f"job{job}/in{len(inputs[job])}")
+                    inputs[job].append(local[t])
+                    sources[job].append(t)
+                    new_inputs.append(local[t])
+            op.inputs = np.asarray(new_inputs, np.int32)
+            for t in op.outputs:
+                local[int(t)] = fresh(int(t), f"job{job}/op{index}/out")
+            op.outputs = np.asarray([local[int(t)] for t in op.outputs], np.int32)
+            ops.append(op)
+        last = graph.operators[group.ops[-1]]
+        outputs[job] = [local[t] for t in group.exits] if isinstance(spec, Group) else [local[int(last.outputs[0])]]
     graph.tensors, graph.operators = tensors, ops
     graph.inputs = np.asarray([t for job in jobs for t in inputs[job]], np.int32)
-    graph.outputs = np.asarray(list(outputs.values()), np.int32)
+    graph.outputs = np.asarray([t for job in jobs for t in outputs[job]], np.int32)
     model.subgraphs, model.signatureDefs = [graph], []
     builder = flatbuffers.Builder(len(raw) + 4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return KernelModel(bytes(builder.Output()), inputs, outputs)
+    return KernelModel(bytes(builder.Output()), inputs, sources, outputs)
 
 
 class KernelRunner:
@@ -96,11 +120,11 @@ class KernelRunner:
         # float32, except what an op reads as integers (a GATHER's indices from an int64 model input)
         self.dtypes = {d["index"]: d["dtype"] for d in self.interpreter.get_input_details()}
 
-    def run(self, feeds: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
-        """``feeds[job]``: the values of that job's inputs; returns job -> output (a copy)."""
+    def run(self, feeds: dict[Hashable, list[np.ndarray]]) -> dict[Hashable, list[np.ndarray]]:
+        """``feeds[job]``: the values of that job's inputs; returns job -> its outputs (copies)."""
         for job, values in feeds.items():
             for tensor, value in zip(self.kernels.inputs[job], values):
                 self.interpreter.set_tensor(tensor, np.asarray(value, self.dtypes.get(tensor, np.float32)))
         self.interpreter.invoke()
         self.invocations += 1
-        return {job: self.interpreter.get_tensor(self.kernels.outputs[job]) for job in feeds}
+        return {job: [self.interpreter.get_tensor(t) for t in self.kernels.outputs[job]] for job in feeds}

@@ -7,6 +7,8 @@ own. (The analysis runs the real TFLite kernels, see ``kernel_model``.)
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -149,6 +151,16 @@ def resize_matrix(in_size: int, out_size: int, align_corners: bool, half_pixel_c
     return m
 
 
+def mirror_mode(options: dict) -> Literal["reflect", "symmetric"]:
+    """numpy's name for a MIRROR_PAD's mode (TFLite's REFLECT = 0, SYMMETRIC = 1)."""
+    return "symmetric" if options.get("mode", 0) == 1 else "reflect"
+
+
+def mirror_index(size: int, before: int, after: int, mode: Literal["reflect", "symmetric"]) -> np.ndarray:
+    """For each position of an axis mirror-padded by (before, after): the input index it copies."""
+    return np.pad(np.arange(size), (before, after), mode=mode)
+
+
 def hard_swish(x: np.ndarray) -> np.ndarray:
     return x * np.clip(x + 3, 0, 6) / 6
 
@@ -177,6 +189,9 @@ def evaluate(op_type: str, options: dict, inputs: list[np.ndarray | None], const
         return [np.exp(a[0])]
     if op_type == "HARD_SWISH":
         return [hard_swish(a[0])]
+    if op_type in ("LEAKY_RELU", "PRELU"):
+        slope = options.get("alpha", 0.2) if op_type == "LEAKY_RELU" else a[1]
+        return [np.where(a[0] >= 0, a[0], a[0] * slope)]
     if op_type == "SOFTMAX":
         return [softmax(a[0], options.get("beta", 1.0))]
     if op_type in ("MUL", "ADD", "SUB"):
@@ -185,7 +200,8 @@ def evaluate(op_type: str, options: dict, inputs: list[np.ndarray | None], const
     if op_type == "TRANSPOSE":
         return [np.transpose(a[0], a[1])]
     if op_type in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
-        return [a[0].reshape(a[0].shape[0], *out_shapes[0][1:])]
+        same = a[0].size == int(np.prod(out_shapes[0]))
+        return [a[0].reshape(out_shapes[0]) if same else a[0].reshape(a[0].shape[0], *out_shapes[0][1:])]
     if op_type == "STRIDED_SLICE":
         return [a[0][strided_slice_index(a[0].shape, a[1], a[2], a[3], options)]]
     if op_type == "SLICE":
@@ -193,6 +209,8 @@ def evaluate(op_type: str, options: dict, inputs: list[np.ndarray | None], const
     if op_type in ("PAD", "PADV2"):
         value = float(a[2].reshape(-1)[0]) if len(a) > 2 else 0.0
         return [np.pad(a[0], [tuple(int(p) for p in row) for row in a[1]], constant_values=value)]
+    if op_type == "MIRROR_PAD":
+        return [np.pad(a[0], [tuple(int(p) for p in row) for row in a[1]], mode=mirror_mode(options))]
     if op_type in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
         (oh, ow), nearest = out_shapes[0][1:3], op_type == "RESIZE_NEAREST_NEIGHBOR"
         flags = options.get("alignCorners", False), options.get("halfPixelCenters", False)

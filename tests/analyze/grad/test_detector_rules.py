@@ -99,9 +99,9 @@ def test_every_rule_matches_finite_differences(head_model):
     assert DETECTOR_OPS - {"HARD_SWISH", "ADD", "CONV_2D"} <= checked
 
 
-@pytest.mark.parametrize("case", ["hard_swish", "mul_broadcast", "split_v", "slice", "bilinear_align", "nearest_align"])
+@pytest.mark.parametrize("case", ["hard_swish", "leaky_relu", "mirror_reflect", "mirror_symmetric", "batchless", "mul_broadcast", "split_v", "slice", "bilinear_align", "nearest_align"])
 def test_rules_the_converter_did_not_emit_above(case):
-    """Single-op graphs for forms the small model does not produce (an unfused hard swish pattern, a
+    """Single-op graphs for forms the small model does not produce (hard swish, leaky ReLU and mirror pads (NanoDet), a
     broadcast product of two activations, SPLIT_V, SLICE, align-corners resizes)."""
     def tensor(i, shape, data=None):
         return tflite_graph.TensorInfo(i, f"t{i}", tuple(shape), "float32", 0, data=data)
@@ -109,14 +109,22 @@ def test_rules_the_converter_did_not_emit_above(case):
     op_of = tflite_graph.OpInfo
     x = RNG.normal(size=(1, 5, 6, 3)) * 3
     tensors = [tensor(0, x.shape)]
-    if case == "hard_swish":
-        ops, out_shape = [op_of(0, "HARD_SWISH", [0], [1])], x.shape
+    if case in ("hard_swish", "leaky_relu"):
+        ops, out_shape = [op_of(0, case.upper(), [0], [1], options={"alpha": 0.1})], x.shape
     elif case == "mul_broadcast":  # x times a slice of itself broadcast along H: both operands are activations
         tensors += [tensor(1, (1, 1, 6, 3)), tensor(2, (4,), np.zeros(4, np.int32)), tensor(3, (4,), np.array([1, 1, 6, 3], np.int32)),
                     tensor(4, (4,), np.ones(4, np.int32)), tensor(5, x.shape)]
         ops = [op_of(0, "STRIDED_SLICE", [0, 2, 3, 4], [1], options={"beginMask": 0b1111, "endMask": 0b1101}),
                op_of(1, "MUL", [0, 1], [5])]
         out_shape = x.shape
+    elif case.startswith("mirror"):  # NanoDet-m's edge-padded max pool becomes MIRROR_PAD
+        tensors.append(tensor(1, (4, 2), np.array([[0, 0], [1, 2], [2, 1], [0, 0]], np.int32)))
+        ops = [op_of(0, "MIRROR_PAD", [0, 1], [2], options={"mode": int(case.endswith("symmetric"))})]
+        out_shape = (1, 8, 9, 3)
+    elif case == "batchless":  # NanoDet-m's heads end in [N, 80] tensors: a transpose across axis 0
+        tensors += [tensor(1, (2,), np.array([6, 15], np.int32)), tensor(2, (6, 15)), tensor(3, (2,), np.array([1, 0], np.int32))]
+        ops = [op_of(0, "RESHAPE", [0, 1], [2]), op_of(1, "TRANSPOSE", [2, 3], [4])]
+        out_shape = (15, 6)
     elif case == "split_v":
         tensors += [tensor(1, (2,), np.array([2, 4], np.int32)), tensor(2, (), np.array(2, np.int32)),
                     tensor(3, (1, 5, 2, 3)), tensor(4, (1, 5, 4, 3)), tensor(5, (1, 5, 2, 3))]
@@ -147,3 +155,18 @@ def test_an_op_still_without_a_rule_is_named():
     graph = tflite_graph.TfliteGraph([tflite_graph.OpInfo(0, "GELU", [0], [1])], t, [0], [1], 0)
     with pytest.raises(backprop.Unsupported, match="GELU"):
         backprop.vjp(graph, 1, np.ones((1, 4)), lambda i: np.zeros((1, 4)), {0})
+
+
+def test_several_seeds_sum_their_passes(head_model):
+    """A model with several outputs is attributed to all of them at once: one walk from every seed
+    equals the sum of one walk from each."""
+    graph = tflite_graph.read(head_model)
+    x = RNG.normal(size=(1, 8, 8, 4))
+    values = _forward(graph, x)
+    split = next(op for op in graph.ops if op.type == "SPLIT")
+    seeds = {t: RNG.normal(size=values[t].shape) for t in split.outputs}
+    wanted = {graph.inputs[0], split.inputs[1]}
+    both = backprop.vjp(graph, seeds, None, values.__getitem__, wanted)
+    each = [backprop.vjp(graph, t, v, values.__getitem__, wanted) for t, v in seeds.items()]
+    for t in wanted:
+        np.testing.assert_allclose(both[t], sum(e[t] for e in each), rtol=1e-5)
