@@ -217,12 +217,14 @@ class SearchResult:
 
 
 def bisect_smallest(n: int, evaluate: Callable[[int], dict], meets: Callable[[dict], bool],
-                    score: Callable[[dict], float]) -> SearchResult:
-    """Smallest k in 0…n whose evaluation meets the budget, in at most ⌈log2 n⌉ + 2 evaluations.
+                    score: Callable[[dict], float], first: int | None = None) -> SearchResult:
+    """Smallest k in 0…n whose evaluation meets the budget, in at most :func:`max_evaluations`.
 
     Accuracy is not monotonic in k (one more float layer can lower it), so this finds a k that meets
     the budget with k − 1 (or a smaller evaluated k) failing, not a global minimum; every evaluation
-    is kept so the caller can report them.
+    is kept so the caller can report them. ``first``: a k the analysis expects to meet the budget,
+    tried right after k = 0; when it falls short the search doubles k from there (the analysis was
+    right about where the error sits, not about how much of it matters), then bisects the last doubling.
     """
     evaluated: dict[int, dict] = {}
 
@@ -237,9 +239,14 @@ def bisect_smallest(n: int, evaluate: Callable[[int], dict], meets: Callable[[di
 
     if meets(ev(0)):
         return SearchResult(0, evaluated, 0)
-    if not meets(ev(n)):
-        return SearchResult(None, evaluated, best())
     lo, hi = 0, n
+    if first is not None and 0 < first < n:
+        k = first
+        while k < n and not meets(ev(k)):
+            lo, k = k, min(2 * k, n)
+        hi = k
+    if hi == n and not meets(ev(n)):
+        return SearchResult(None, evaluated, best())
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if meets(ev(mid)):
@@ -249,5 +256,10 @@ def bisect_smallest(n: int, evaluate: Callable[[int], dict], meets: Callable[[di
     return SearchResult(hi, evaluated, hi)
 
 
-def max_evaluations(n: int) -> int:
-    return math.ceil(math.log2(max(n, 1))) + 2
+def max_evaluations(n: int, first: int | None = None) -> int:
+    """The most evaluations :func:`bisect_smallest` makes: ⌈log2 n⌉ + 2; with a ``first`` guess, k = 0,
+    the doublings from it up to n, and a bisection of the last one."""
+    plain = math.ceil(math.log2(max(n, 1))) + 2
+    if first is None or not 0 < first < n:
+        return plain
+    return 1 + math.ceil(math.log2(n / first)) + 1 + plain - 3

@@ -46,6 +46,9 @@ DEFAULT_RERANK = 10
 # One paired mixed/int8 ratio can jump by 0.2 on a machine hiccup (1.19x vs 1.38x for one model
 # here), so a ratio this close to --max-latency-ratio is measured twice more and the median decides.
 REMEASURE_MARGIN = 0.05
+# A first guess for the accuracy search: the fewest picks whose float set holds this much of the
+# analysis's positive output shares (YOLOv5n: its three head requantizations hold 1.04 of 1.04).
+PREDICTED_SHARE = 0.9
 
 
 class BudgetError(QuantuneError):
@@ -300,7 +303,8 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
             from quantune_edge.tune.costs import DeviceTimer
 
             timer = stack.enter_context(DeviceTimer(options.latency_source, log=reporter.info))
-        search = _Search(compiled, ev, choices, lg, cost, float_acc, inputs[0], options, timer, lambda: progress.advance(task))
+        search = _Search(compiled, ev, choices, lg, cost, float_acc, inputs[0], options, timer, lambda: progress.advance(task),
+                         analysis["predicted_gain"])
         results, paths, evaluate, latency = search.results, search.paths, search.evaluate, search.latency
         if options.float_layers is not None:
             chosen_k, met, mode = search.fixed_count()
@@ -348,7 +352,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
         chosen={**chosen, "layers": [layer_summary(layer_by_index[i]) for i in sorted(choices[chosen_k])],
                 "share_of_layers_float": len(choices[chosen_k]) / n},
         evaluations=[results[k] for k in sorted(results)],
-        search={"evaluations": searched, "pareto_evaluations": ev.builds - searched, "bound": selection.max_evaluations(free), "layers": n, "order": choices.order,
+        search={"evaluations": searched, "pareto_evaluations": ev.builds - searched,
+                "bound": selection.max_evaluations(free, search.guess["k"] if search.guess else None), "first_guess": search.guess,
+                "layers": n, "order": choices.order,
                 "analysis_order": analysis["order"], "rerank": choices.rerank,
                 "wall_time_s": round(time.perf_counter() - start, 2)},
         files={"model": str(out_path), "size_bytes": out_path.stat().st_size},
@@ -371,11 +377,14 @@ class _Search:
     measured ratios, on the host or on the --latency-source target)."""
 
     def __init__(self, compiled: CompiledModel, ev: Evaluator, choices: _Candidates, lg: selection.LayerGraph,
-                 cost: selection.CostModel, float_acc: float, sample: np.ndarray, options: TuneOptions, timer, advance: Callable[[], None]):
+                 cost: selection.CostModel, float_acc: float, sample: np.ndarray, options: TuneOptions, timer, advance: Callable[[], None],
+                 predicted_gain: dict[int, float | None] | None = None):
         self.compiled, self.ev, self.choices, self.lg, self.cost = compiled, ev, choices, lg, cost
         self.float_acc, self.sample, self.options, self.timer, self.advance = float_acc, sample, options, timer, advance
         self.results: dict[int, dict] = {}
         self.paths: dict[int, Path] = {}
+        self.predicted_gain = predicted_gain
+        self.guess: dict | None = None  # the k tried first (first_guess), when there was one
         self.by_set: dict[frozenset[int], int] = {}
         # where --max-latency-ratio is measured
         self.budget_on = "latency" if options.latency_source is None else "device_latency"
@@ -426,6 +435,24 @@ class _Search:
         self.evaluate(k)
         return k, True, {"float_layers": k}
 
+    def first_guess(self, free: int) -> int | None:
+        """The smallest k whose float set holds PREDICTED_SHARE of the positive output shares, when a
+        few picks do (at most ⌈log2 n⌉): where the analysis says the error sits in a few places (a
+        detector's head requantizations), the search starts there instead of at all-float
+        (``selection.bisect_smallest``). None without output shares, or when they are spread out."""
+        gains = self.predicted_gain
+        if not gains:
+            return None
+        total = sum(max(g or 0.0, 0.0) for g in gains.values())
+        if total <= 0:
+            return None
+        for k in range(1, min(free - 1, selection.max_evaluations(free) - 2) + 1):
+            held = sum(max(gains.get(i) or 0.0, 0.0) for i in self.choices[k]) / total
+            if held >= PREDICTED_SHARE:
+                self.guess = {"k": k, "predicted_share": round(held, 3)}
+                return k
+        return None
+
     def accuracy_budget(self, free: int) -> tuple[int, bool, dict]:
         options, results, paths = self.options, self.results, self.paths
         max_drop, min_sqnr = options.max_drop, options.min_sqnr
@@ -436,7 +463,7 @@ class _Search:
             assert max_drop is not None
             return r["drop_points"] <= max_drop + 1e-9
 
-        found = selection.bisect_smallest(free, self.evaluate, meets, lambda r: r["accuracy"])
+        found = selection.bisect_smallest(free, self.evaluate, meets, lambda r: r["accuracy"], self.first_guess(free))
         chosen_k, met = found.best_k, found.k is not None
         if met and options.latency_source is not None:
             # Among the evaluated choices that meet the budget, the fastest on that device, timed

@@ -12,6 +12,7 @@ import pytest
 from conftest import DEMO_IMAGES, run_cli, shared
 
 from quantune_edge.compile.artifacts import CompiledModel
+from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.layers import float_units, requantized_tails
 from quantune_edge.model.runtime import TfliteRunner
@@ -69,7 +70,7 @@ def test_splice_equals_tf_selective_quantization_where_tf_can_say_it(effnet_comp
     np.testing.assert_array_equal(runs["splice"], runs["tf"])
     np.testing.assert_array_equal(runs["none"], TfliteRunner(compiled.int8_model).run(x))
     np.testing.assert_allclose(runs["all"], TfliteRunner(compiled.float_model).run(x), rtol=0, atol=1e-5)
-    with pytest.raises(Exception, match="not a layer"):
+    with pytest.raises(InputError, match="not a layer"):
         compiled.mixed(["no such layer"])
 
 
@@ -84,7 +85,16 @@ def test_yolov5n_layers_all_pair_up_and_its_head_requantizations_are_found(yolov
     region = lg.closed({head[0].entry})
     assert all(set(t.layers) <= region for t in head)  # the three levels share the output's scale-tied chain
     assert all(match.layers[i].op_type not in ("CONV_2D",) for i in region)
-    assert splice(compiled.float_model.read_bytes(), compiled.int8_model.read_bytes(), {}) != b""
+    float_bytes, int8_bytes = compiled.float_model.read_bytes(), compiled.int8_model.read_bytes()
+    quantize = next(op.index for op in qg.ops if op.type == "QUANTIZE")
+    with pytest.raises(InputError, match="only computing ops can be kept float"):
+        splice(float_bytes, int8_bytes, {quantize: 0})
+    with pytest.raises(InputError, match="is not in the int8"):
+        splice(float_bytes, int8_bytes, {len(qg.ops): 0})
+    with pytest.raises(InputError, match="not a pair"):  # a conv paired with a sigmoid
+        conv = next(layer for layer in match.layers if layer.op_type == "CONV_2D")
+        logistic = next(layer for layer in match.layers if layer.op_type == "LOGISTIC")
+        splice(float_bytes, int8_bytes, {conv.int8_op: logistic.float_op})
 
 
 def test_analysis_ranks_the_head_and_its_float_tail_wins_the_map_back(yolov5n_compiled, tmp_path):

@@ -504,6 +504,26 @@ def test_bisection_bound_and_non_monotonic_accuracy():
     assert miss.k is None and miss.best_k == 8 and sorted(miss.evaluated) == [0, 8]  # stops after all-float fails
 
 
+@pytest.mark.parametrize("first, expect_k, expect_calls", [(3, 3, [0, 3, 1, 2]), (1, 3, [0, 1, 2, 4, 3]), (8, 60, [0, 8, 16, 32, 64, 48, 56, 60, 58, 59])])
+def test_a_first_guess_starts_the_search_where_the_analysis_expects_the_budget_met(first, expect_k, expect_calls):
+    """Where the analysis's shares sit in a few layers (YOLOv5n's head), tune tries that k right
+    after full int8: met, it searches below it only (4 evaluations instead of 8 here); short, it
+    doubles k from there and bisects the last doubling. The reported bound covers the worst case."""
+    calls = []
+
+    def evaluate(k):
+        calls.append(k)
+        return {"accuracy": 1.0 if k >= threshold else 0.0}
+
+    threshold = 60 if first == 8 else 3
+    found = selection.bisect_smallest(64, evaluate, lambda r: r["accuracy"] >= 1.0, lambda r: r["accuracy"], first)
+    assert found.k == expect_k and calls == expect_calls
+    assert len(calls) <= selection.max_evaluations(64, first)
+    assert selection.max_evaluations(64, None) == 8 and selection.max_evaluations(64, 1) == 13
+    none = selection.bisect_smallest(64, lambda k: {"accuracy": 0.0}, lambda r: r["accuracy"] >= 1.0, lambda r: r["accuracy"], first)
+    assert none.k is None and max(none.evaluated) == 64
+
+
 def test_cli_tune(folder):
     from conftest import run_cli
 

@@ -49,3 +49,22 @@ def test_unknown_op_index(effnet_compiled):
     compiled = CompiledModel.open(effnet_compiled)
     with pytest.raises(InputError, match="op 9999 is not in the float model"):
         kernel_model.build(compiled.float_model, {0: 9999})
+
+
+def test_a_group_of_ops_runs_connected_and_reads_its_exits(effnet_compiled):
+    """A requantized tail's job: several ops copied connected, fed only what enters the group; its exits
+    equal the float model's own tensors there."""
+    compiled = CompiledModel.open(effnet_compiled)
+    graph = tflite_graph.read(compiled.float_model)
+    first = next(op.index for op in graph.ops if op.type == "DEPTHWISE_CONV_2D")
+    ops = (first - 1, first, first + 1)  # conv -> depthwise -> conv
+    exits = (graph.ops[first].outputs[0], graph.ops[first + 1].outputs[0])
+    built = kernel_model.build(compiled.float_model, {"tail": kernel_model.Group(ops, exits)})
+    entering = [t for t in graph.ops[first - 1].inputs if t >= 0 and not graph.tensors[t].is_constant]
+    assert built.sources["tail"] == entering and len(built.outputs["tail"]) == 2
+    runner = TfliteRunner(compiled.float_model, 1, preserve_all_tensors=True)
+    runner.invoke(compiled.tflite_inputs(compiled.load_samples(DEMO_IMAGES, 1)))
+    out = kernel_model.KernelRunner(built, 1).run({"tail": [runner.tensor(t) for t in entering]})["tail"]
+    for got, t in zip(out, exits):
+        want = runner.tensor(t)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
