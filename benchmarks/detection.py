@@ -32,7 +32,7 @@ from rich.table import Table
 
 from quantune_edge import CompileOptions, compile_model, make_preprocessing
 from quantune_edge.analyze.analysis import AnalysisOptions, analyze
-from quantune_edge.compile.artifacts import MIXED_MODEL, CompiledModel
+from quantune_edge.compile.artifacts import ANALYSIS_JSON, MIXED_MODEL, CompiledModel
 from quantune_edge.compile.compiler import onnxruntime_all_outputs
 from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms, per_sample
 from quantune_edge.tasks import make_task
@@ -61,7 +61,7 @@ def sign_test(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, int, float]:
 
 def baselines(compiled: CompiledModel, out: Path, samples, ks: list[int], console: Console) -> Table:
     """mAP at k float layers: ours, the debugger heuristic, the last k ops; paired sign tests."""
-    analysis = json.loads((out / "analysis.json").read_text())
+    analysis = json.loads((out / ANALYSIS_JSON).read_text())
     layers = analysis["layers"]
     rmse = sorted(range(len(layers)), key=lambda i: -(layers[i]["local_rmse_lsb"] or -1.0))
     table = Table(title=f"{out.name}: k float layers, three ways (mAP50-95 on {len(samples)} val images; sign test on per-image AP)")
