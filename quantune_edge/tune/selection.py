@@ -217,13 +217,13 @@ class SearchResult:
 
 
 def bisect_smallest(n: int, evaluate: Callable[[int], dict], meets: Callable[[dict], bool],
-                    score: Callable[[dict], float], first: int | None = None) -> SearchResult:
+                    score: Callable[[dict], float], first: int | Callable[[], int | None] | None = None) -> SearchResult:
     """Smallest k in 0…n whose evaluation meets the budget, in at most :func:`max_evaluations`.
 
     Accuracy is not monotonic in k (one more float layer can lower it), so this finds a k that meets
     the budget with k − 1 (or a smaller evaluated k) failing, not a global minimum; every evaluation
-    is kept so the caller can report them. ``first``: a k the analysis expects to meet the budget,
-    tried right after k = 0; when it falls short the search doubles k from there (the analysis was
+    is kept so the caller can report them. ``first``: a k the analysis expects to meet the budget (or
+    what computes it, asked only once k = 0 has failed), tried right after k = 0; when it falls short the search doubles k from there (the analysis was
     right about where the error sits, not about how much of it matters), then bisects the last doubling.
     """
     evaluated: dict[int, dict] = {}
@@ -240,6 +240,8 @@ def bisect_smallest(n: int, evaluate: Callable[[int], dict], meets: Callable[[di
     if meets(ev(0)):
         return SearchResult(0, evaluated, 0)
     lo, hi = 0, n
+    if callable(first):
+        first = first()
     if first is not None and 0 < first < n:
         k = first
         while k < n and not meets(ev(k)):

@@ -463,7 +463,7 @@ class _Search:
             assert max_drop is not None
             return r["drop_points"] <= max_drop + 1e-9
 
-        found = selection.bisect_smallest(free, self.evaluate, meets, lambda r: r["accuracy"], self.first_guess(free))
+        found = selection.bisect_smallest(free, self.evaluate, meets, lambda r: r["accuracy"], lambda: self.first_guess(free))
         chosen_k, met = found.best_k, found.k is not None
         if met and options.latency_source is not None:
             # Among the evaluated choices that meet the budget, the fastest on that device, timed

@@ -522,6 +522,10 @@ def test_a_first_guess_starts_the_search_where_the_analysis_expects_the_budget_m
     assert selection.max_evaluations(64, None) == 8 and selection.max_evaluations(64, 1) == 13
     none = selection.bisect_smallest(64, lambda k: {"accuracy": 0.0}, lambda r: r["accuracy"] >= 1.0, lambda r: r["accuracy"], first)
     assert none.k is None and max(none.evaluated) == 64
+    asked = []  # a guess that costs work (tune's re-ranking) is computed only once full int8 has failed
+    met = selection.bisect_smallest(64, lambda k: {"accuracy": 1.0}, lambda r: r["accuracy"] >= 1.0, lambda r: r["accuracy"],
+                                    lambda: asked.append(1) or first)
+    assert met.k == 0 and asked == []
 
 
 def test_cli_tune(folder):
