@@ -103,10 +103,10 @@ def _weight_metrics(layer: Layer, fg: tflite_graph.TfliteGraph, qg: tflite_graph
 
 
 def _kernel_jobs(match: LayerMatch, fg: tflite_graph.TfliteGraph, qg: tflite_graph.TfliteGraph) -> dict[int, int | kernel_model.Group]:
-    """Layer index -> what its own error is measured on: its float op, for the ops with weights, several
-    activation inputs or a fixed-scale output, where the int8 op reads exactly the float op's
-    activation inputs; and for the first layer reading a requantized tensor, the float ops of the
-    whole requantized tail (``model.layers.requantized_tails``), read at the tail's exits."""
+    """Layer index -> what its own error is measured on: its float op, for the ops with weights or
+    several activation inputs (LOCAL_OPS), where the int8 op reads exactly the float op's activation
+    inputs; and for the first layer reading a requantized tensor, the float ops of the whole
+    requantized tail (``model.layers.requantized_tails``), read at the tail's exits."""
     jobs: dict[int, int | kernel_model.Group] = {}
     for layer in match.layers:
         if layer.op_type in LOCAL_OPS and layer.int8_inputs and len(layer.int8_inputs) == len(layer.float_inputs):
@@ -178,6 +178,11 @@ def _lap(clock: dict[str, float], part: str, since: float) -> float:
     return now
 
 
+def _kernel_key(layer: int, job: int | kernel_model.Group) -> Hashable:
+    """A layer's job in the kernel model: its float op's index, or ("tail", layer) for a group."""
+    return ("tail", layer) if isinstance(job, kernel_model.Group) else job
+
+
 def _float_side_needs(match: LayerMatch, jobs: dict[int, int | kernel_model.Group], copies: bool = True
                       ) -> tuple[dict[Hashable, int | kernel_model.Group], set[int]]:
     """For the layers of ``jobs``: the kernel jobs (op -> op; ``-1 - op`` -> op for a second copy fed
@@ -190,11 +195,10 @@ def _float_side_needs(match: LayerMatch, jobs: dict[int, int | kernel_model.Grou
     kernel_jobs: dict[Hashable, int | kernel_model.Group] = {}
     wanted: set[int] = set()
     for i, job in jobs.items():
+        kernel_jobs[_kernel_key(i, job)] = job
         if isinstance(job, kernel_model.Group):
-            kernel_jobs["tail", i] = job
             wanted.update(job.exits)
             continue
-        kernel_jobs[job] = job
         wanted.add(by_index[i].float_output)
         if copies and any(int8_of[match.tensor_map[t]] != t for t in by_index[i].int8_inputs if t in match.tensor_map):
             kernel_jobs[-1 - job] = job
@@ -289,7 +293,7 @@ class _StatsPass:
         # copy (the spliced mixed model looks through QUANTIZE ops), and its output is re-quantized to the
         # same grid wherever an int8 op reads it.
         kernel_jobs, wanted = _float_side_needs(match, jobs, copies=not shares_only)
-        self.kernel_key: dict[int, Hashable] = {i: ("tail", i) if isinstance(job, kernel_model.Group) else job for i, job in jobs.items()}
+        self.kernel_key = {i: _kernel_key(i, job) for i, job in jobs.items()}
         self.float_runner_inputs = set(fg.inputs)
         self.reads_copy = {i for i, job in jobs.items() if not isinstance(job, kernel_model.Group) and -1 - job in kernel_jobs}
         self.regrid = {t: g for t in {self.int8_of[f] for f in wanted if f in self.int8_of}
