@@ -65,7 +65,7 @@ def _envelope(kind: str) -> dict:
         "agent_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": device_facts(),
-        "runtime": runtime_facts(),
+        "runtime": runtime_facts(check_import=kind == "info"),
     }
 
 
@@ -78,13 +78,15 @@ def run(argv: list) -> dict:
 
         if not os.path.isfile(args.path):
             raise AgentError("model_missing", "%s: no such file" % args.path)
+        from .runtime import runtime_facts
+
         result = {"schema_version": SCHEMA_VERSION, "kind": "hash", "path": args.path,
-                  "sha256": sha256_file(args.path), "size_bytes": os.path.getsize(args.path)}
+                  "sha256": sha256_file(args.path), "size_bytes": os.path.getsize(args.path), "runtime": runtime_facts()}
         if args.load_if == result["sha256"]:  # what deploy checks before a file may replace a deployed model
-            from .runtime import load_interpreter, runtime_facts
+            from .runtime import load_interpreter
 
             load_interpreter(args.path, 1, xnnpack=False)  # (interpreter, kernels): loading is the check
-            result["loaded_by"] = runtime_facts()
+            result["loaded_by"] = result["runtime"]
         return result
     result = _envelope(args.command)
     if args.command == "bench":
@@ -105,6 +107,16 @@ def run(argv: list) -> dict:
     return result
 
 
+def _runtime_or_none():
+    """The runtime an error document names (every document says which runtime the agent would use)."""
+    try:
+        from .runtime import runtime_facts
+
+        return runtime_facts()
+    except Exception:
+        return None
+
+
 def main(argv: list) -> int:
     if argv and argv[0] in ("-h", "--help"):
         _parser().print_help(sys.stderr)
@@ -112,10 +124,11 @@ def main(argv: list) -> int:
     try:
         result = run(argv)
     except AgentError as exc:
-        print(json.dumps({"error": str(exc), "kind": exc.kind, "schema_version": SCHEMA_VERSION}))
+        print(json.dumps({"error": str(exc), "kind": exc.kind, "schema_version": SCHEMA_VERSION, "runtime": _runtime_or_none()}))
         return 2 if exc.kind == "usage" else 1
     except Exception as exc:  # a bug or an unforeseen runtime failure: still one JSON line
-        print(json.dumps({"error": "%s: %s" % (type(exc).__name__, exc), "kind": "internal", "schema_version": SCHEMA_VERSION}))
+        print(json.dumps({"error": "%s: %s" % (type(exc).__name__, exc), "kind": "internal", "schema_version": SCHEMA_VERSION,
+                          "runtime": _runtime_or_none()}))
         return 1
     print(json.dumps(result))
     return 0

@@ -56,6 +56,7 @@ def device_facts(work_dir: str = ".") -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "python_executable": sys.executable,
+        "libc": dict(zip(("name", "version"), platform.libc_ver())),  # which runtime wheels fit (manylinux)
         "in_venv": sys.prefix != getattr(sys, "base_prefix", sys.prefix),
         "numpy": _numpy_version(),
         "free_disk_bytes": usage.free,

@@ -47,7 +47,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show TensorFlow/
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 TargetsDir = Annotated[Optional[Path], typer.Option("--targets-dir", help="Folder of target TOML files (default ./targets).")]
 TrustNew = Annotated[bool, typer.Option("--trust-new-host-key", help="Trust an unknown host key on first use and record it in known_hosts.")]
-InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install tflite-runtime on the device if it has no TFLite runtime.")]
+InstallRuntime = Annotated[bool, typer.Option("--install-runtime", help="pip-install the TFLite runtime that fits the device "
+                                                                                 "(see 'targets check') if it has none.")]
 
 
 def print_json(data: dict) -> None:

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quantune_edge.common.records import sha256_file
+from quantune_edge.deploy import runtimes
 from quantune_edge.deploy.targets import Target
 from quantune_edge.deploy.transport import CONNECTION_ERRORS, Connection
 from quantune_edge.errors import DeviceError, InputError
 from quantune_edge.model import tflite_graph
 
 AGENT_SOURCE = Path(__file__).resolve().parents[2] / "device_agent"
-RUNTIME_REQUIREMENT = "tflite-runtime==2.14.0"
 # Free space kept on the device beyond the model itself.
 DISK_MARGIN_BYTES = 1 << 20
 STALE_PART_S = 300  # a .part file not written to for this long is a dead upload's, not a running one's
@@ -104,7 +104,7 @@ class Device:
             detail = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines() or ["no output"])[-1]
             raise DeviceError(f"target {self.target.name}: the agent failed (exit {result.exit_status}): {detail}")
         if "error" in data:
-            hint = {"runtime_missing": " (deploy with --install-runtime, or pip install tflite-runtime on the device)"}.get(data.get("kind"), "")
+            hint = " (deploy with --install-runtime)" if data.get("kind") == "runtime_missing" else ""
             raise AgentFailure(f"target {self.target.name}: {data['error']}{hint}", data.get("kind", ""))
         return data
 
@@ -146,14 +146,27 @@ class Device:
         facts = info["device"]
         if not facts.get("numpy") or tuple(int(v) for v in facts["python"].split(".")[:2]) < (3, 9):
             self._require_python()
-        if not info.get("runtime"):
+        runtime = info.get("runtime")
+        if runtime and runtime.get("import") != "ok":
+            raise DeviceError(f"target {self.target.name}: {runtime['package']} {runtime['version']} is on the device but its "
+                              f"import {runtime.get('import')}; reinstall it or remove it")
+        if not runtime:
+            try:
+                wanted = runtimes.select_runtime(facts)
+            except DeviceError as exc:
+                raise DeviceError(f"target {self.target.name}: {exc}") from None
             if not install_runtime:
                 raise DeviceError(f"target {self.target.name}: no TFLite runtime on the device; rerun with --install-runtime "
-                                  f"or pip install {RUNTIME_REQUIREMENT} there")
-            self._install_runtime(info["device"].get("in_venv", False))
+                                  f"or pip install {wanted.requirement} there")
+            self._install_runtime(wanted, facts.get("in_venv", False))
             info = self.agent(["info"])
-            if not info.get("runtime"):
-                raise DeviceError(f"target {self.target.name}: {RUNTIME_REQUIREMENT} installed but still not importable")
+            if not info.get("runtime") or info["runtime"].get("import") != "ok":
+                raise DeviceError(f"target {self.target.name}: {wanted.requirement} installed but still not importable "
+                                  f"({(info.get('runtime') or {}).get('import', 'not found')})")
+        rt = info["runtime"]
+        if runtimes.kernels_missing({}, rt["package"], rt["version"]) is None:
+            self.log(f"{self.target.name}: {rt['package']} {rt['version']} is not among the runtimes whose kernels are known "
+                     "here; the device's own load checks each model")
         self.info = info
         return info
 
@@ -165,20 +178,28 @@ class Device:
             raise DeviceError(f"target {self.target.name}: '{self.target.python}' needs Python 3.9+ with numpy on the device "
                               f"({(check.stderr.strip().splitlines() or ['too old'])[-1]})")
 
-    def _install_runtime(self, in_venv: bool) -> None:
-        """pip-install the runtime: into the venv, or else for the user. Debian/Raspberry Pi OS bookworm
-        mark the system Python externally managed (PEP 668), so a --user install needs
-        --break-system-packages there (it only writes to ~/.local); older pips lack that flag."""
-        self.log(f"{self.target.name}: installing {RUNTIME_REQUIREMENT} on the device")
+    def _install_runtime(self, runtime: runtimes.Runtime, in_venv: bool) -> None:
+        """pip-install the runtime the selection picked for this board: into the venv, or else for the
+        user. Debian/Raspberry Pi OS bookworm and trixie mark the system Python externally managed
+        (PEP 668), so a --user install needs --break-system-packages there (it only writes to
+        ~/.local); older pips lack that flag. pip fetches everything before it installs anything, so
+        a failure leaves the device as it was."""
+        requirement = runtime.requirement
+        self.log(f"{self.target.name}: installing {requirement} on the device")
+        has_pip = self.conn.run([self.target.python, "-m", "pip", "--version"], cwd=self.work_dir)
+        if has_pip.exit_status != 0:
+            raise DeviceError(f"target {self.target.name}: no pip for {self.target.python} on the device "
+                              f"({(has_pip.stderr.strip().splitlines() or ['no output'])[-1]}); install pip (Debian: apt install "
+                              f"python3-pip) or {requirement} by hand; nothing was installed")
         variants = [[]] if in_venv else [["--user", "--break-system-packages"], ["--user"]]
         last = None
         for extra in variants:
-            last = self.conn.run([self.target.python, "-m", "pip", "install", "--quiet", *extra, RUNTIME_REQUIREMENT],
+            last = self.conn.run([self.target.python, "-m", "pip", "install", "--quiet", *extra, requirement],
                                  cwd=self.work_dir)
             if last.exit_status == 0:
                 return
-        raise DeviceError(f"target {self.target.name}: pip install {RUNTIME_REQUIREMENT} failed: "
-                          f"{(last.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise DeviceError(f"target {self.target.name}: pip install {requirement} failed (can the device reach the package index?): "
+                          f"{(last.stderr.strip().splitlines() or ['no output'])[-1]}; nothing was installed")
 
     def _rmtree(self, path: str) -> None:
         try:
@@ -208,7 +229,7 @@ class Device:
         import time
 
         local = Path(local)
-        check_model_file(local)
+        self.check_kernels(check_model_file(local), local.name)
         start = time.monotonic()
         sha, size = sha256_file(local), local.stat().st_size
         name = content_name(sha, local) if by_content else name or local.name
@@ -252,6 +273,18 @@ class Device:
                               f"device, {sha[:12]}… here); the deployed model was left as it was")
         self.conn.sftp.posix_rename(part, final)
         return Deployment(self.target.name, str(local), final, sha, size, True, time.monotonic() - start)
+
+    def check_kernels(self, graph: tflite_graph.TfliteGraph, label: str) -> None:
+        """Refuse, before any upload, a model whose ops need kernels (op versions) the device's runtime
+        does not have, naming them and a pinned runtime for this board that has them."""
+        runtime = self.info.get("runtime") or {}
+        missing = runtimes.kernels_missing(graph.op_versions, runtime.get("package", ""), runtime.get("version", ""))
+        if missing:
+            better = [r.label for r in runtimes.RUNTIMES if r.misfit(*runtimes.board_of(self.info["device"])) is None
+                      and runtimes.kernels_missing(graph.op_versions, r.package, r.version) == []]
+            raise DeviceError(f"target {self.target.name}: its {runtime['package']} {runtime['version']} cannot run {label}: no "
+                              f"kernel for {', '.join(missing)}; nothing was uploaded"
+                              + (f" (install {better[0]} on the device)" if better else ""))
 
     def deployed_by_content(self, local: str | Path) -> tuple[str, str | None]:
         """``local``'s name as ``deploy(by_content=True)`` gives it, and its remote path if those bytes are there."""
@@ -301,13 +334,13 @@ class AgentFailure(DeviceError):
         self.kind = kind
 
 
-def check_model_file(path: str | Path) -> None:
+def check_model_file(path: str | Path) -> tflite_graph.TfliteGraph:
     """Refuse, before anything is uploaded, a file that is not a readable TFLite flatbuffer: a text
-    file, a JPEG or a cut-off copy must never replace a deployed model."""
+    file, a JPEG or a cut-off copy must never replace a deployed model. Returns its graph."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
-    tflite_graph.parse(path.read_bytes(), str(path))
+    return tflite_graph.parse(path.read_bytes(), str(path))
 
 
 def content_name(sha256: str, local: str | Path) -> str:

@@ -57,6 +57,7 @@ class TfliteGraph:
     inputs: list[int]
     outputs: list[int]
     size_bytes: int
+    op_versions: dict[str, int] = field(default_factory=dict)  # op type -> the highest version the model's op codes name
 
     def histogram(self) -> dict[str, int]:
         return dict(sorted(Counter(op.type for op in self.ops).items()))
@@ -136,12 +137,17 @@ def _parse(raw: bytes, label: str) -> TfliteGraph:
                 data=data,
             )
         )
-    ops = []
-    for i, op in enumerate(graph.operators):
-        code = model.operatorCodes[op.opcodeIndex]
+    op_versions: dict[str, int] = {}
+    code_names = []
+    for code in model.operatorCodes or []:
         name = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
         if name == "CUSTOM" and code.customCode:
             name = f"CUSTOM:{code.customCode.decode()}"
+        code_names.append(name)
+        op_versions[name] = max(op_versions.get(name, 0), int(code.version))
+    ops = []
+    for i, op in enumerate(graph.operators):
+        name = code_names[op.opcodeIndex]
         opts = op.builtinOptions
         act = getattr(opts, "fusedActivationFunction", None)
         scalar_options = {k: v for k, v in vars(opts).items() if isinstance(v, (int, float))} if opts is not None else {}
@@ -155,4 +161,4 @@ def _parse(raw: bytes, label: str) -> TfliteGraph:
                 options=scalar_options,
             )
         )
-    return TfliteGraph(ops, tensors, [int(x) for x in graph.inputs], [int(x) for x in graph.outputs], len(raw))
+    return TfliteGraph(ops, tensors, [int(x) for x in graph.inputs], [int(x) for x in graph.outputs], len(raw), op_versions)

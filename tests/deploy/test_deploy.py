@@ -227,8 +227,56 @@ def test_device_without_runtime(sshd, tmp_path):
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={env['PYTHONPATH']} exec {sys.executable} \"$@\"\n")
     wrapper.chmod(0o755)
     path = sshd.target_toml(_mk(tmp_path / "t.toml"), python=str(wrapper), work_dir=tmp_path / "device")
-    with pytest.raises(DeviceError, match="no TFLite runtime on the device; rerun with --install-runtime"):
+    with pytest.raises(DeviceError, match="no TFLite runtime on the device; rerun with --install-runtime or pip install "
+                                          "ai-edge-litert==2.3.0 there$"):  # what the selection picks for this x86_64 Python 3.11
         open_device(load_target(str(path)))
+
+
+def _python_with(tmp_path: Path, name: str, packages: dict[str, str], **env) -> Path:
+    """A device Python (a wrapper script) that sees ``packages`` (name -> __init__.py text) first."""
+    extra = tmp_path / f"{name}-site"
+    for pkg, init in packages.items():
+        (extra / pkg).mkdir(parents=True, exist_ok=True)
+        (extra / pkg / "__init__.py").write_text(init)
+    settings = " ".join(f"{k}={v}" for k, v in {"PYTHONPATH": extra, **env}.items())
+    wrapper = tmp_path / name
+    wrapper.write_text(f"#!/bin/sh\n{settings} exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_the_agent_uses_the_newest_runtime_and_reports_one_that_crashes_on_import(sshd, models, tmp_path):
+    """Both runtimes present: ai-edge-litert is used and named in every document, errors included. A
+    runtime whose import kills the process (as a wheel for another CPU does, SIGILL) is reported as
+    such, by `info` at connect time and by a command that needs it, and the agent survives to say so."""
+    both = _python_with(tmp_path, "python-both", {"tflite_runtime": "raise ImportError('an old runtime, never to be used')\n"})
+    path = sshd.target_toml(_mk(tmp_path / "both.toml"), python=str(both), work_dir=tmp_path / "device")
+    device = open_device(load_target(str(path)))
+    try:
+        assert device.info["runtime"] == {"package": "ai-edge-litert", "module": "ai_edge_litert.interpreter", "version": "2.1.0",
+                                          "import": "ok"}
+        dep = device.deploy(models[1], "m.tflite")
+        bench = device.agent(["bench", dep.remote_path, "--runs", "1", "--warmup", "0"])
+        assert bench["runtime"]["package"] == "ai-edge-litert" and device.agent(["hash", dep.remote_path])["runtime"]["package"] == "ai-edge-litert"
+        with pytest.raises(DeviceError) as err:
+            device.agent(["bench", str(tmp_path / "missing.tflite")])
+        assert "missing.tflite" in str(err.value)
+    finally:
+        device.conn.close()
+    error = subprocess.run([str(both), "-m", "device_agent", "bench", "missing.tflite"], capture_output=True, text=True,
+                           cwd=tmp_path / "device")
+    assert json.loads(error.stdout)["runtime"]["package"] == "ai-edge-litert"  # the error document names it too
+
+    crashing = _python_with(tmp_path, "python-crash", {"ai_edge_litert": "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"})
+    path = sshd.target_toml(_mk(tmp_path / "crash.toml"), python=str(crashing), work_dir=tmp_path / "device")
+    with pytest.raises(DeviceError, match=re.escape("target crash: ai-edge-litert 2.1.0 is on the device but its import crashed "
+                                                    "(SIGSEGV); reinstall it or remove it")):
+        open_device(load_target(str(path)))
+    agent = subprocess.run([str(crashing), "-m", "device_agent", "bench", dep.remote_path, "--runs", "1"], capture_output=True,
+                           text=True, cwd=tmp_path / "device")
+    said = json.loads(agent.stdout)
+    assert agent.returncode == 1 and said["kind"] == "runtime_broken"
+    assert said["error"] == "ai-edge-litert is installed but its import crashed (SIGSEGV)"
 
 
 @pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="mounting a tiny tmpfs needs root (in CI, a failure)")
@@ -319,26 +367,42 @@ def test_parallel_bench_one_target_failing(sshd, models, tmp_path):
 
 
 def _package_index_reachable() -> bool:
-    return subprocess.run([sys.executable, "-m", "pip", "index", "versions", "tflite-runtime"], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pip", "index", "versions", "ai-edge-litert"], capture_output=True,
                           timeout=120).returncode == 0
 
 
 # --install-runtime pip-installs from the package index, as it does on a real board: offline this test
 # is skipped (and says why); in CI (CI=true), where the index is reachable, it must run.
 @pytest.mark.skipif(not os.environ.get("CI") and not _package_index_reachable(),
-                    reason="needs the package index (PyPI) for pip install tflite-runtime")
+                    reason="needs the package index (PyPI) for pip install ai-edge-litert")
 def test_install_runtime_on_a_device_without_one(sshd, tmp_path):
-    """A fresh venv with numpy only: refused without --install-runtime, then tflite-runtime is pip-installed."""
+    """A fresh venv with numpy only: refused without --install-runtime; with it but no way to the
+    package index, one clear line and nothing installed; then the runtime the selection picks for this
+    board (x86_64, Python 3.11) is pip-installed and used."""
     venv = tmp_path / "device-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "numpy==1.26.4"], check=True, timeout=600)
     path = sshd.target_toml(tmp_path / "t.toml", python=str(venv / "bin" / "python"), work_dir=tmp_path / "device")
     with pytest.raises(DeviceError, match="no TFLite runtime"):
         open_device(load_target(str(path)))
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    before = sorted(p.name for p in site.iterdir())
+    offline = tmp_path / "python-offline"  # the index at a closed port, no local wheels or config: a device behind a firewall
+    offline.write_text(f"#!/bin/sh\nPIP_CONFIG_FILE=/dev/null PIP_INDEX_URL=http://127.0.0.1:{free_port()}/simple PIP_RETRIES=0 "
+                       f"exec {venv / 'bin' / 'python'} \"$@\"\n")
+    offline.chmod(0o755)
+    cut_off = sshd.target_toml(tmp_path / "offline.toml", python=str(offline), work_dir=tmp_path / "device")
+    with pytest.raises(DeviceError) as err:
+        open_device(load_target(str(cut_off)), install_runtime=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("target offline: pip install ai-edge-litert==2.3.0 failed (can the device "
+                                                        "reach the package index?): ") and message.endswith("; nothing was installed")
+    assert sorted(p.name for p in site.iterdir()) == before
     device = open_device(load_target(str(path)), install_runtime=True)
     device.conn.close()
-    assert device.info["runtime"] == {"package": "tflite-runtime", "module": "tflite_runtime.interpreter", "version": "2.14.0"}
-    assert device.info["device"]["in_venv"] is True
+    assert device.info["runtime"] == {"package": "ai-edge-litert", "module": "ai_edge_litert.interpreter", "version": "2.3.0",
+                                      "import": "ok"}
+    assert device.info["device"]["in_venv"] is True and device.info["device"]["libc"]["name"] == "glibc"
 
 
 def test_check_and_deploy_cli(sshd, models, tmp_path):
@@ -348,6 +412,15 @@ def test_check_and_deploy_cli(sshd, models, tmp_path):
     assert check.returncode == 0, check.stderr
     facts = json.loads(check.stdout)
     assert facts["device"]["machine"] == platform.machine() and facts["work_dir"] == str(tmp_path / "device")
+    from quantune_edge.deploy.runtimes import RUNTIMES, select_runtime
+
+    selection = facts["runtime_selection"]  # the pins and the selection table, from their one place
+    assert [r["runtime"] for r in selection] == [r.requirement for r in RUNTIMES]
+    assert [r["runtime"] for r in selection if r["selected"]] == [select_runtime(facts["device"]).requirement]
+    shown = subprocess.run([*CLI, "targets", "check", "loop", "--targets-dir", str(folder)], capture_output=True, text=True,
+                           env=dict(os.environ, COLUMNS="200"))
+    assert shown.returncode == 0 and "ai-edge-litert==2.3.0 (selected)" in shown.stdout + shown.stderr
+    assert all(r.requirement in shown.stdout + shown.stderr for r in RUNTIMES)
     deploy = subprocess.run([*CLI, "deploy", str(models[1]), "--target", "loop", "--targets-dir", str(folder), "--name", "app.tflite"],
                             capture_output=True, text=True)
     assert deploy.returncode == 0 and "uploaded and verified" in deploy.stderr, deploy.stderr
@@ -404,7 +477,19 @@ def test_deploy_never_replaces_a_model_with_what_the_device_cannot_load(target_p
             with pytest.raises(InputError, match=re.escape(reason)):
                 device.deploy(path, "m.tflite")
             assert sha(folder / "m.tflite") == sha(models[1]) and os.listdir(folder) == ["m.tflite"], name
+        # a kernel the device's runtime lacks (from the probed table): refused on the host, op named, nothing uploaded
+        newer = future_op_model(models[1], tmp_path / "newer.tflite", "ADD", 6)
+        with pytest.raises(DeviceError, match=re.escape("target loop: its ai-edge-litert 2.1.0 cannot run newer.tflite: no kernel for "
+                                                        "ADD version 6 (it has up to 5); nothing was uploaded (install ai-edge-litert "
+                                                        "2.3.0 on the device)")):
+            device.deploy(newer, "m.tflite")
+        assert sha(folder / "m.tflite") == sha(models[1]) and os.listdir(folder) == ["m.tflite"]
         future = future_op_model(models[1], tmp_path / "future.tflite")
+        with pytest.raises(DeviceError, match=r"cannot run future.tflite: no kernel for \w+ version 99 \(it has up to \d+\); "
+                                              r"nothing was uploaded$"):  # no pinned runtime has it: nothing to suggest
+            device.deploy(future, "m.tflite")
+        # a runtime release the table does not know: the device's own load is the check, in a forked child
+        device.info["runtime"] = {**device.info["runtime"], "version": "9.9.9"}
         with pytest.raises(DeviceError, match=r"the device's TFLite runtime cannot load future.tflite \(.*version '99'.*\); "
                                               r"the deployed model was left as it was"):
             device.deploy(future, "m.tflite")
