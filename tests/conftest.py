@@ -231,11 +231,7 @@ def yolov5n_compiled(tmp_path_factory):
     return out, proc
 
 
-@pytest.fixture(scope="session")
-def emulated_target():
-    """The emulated Raspberry Pi's target file. Built once per machine (debootstrap, about 2-3 minutes,
-    cached in ~/.cache/quantune-edge/emulator). Outside CI it is skipped when the host cannot run it
-    (not root, or qemu/debootstrap missing); in CI (CI=true) that is a failure, never a silent skip."""
+def _emulated_board(suite: str):
     from quantune_edge.deploy import emulator
     from quantune_edge.errors import DeviceError
     from quantune_edge.testing.loopback_sshd import free_port
@@ -246,11 +242,27 @@ def emulated_target():
         if os.environ.get("CI"):
             raise
         pytest.skip(str(exc))
-    before = emulator.status()
-    state = before if before.running else emulator.up(free_port(), log=print)
+    before = emulator.status(suite=suite)
+    state = before if before.running else emulator.up(free_port(), suite=suite, log=print)
     yield Path(state.target_file)
     if not before.running:
-        emulator.down()
+        emulator.down(suite=suite)
+
+
+@pytest.fixture(scope="session")
+def emulated_target():
+    """The emulated Raspberry Pi (Debian bookworm, Python 3.11)'s target file. Built once per machine
+    (debootstrap, a few minutes, cached in ~/.cache/quantune-edge/emulator). Outside CI it is skipped
+    when the host cannot run it (not root, or qemu/debootstrap missing); in CI (CI=true) that is a
+    failure, never a silent skip."""
+    yield from _emulated_board("bookworm")
+
+
+@pytest.fixture(scope="session")
+def emulated_trixie():
+    """The second emulated board, on today's Raspberry Pi OS base (Debian trixie, Python 3.13, cached
+    in ~/.cache/quantune-edge/emulator-trixie), built and skipped or failed as ``emulated_target``."""
+    yield from _emulated_board("trixie")
 
 
 # ---------------------------------------------------------------- helpers several test modules use
@@ -263,23 +275,31 @@ def run_cli(*args, cwd=None):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+# A sitecustomize.py that hides both TFLite runtimes from every import finder: a Python without one.
+HIDE_RUNTIMES = ("import sys\n\n\nclass _Hidden:\n    def find_spec(self, name, path=None, target=None):\n"
+                 "        if name.split('.')[0] in ('tflite_runtime', 'ai_edge_litert'):\n"
+                 "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n\n\n"
+                 "sys.meta_path.insert(0, _Hidden())\n")
+
+
 def blocked_runtime_env(tmp_path: Path) -> dict:
-    """A Python on which neither TFLite runtime imports: a device without a runtime."""
+    """A Python on which neither TFLite runtime is installed, as far as it can tell: a device without a runtime."""
     blocked = tmp_path / "blocked"
-    for pkg in ("tflite_runtime", "ai_edge_litert"):
-        (blocked / pkg).mkdir(parents=True, exist_ok=True)
-        (blocked / pkg / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    blocked.mkdir(parents=True, exist_ok=True)
+    (blocked / "sitecustomize.py").write_text(HIDE_RUNTIMES)
     return dict(os.environ, PYTHONPATH=str(blocked))
 
 
-def future_op_model(model: Path, out: Path) -> Path:
-    """A real model whose first op claims version 99: a valid flatbuffer (the host parses it) that no
-    runtime has a kernel for, as a model from a newer converter is to an older device runtime."""
+def future_op_model(model: Path, out: Path, op: str | None = None, version: int = 99) -> Path:
+    """A real model whose first op (or ``op``) claims ``version``: a valid flatbuffer (the host parses
+    it), as a model from a newer converter is to an older device runtime; no runtime has version 99."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
     m = schema.ModelT.InitFromPackedBuf(model.read_bytes(), 0)
-    m.operatorCodes[0].version = 99
+    code = getattr(schema.BuiltinOperator, op) if op else None
+    (chosen, *_) = [c for c in m.operatorCodes if code is None or max(c.builtinCode, c.deprecatedBuiltinCode) == code]
+    chosen.version = version
     builder = flatbuffers.Builder(1 << 20)
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
     out.write_bytes(bytes(builder.Output()))

@@ -51,42 +51,60 @@ def targets_check_cmd(
         (target,) = load_targets(name, targets_dir)
         device = open_device(target, trust_new_host_key=trust_new_host_key, install_runtime=install_runtime, log=reporter.info)
         device.conn.close()
+    from quantune_edge.deploy.runtimes import selection_table
+
     info = device.info
+    selection = selection_table(info["device"])
     if json_out:
-        print_json({"target": target.to_dict(), "work_dir": device.work_dir, **info})
+        print_json({"target": target.to_dict(), "work_dir": device.work_dir, **info, "runtime_selection": selection})
         return
     dev, rt = info["device"], info["runtime"]
+    libc = dev.get("libc") or {}
     reporter.console.print(
         f"[bold]{target.name}[/] ({target.address}{', emulated' if target.emulated else ''}): {dev['machine']}, {dev['cpu_count']} cores, "
-        f"{dev['os']}, Python {dev['python']}, {rt['package']} {rt['version']}, {dev['free_disk_bytes'] / 2**30:.1f} GiB free in {device.work_dir}")
+        f"{dev['os']}, Python {dev['python']}, {libc.get('name') or 'libc'} {libc.get('version') or '?'}, {rt['package']} {rt['version']}, "
+        f"{dev['free_disk_bytes'] / 2**30:.1f} GiB free in {device.work_dir}")
+    table = Table(title="device runtimes (--install-runtime installs the selected one)", box=box.SIMPLE_HEAD, header_style="bold")
+    for col in ("runtime", "Python", "wheels", "fits this board", "kernels known"):
+        table.add_column(col)
+    for row in selection:
+        table.add_row(("[bold green]" if row["selected"] else "") + row["runtime"] + (" (selected)[/]" if row["selected"] else ""),
+                      row["python"], row["machines"], row["fits"], "yes" if row["kernels_known"] else "no")
+    reporter.console.print(table)
+
+
+Suite = Annotated[str, typer.Option("--suite", help="Which emulated board: bookworm (Python 3.11) or trixie "
+                                                      "(today's Raspberry Pi OS base, Python 3.13).")]
 
 
 @emulate_app.command("up")
 def emulate_up_cmd(
-    port: Annotated[int, typer.Option("--port", help="Loopback port for the emulated board's sshd.")] = 2222,
+    port: Annotated[Optional[int], typer.Option("--port", help="Loopback port for the board's sshd (default: bookworm 2222, "
+                                                               "trixie 2223).")] = None,
     mirror: Annotated[Optional[str], typer.Option("--mirror", help="Debian mirror (default: the host's apt sources).")] = None,
+    suite: Suite = "bookworm",
     json_out: JsonOut = False,
 ) -> None:
-    """Build (once, cached) and start the emulated ARM board; prints its target file."""
+    """Build (once, cached) and start an emulated ARM board; prints its target file."""
     from quantune_edge.deploy import emulator
 
     reporter = Reporter(quiet=json_out)
     with one_line_errors():
-        state = emulator.up(port, mirror=mirror, log=reporter.info)
+        state = emulator.up(port, suite=suite, mirror=mirror, log=reporter.info)
     if json_out:
         print_json(state.to_dict())
     else:
-        reporter.console.print(f"emulated ARM board running: sshd pid {state.pid} on 127.0.0.1:{state.port}; "
-                               f"target file {state.target_file} (use --target {state.target_file} or local-arm)")
+        reporter.console.print(f"emulated ARM board ({state.suite}, {state.runtime}) running: sshd pid {state.pid} on "
+                               f"127.0.0.1:{state.port}; target file {state.target_file} (use --target {state.target_file})")
 
 
 @emulate_app.command("down")
-def emulate_down_cmd(json_out: JsonOut = False) -> None:
-    """Stop the emulated board's sshd and unmount its userland."""
+def emulate_down_cmd(suite: Suite = "bookworm", json_out: JsonOut = False) -> None:
+    """Stop an emulated board's sshd and unmount its userland."""
     from quantune_edge.deploy import emulator
 
     with one_line_errors():
-        state = emulator.down()
+        state = emulator.down(suite=suite)
     if json_out:
         print_json(state.to_dict())
     else:
@@ -94,16 +112,18 @@ def emulate_down_cmd(json_out: JsonOut = False) -> None:
 
 
 @emulate_app.command("status")
-def emulate_status_cmd(json_out: JsonOut = False) -> None:
-    """Is the emulated board built and running?"""
+def emulate_status_cmd(suite: Suite = "bookworm", json_out: JsonOut = False) -> None:
+    """Is an emulated board built and running?"""
     from quantune_edge.deploy import emulator
 
-    state = emulator.status()
+    with one_line_errors():
+        state = emulator.status(suite=suite)
     if json_out:
         print_json(state.to_dict())
         return
     size = f", {state.rootfs_bytes / 1e6:.0f} MB" if state.rootfs_bytes else ""
-    Reporter().console.print(f"{state.folder}: {'built' if state.built else 'not built'}{size}; "
+    Reporter().console.print(f"{state.folder} ({state.suite}): {'built' if state.built else 'not built'}{size}"
+                             + (f", {state.runtime}" if state.runtime else "") + "; "
                              + (f"running (sshd pid {state.pid}, port {state.port})" if state.running else "stopped"))
 
 

@@ -1,10 +1,13 @@
-"""An emulated Raspberry Pi: a Debian bookworm arm64 userland under qemu-user, with its own sshd.
+"""Emulated Raspberry Pi boards: Debian arm64 userlands under qemu-user, each with its own sshd.
 
-``up`` builds the userland once (debootstrap, cached), installs the aarch64 tflite-runtime wheel into
-it, and starts the userland's sshd on a loopback port with key-only auth. It writes the connection
-facts (a target TOML, a client key and the host key for known_hosts) into the emulator folder, so
-deploying to it goes through exactly the same SSH path as a real board. Latency measured there is
-emulated (qemu translates every instruction): good for pipeline tests, never a Pi's figure.
+Two boards, one per Raspberry Pi OS base: bookworm (Python 3.11) and trixie (today's, Python 3.13).
+``up`` builds a board's userland once (debootstrap, cached in its own folder), unpacks into it the
+aarch64 wheel of the runtime the selection picks for its Python and glibc (``runtimes.select_runtime``,
+as ``--install-runtime`` does on a real board), and starts the userland's sshd on a loopback port with
+key-only auth. It writes the connection facts (a target TOML, a client key and the host key for
+known_hosts) into the board's folder, so deploying to it goes through exactly the same SSH path as a
+real board. Latency measured there is emulated (qemu translates every instruction): good for
+pipeline tests, never a Pi's figure.
 """
 from __future__ import annotations
 
@@ -22,30 +25,54 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantune_edge.errors import DeviceError
+from quantune_edge.deploy import runtimes
+from quantune_edge.errors import DeviceError, InputError
 
-SUITE = "bookworm"
 PACKAGES = ("openssh-server", "python3", "python3-numpy")
-RUNTIME_WHEEL = "tflite-runtime==2.14.0"
-DEFAULT_PORT = 2222
-BIND_MOUNTS = ("proc", "sys", "dev", "dev/pts")
+
+
+@dataclass(frozen=True)
+class Board:
+    """One emulated board: its Debian suite, default port and target name never collide with another's."""
+
+    suite: str
+    default_port: int
+    target_name: str
+
+
+BOARDS = {b.suite: b for b in (Board("bookworm", 2222, "local-arm"), Board("trixie", 2223, "local-arm-trixie"))}
+DEFAULT_SUITE = "bookworm"
+# No /sys: with the x86 host's /sys and /proc both in view, ai-edge-litert 2.3.0's CPU detection
+# crashes (SIGSEGV) loading any model under qemu-user; with either alone, or on a real board, it does not.
+BIND_MOUNTS = ("proc", "dev", "dev/pts")
+UNMOUNTS = ("proc", "sys", "dev", "dev/pts")  # what a board started by an older version may still have mounted
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 SSHD_CONFIG = "/etc/ssh/quantune_sshd_config"
 
 
-def emulator_dir() -> Path:
-    return Path(os.environ.get("QUANTUNE_EDGE_EMULATOR_DIR", "~/.cache/quantune-edge/emulator")).expanduser()
+def board(suite: str) -> Board:
+    if suite not in BOARDS:
+        raise InputError(f"unknown emulated board suite {suite!r}: choose {' or '.join(BOARDS)}")
+    return BOARDS[suite]
+
+
+def emulator_dir(suite: str = DEFAULT_SUITE) -> Path:
+    """A board's folder: the bookworm board's where it always was, the others beside it (``emulator-trixie``)."""
+    base = Path(os.environ.get("QUANTUNE_EDGE_EMULATOR_DIR", "~/.cache/quantune-edge/emulator")).expanduser()
+    return base if board(suite).suite == DEFAULT_SUITE else base.with_name(f"{base.name}-{suite}")
 
 
 @dataclass
 class EmulatorStatus:
     folder: str
+    suite: str
     built: bool
     running: bool
     pid: int | None = None
     port: int | None = None
     rootfs_bytes: int | None = None
     target_file: str | None = None
+    runtime: str | None = None  # the runtime unpacked into the userland ("ai-edge-litert==2.3.0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,15 +84,15 @@ def host_debian_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
         for stanza in path.read_text().split("\n\n"):
             uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
             suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
-            if uris and suites and any(s in (SUITE, "stable") for s in suites.group(1).split()):
+            if uris and suites and any(s in (*BOARDS, "stable") for s in suites.group(1).split()):
                 return uris.group(1)
     for path in [sources_dir / "sources.list", *sorted((sources_dir / "sources.list.d").glob("*.list"))]:
         if path.is_file():
             for line in path.read_text().splitlines():
                 m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
-                if m and m.group(2) in (SUITE, "stable"):
+                if m and m.group(2) in (*BOARDS, "stable"):
                     return m.group(1)
-    raise DeviceError("no Debian bookworm mirror in the host's apt sources; pass --mirror URL")
+    raise DeviceError("no Debian mirror in the host's apt sources; pass --mirror URL")
 
 
 def _require_host() -> None:
@@ -95,38 +122,77 @@ def _run(argv: list[str], what: str, timeout: float = 1800) -> None:
         raise DeviceError(f"emulator: {what} failed (exit {proc.returncode}): {tail[0]}")
 
 
-def _install_runtime(rootfs: Path, folder: Path, log: Callable[[str], None]) -> None:
-    """pip-download the aarch64 cp311 wheel on the host and unpack it into the userland."""
+RUNTIME_MARKER = ".quantune-runtime"
+
+
+def board_facts(rootfs: Path) -> dict:
+    """The userland's own Python, machine and glibc, as the agent's ``info`` reports them on a board."""
+    code = ("import json, platform; print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
+            "'libc': dict(zip(('name', 'version'), platform.libc_ver()))}))")
+    proc = subprocess.run(["chroot", str(rootfs), "/usr/bin/python3", "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise DeviceError(f"emulator: the userland's python3 did not run: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _install_runtime(rootfs: Path, folder: Path, log: Callable[[str], None]) -> runtimes.Runtime:
+    """pip-download, on the host, the aarch64 wheel of the runtime the selection picks for the
+    userland's Python and glibc, and unpack it into the userland (its only dependency it needs to
+    load models is numpy, which Debian's python3-numpy provides; the userland has no pip, as a
+    minimal image has none). Another runtime unpacked before is removed first."""
+    facts = board_facts(rootfs)
+    runtime = runtimes.select_runtime(facts)
+    machine, (major, minor), glibc = runtimes.board_of(facts)
+    assert glibc is not None  # select_runtime needs it
+    site = rootfs / f"usr/local/lib/python{major}.{minor}/dist-packages"
+    marker = site / RUNTIME_MARKER
+    if marker.is_file() and marker.read_text().strip() == runtime.requirement:
+        return runtime
     wheels = folder / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    if not list(wheels.glob("tflite_runtime-*aarch64.whl")):
-        log(f"downloading the aarch64 {RUNTIME_WHEEL} wheel")
-        _run([sys.executable, "-m", "pip", "download", RUNTIME_WHEEL, "--no-deps", "--only-binary=:all:",
-              "--platform", "manylinux_2_34_aarch64", "--python-version", "3.11", "--abi", "cp311",
-              "--implementation", "cp", "-d", str(wheels), "-q"], "pip download of the aarch64 tflite-runtime wheel")
-    wheel = sorted(wheels.glob("tflite_runtime-*aarch64.whl"))[-1]
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extractall(rootfs / "usr/local/lib/python3.11/dist-packages")
+    pattern = f"{runtime.package.replace('-', '_')}-{runtime.version}-cp{major}{minor}-*{machine}.whl"
+    if not list(wheels.glob(pattern)):
+        log(f"downloading the {machine} {runtime.requirement} wheel for Python {major}.{minor}")
+        platforms = [arg for tag in runtimes.pip_platforms(machine, glibc) for arg in ("--platform", tag)]
+        _run([sys.executable, "-m", "pip", "download", runtime.requirement, "--no-deps", "--only-binary=:all:",
+              *platforms, "--python-version", f"{major}.{minor}", "--abi", f"cp{major}{minor}",
+              "--implementation", "cp", "-d", str(wheels), "-q"], f"pip download of the {machine} {runtime.requirement} wheel")
+    site.mkdir(parents=True, exist_ok=True)
+    for old in [*site.glob("tflite_runtime*"), *site.glob("ai_edge_litert*")]:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    with zipfile.ZipFile(sorted(wheels.glob(pattern))[-1]) as zf:
+        zf.extractall(site)
+    _run(["chroot", str(rootfs), "/usr/bin/python3", "-c", f"import {runtime.module}, numpy"], f"importing {runtime.module} in the userland")
+    marker.write_text(runtime.requirement + "\n")
+    return runtime
 
 
-def build(folder: Path, mirror: str | None, log: Callable[[str], None]) -> Path:
-    """The cached userland; built into ``rootfs.partial`` and renamed only when complete."""
+def installed_runtime(rootfs: Path) -> str | None:
+    found = sorted(rootfs.glob(f"usr/local/lib/python3*/dist-packages/{RUNTIME_MARKER}"))
+    return found[-1].read_text().strip() if found else None
+
+
+def build(folder: Path, suite: str, mirror: str | None, log: Callable[[str], None]) -> Path:
+    """The cached userland; built into ``rootfs.partial`` and renamed only when complete. A userland
+    built before holds whatever runtime the selection picked then: it is replaced when that changed."""
     rootfs = folder / "rootfs"
     if (rootfs / ".quantune-complete").is_file():
+        _install_runtime(rootfs, folder, log)
         return rootfs
     partial = folder / "rootfs.partial"
-    if partial.exists():
+    bootstrapped = partial / ".quantune-debootstrapped"  # a later step failed (say, the wheel download): keep the userland
+    if partial.exists() and not bootstrapped.is_file():
         _unmount(partial)
         shutil.rmtree(partial)
-    folder.mkdir(parents=True, exist_ok=True)
-    mirror = mirror or host_debian_mirror()
-    log(f"building the Debian {SUITE} arm64 userland from {mirror} (once; about 2-3 minutes)")
-    _run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), mirror],
-         "debootstrap")
+    if not partial.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        mirror = mirror or host_debian_mirror()
+        log(f"building the Debian {suite} arm64 userland from {mirror} (once; about 3-5 minutes)")
+        _run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={','.join(PACKAGES)}", suite, str(partial), mirror],
+             "debootstrap")
+        bootstrapped.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     _install_runtime(partial, folder, log)
     _run(["chroot", str(partial), "/usr/bin/ssh-keygen", "-A"], "host key generation in the userland")
-    _run(["chroot", str(partial), "/usr/bin/python3", "-c", "import tflite_runtime.interpreter, numpy"],
-         "importing tflite_runtime in the userland")
     (partial / ".quantune-complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     if rootfs.exists():
         shutil.rmtree(rootfs)
@@ -149,7 +215,7 @@ def _mount(rootfs: Path) -> None:
 
 
 def _unmount(rootfs: Path) -> None:
-    for sub in reversed(BIND_MOUNTS):
+    for sub in reversed(UNMOUNTS):
         point = rootfs / sub
         if point.exists() and _mounted(point):
             if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
@@ -198,10 +264,10 @@ def _client_key(folder: Path, rootfs: Path) -> Path:
     return key
 
 
-def _write_target(folder: Path, port: int, key: Path) -> Path:
-    path = folder / "local-arm.toml"
+def _write_target(folder: Path, spec: Board, port: int, key: Path) -> Path:
+    path = folder / f"{spec.target_name}.toml"
     path.write_text(
-        'description = "Emulated Raspberry Pi-class board: Debian bookworm arm64 under qemu-user (latency is NOT a Pi\'s)"\n'
+        f'description = "Emulated Raspberry Pi-class board: Debian {spec.suite} arm64 under qemu-user (latency is NOT a Pi\'s)"\n'
         f'host = "127.0.0.1"\nport = {port}\nuser = "root"\nidentity_file = "{key}"\n'
         f'known_hosts = "{folder / "known_hosts"}"\npython = "python3"\nwork_dir = "/root/quantune-edge"\n'
         "threads = 2\nemulated = true\ncommand_timeout_s = 1800.0\n")
@@ -221,18 +287,22 @@ def _wait_port(port: int, pid: int, seconds: float = 60) -> None:
     raise DeviceError(f"emulator: sshd did not open 127.0.0.1:{port} within {seconds:.0f} s")
 
 
-def up(port: int = DEFAULT_PORT, *, mirror: str | None = None, folder: Path | None = None,
+def up(port: int | None = None, *, suite: str = DEFAULT_SUITE, mirror: str | None = None, folder: Path | None = None,
        log: Callable[[str], None] = lambda _m: None) -> EmulatorStatus:
-    """Build (once) and start the emulated target; idempotent when it already runs on ``port``."""
-    folder = folder or emulator_dir()
+    """Build (once) and start the emulated board of ``suite`` (on its default port unless ``port``);
+    idempotent when it already runs on that port."""
+    spec = board(suite)
+    port = spec.default_port if port is None else port
+    folder = folder or emulator_dir(suite)
     _require_host()
     _enable_binfmt()
-    current = status(folder, disk_usage=False)
+    current = status(folder, disk_usage=False, suite=suite)
     if current.running:
         if current.port != port:
-            raise DeviceError(f"emulator already running on port {current.port}; run 'targets emulate down' first")
-        return status(folder)
-    rootfs = build(folder, mirror, log)
+            flag = "" if suite == DEFAULT_SUITE else f" --suite {suite}"
+            raise DeviceError(f"emulator already running on port {current.port}; run 'targets emulate down{flag}' first")
+        return status(folder, suite=suite)
+    rootfs = build(folder, suite, mirror, log)
     _mount(rootfs)
     key = _client_key(folder, rootfs)
     (rootfs / "run/sshd").mkdir(parents=True, exist_ok=True)
@@ -252,9 +322,9 @@ def up(port: int = DEFAULT_PORT, *, mirror: str | None = None, folder: Path | No
         raise
     host_key = (rootfs / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
     (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    target = _write_target(folder, port, key)
+    target = _write_target(folder, spec, port, key)
     (folder / "state.json").write_text(json.dumps({"pid": proc.pid, "port": port, "started": time.time(), "target": str(target)}))
-    return status(folder)
+    return status(folder, suite=suite)
 
 
 def _stop(folder: Path, rootfs: Path, pid: int | None) -> None:
@@ -272,16 +342,16 @@ def _stop(folder: Path, rootfs: Path, pid: int | None) -> None:
     (folder / "state.json").unlink(missing_ok=True)
 
 
-def down(folder: Path | None = None) -> EmulatorStatus:
+def down(folder: Path | None = None, *, suite: str = DEFAULT_SUITE) -> EmulatorStatus:
     """Stop sshd (and anything else running in the userland), then unmount in reverse order."""
-    folder = folder or emulator_dir()
+    folder = folder or emulator_dir(suite)
     _stop(folder, folder / "rootfs", _state(folder).get("pid"))
-    return status(folder)
+    return status(folder, suite=suite)
 
 
-def status(folder: Path | None = None, disk_usage: bool = True) -> EmulatorStatus:
+def status(folder: Path | None = None, disk_usage: bool = True, *, suite: str = DEFAULT_SUITE) -> EmulatorStatus:
     """Built? running (pid, port)? and, unless ``disk_usage`` is off, the userland's size (a ``du``)."""
-    folder = folder or emulator_dir()
+    folder = folder or emulator_dir(suite)
     rootfs = folder / "rootfs"
     state = _state(folder)
     built = (rootfs / ".quantune-complete").is_file()
@@ -290,6 +360,6 @@ def status(folder: Path | None = None, disk_usage: bool = True) -> EmulatorStatu
         out = subprocess.run(["du", "-sbx", str(rootfs)], capture_output=True, text=True)
         size = int(out.stdout.split()[0]) if out.returncode == 0 and out.stdout else None
     running = _alive(state.get("pid"))
-    return EmulatorStatus(str(folder), built, running, state.get("pid") if running else None,
+    return EmulatorStatus(str(folder), board(suite).suite, built, running, state.get("pid") if running else None,
                           state.get("port") if running else None, size,
-                          state.get("target") if running else None)
+                          state.get("target") if running else None, installed_runtime(rootfs) if built else None)
