@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import DEMO_IMAGES, HIDE_RUNTIMES
 
-from quantune_edge.deploy import emulator
+from quantune_edge.deploy import emulator, runtimes
 from quantune_edge.deploy.device import open_device
 from quantune_edge.deploy.targets import load_target
 from quantune_edge.errors import DeviceError
@@ -162,6 +162,18 @@ def test_emulated_board_refuses_a_model_its_runtime_cannot_load(emulated_target,
             device.deploy(future, name)
         assert device.agent(["hash", dep.remote_path])["sha256"] == dep.sha256
         assert not [f for f in device.conn.sftp.listdir(device.models_dir) if re.fullmatch(rf"\.{re.escape(name)}\..*\.part", f)]
+        # the table (probed on the host's wheel of this release) holds on the board's aarch64 build: the
+        # top version it lists resolves there, one more does not
+        top = runtimes.supported_op_versions()["ai-edge-litert 2.3.0"]
+        for op in ("CONV_2D", "FULLY_CONNECTED"):
+            at_top = future_op_model(model, tmp_path / f"{op}-top.tflite", op, top[op])
+            try:
+                device.remove_model(device.deploy(at_top, f"top-{name}").remote_path)
+            except DeviceError as exc:  # a kernel exists; the raised version may want options the op lacks
+                assert "Didn't find op" not in str(exc), exc
+            beyond = future_op_model(model, tmp_path / f"{op}-beyond.tflite", op, top[op] + 1)
+            with pytest.raises(DeviceError, match=rf"Didn't find op for builtin opcode '{op}' version '{top[op] + 1}'"):
+                device.deploy(beyond, name)
         device.remove_model(dep.remote_path)
     finally:
         device.conn.close()
