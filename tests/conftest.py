@@ -18,6 +18,17 @@ DEMO_MODEL = REPO / "demo" / "models" / "efficientnet-lite0.onnx"
 DEMO_IMAGES = REPO / "demo" / "images"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``QUANTUNE_TEST_SHUFFLE=SEED`` runs the tests in an order shuffled by SEED (issue 29: no test may
+    depend on another having run first). The seed is printed, so a failing order can be replayed."""
+    seed = os.environ.get("QUANTUNE_TEST_SHUFFLE")
+    if seed:
+        import random
+
+        random.Random(int(seed)).shuffle(items)
+        print(f"\ntests shuffled with QUANTUNE_TEST_SHUFFLE={seed}")
+
+
 def shared(path: str) -> Path:
     full = SHARED / path
     if not full.exists():
