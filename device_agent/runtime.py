@@ -21,6 +21,16 @@ _CANDIDATES = (  # newest first
 )
 
 
+def runtime_for(machine: str, python: tuple) -> str:
+    """The package to install here: the host's selection table (quantune_edge.deploy.runtimes), by
+    machine and Python (a test keeps the two in step; the agent cannot import the host package)."""
+    if machine in ("aarch64", "x86_64") and python >= (3, 9):
+        return "ai-edge-litert"
+    if python <= (3, 11):
+        return "tflite-runtime"
+    return "(no runtime has a wheel for this machine and Python)"
+
+
 def _present():
     """(module, package) of the newest runtime installed, or None; nothing is imported."""
     for top, module_name, package in _CANDIDATES:
@@ -96,9 +106,9 @@ def load_interpreter(model_path: str, threads: int, xnnpack: bool = True):
     model at prepare time (NanoDet-m's int8 model does): the builtin kernels still run it."""
     found = _present()
     if found is None:
-        raise AgentError("runtime_missing", "no TFLite runtime on this device (Python %s, %s): pip install ai-edge-litert "
-                         "(Python 3.9+, aarch64/x86_64) or tflite-runtime (Python 3.8-3.11, also armv7l)"
-                         % (platform.python_version(), platform.machine()))
+        raise AgentError("runtime_missing", "no TFLite runtime on this device (Python %s, %s): pip install %s"
+                         % (platform.python_version(), platform.machine(),
+                            runtime_for(platform.machine(), tuple(int(v) for v in platform.python_version_tuple()[:2]))))
     _probe_load(found, model_path, threads, xnnpack)
     module = importlib.import_module(found[0])
     kwargs = _interpreter_kwargs(module, model_path, threads, xnnpack=True)

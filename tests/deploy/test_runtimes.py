@@ -110,3 +110,16 @@ def test_the_table_matches_the_wheels_the_package_index_has(machine, python, gli
         assert (proc.returncode == 0) == fits, (r.label, machine, python, proc.stderr[-500:])
         if r in chosen:
             assert fits
+
+
+def test_the_agent_names_the_package_the_selection_picks():
+    """The agent's runtime_missing hint (it cannot import the host's table) agrees with the table."""
+    from device_agent.runtime import runtime_for
+
+    for machine in ("aarch64", "armv7l", "x86_64"):
+        for minor in range(8, 15):
+            try:
+                expected = runtimes.select_runtime(board(machine, f"3.{minor}.0", "2.41")).package
+            except DeviceError:
+                expected = "(no runtime has a wheel for this machine and Python)"
+            assert runtime_for(machine, (3, minor)) == expected, (machine, minor)
