@@ -113,6 +113,10 @@ def test_agent_errors_are_json(case, effnet_compiled, tmp_path):
         args, kind = ["eval", model, "--samples", junk], "bad_input"
     code, err = agent(*args, env=env)
     assert code == (2 if kind == "usage" else 1) and err["kind"] == kind and "\n" not in err["error"]
+    if case == "no_runtime":  # this x86_64 Python 3.11 gets what the selection picks for it
+        assert err["error"].endswith(": pip install ai-edge-litert") and err["runtime"] == {}
+    else:
+        assert err["runtime"]["package"] == "ai-edge-litert"  # every document names the runtime the agent uses
 
 
 def test_profile_times_several_models_side_by_side(effnet_compiled):
