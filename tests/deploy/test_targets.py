@@ -15,9 +15,13 @@ CLI = [sys.executable, "-m", "quantune_edge.cli"]
 
 def test_shipped_targets_parse():
     targets, problems = list_targets(REPO / "targets")
-    assert not problems and {"rpi4", "rpi5", "local-arm"} <= {t.name for t in targets}
-    arm = load_target("local-arm", REPO / "targets")
-    assert arm.emulated and arm.host == "127.0.0.1" and arm.identity_file and arm.known_hosts
+    assert not problems and {"rpi4", "rpi5", "local-arm", "local-arm-trixie"} <= {t.name for t in targets}
+    from quantune_edge.deploy.emulator import BOARDS
+
+    for board in BOARDS.values():  # each shipped board file holds the defaults `emulate up` writes
+        arm = load_target(board.target_name, REPO / "targets")
+        assert arm.emulated and arm.host == "127.0.0.1" and arm.port == board.default_port and board.suite in arm.description
+        assert arm.identity_file and arm.known_hosts
 
 
 @pytest.mark.parametrize("data, message", [
