@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
         print(f"\ntests shuffled with QUANTUNE_TEST_SHUFFLE={seed}")
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng(request):
+    """A module with ``RNG_SEED`` gets a fresh ``RNG`` seeded by it for each test, so a test's random
+    data never depends on which tests drew from the module's generator before it."""
+    seed = getattr(request.module, "RNG_SEED", None)
+    if seed is not None:
+        request.module.RNG = np.random.default_rng(seed)
+
+
 def shared(path: str) -> Path:
     full = SHARED / path
     if not full.exists():

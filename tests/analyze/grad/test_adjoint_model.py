@@ -11,7 +11,8 @@ from quantune_edge.model import tflite_graph
 from quantune_edge.model.runtime import TfliteRunner, softmax_input
 from quantune_edge.model.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
-RNG = np.random.default_rng(7)
+RNG_SEED = 7
+RNG = np.random.default_rng(RNG_SEED)  # a fresh one per test (tests/conftest.py: fresh_rng)
 
 
 def _t(i: int, shape, data=None) -> TensorInfo:

@@ -13,7 +13,8 @@ from quantune_edge.model import tflite_graph
 from quantune_edge.model.runtime import softmax_input
 from quantune_edge.model.tflite_graph import OpInfo, TensorInfo, TfliteGraph
 
-RNG = np.random.default_rng(0)
+RNG_SEED = 0
+RNG = np.random.default_rng(RNG_SEED)  # a fresh one per test (tests/conftest.py: fresh_rng)
 
 
 def _directional(f, x: np.ndarray, v: np.ndarray, d: np.ndarray, eps: float = 1e-6) -> float:

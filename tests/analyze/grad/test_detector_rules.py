@@ -11,7 +11,8 @@ from quantune_edge.analyze.grad import backprop, reference_ops
 from quantune_edge.model import tflite_graph
 from quantune_edge.model.runtime import TfliteRunner
 
-RNG = np.random.default_rng(3)
+RNG_SEED = 3
+RNG = np.random.default_rng(RNG_SEED)  # a fresh one per test (tests/conftest.py: fresh_rng)
 DETECTOR_OPS = {"CONV_2D", "LOGISTIC", "MUL", "MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR", "CONCATENATION",
                 "PAD", "TRANSPOSE", "RESHAPE", "STRIDED_SLICE", "SPLIT", "EXP", "SUB", "SOFTMAX", "TANH", "HARD_SWISH", "ADD"}
 
@@ -168,5 +169,6 @@ def test_several_seeds_sum_their_passes(head_model):
     wanted = {graph.inputs[0], split.inputs[1]}
     both = backprop.vjp(graph, seeds, None, values.__getitem__, wanted)
     each = [backprop.vjp(graph, t, v, values.__getitem__, wanted) for t, v in seeds.items()]
-    for t in wanted:
-        np.testing.assert_allclose(both[t], sum(e[t] for e in each), rtol=1e-5)
+    for t in wanted:  # float32 sums in another order: an element near cancellation is off by ~eps of the largest
+        summed = sum(e[t] for e in each)
+        np.testing.assert_allclose(both[t], summed, rtol=1e-5, atol=1e-6 * np.abs(summed).max())
