@@ -316,9 +316,11 @@ def future_op_model(model: Path, out: Path, op: str | None = None, version: int 
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
+    from quantune_edge.model import tflite_graph
+
     m = schema.ModelT.InitFromPackedBuf(model.read_bytes(), 0)
     code = getattr(schema.BuiltinOperator, op) if op else None
-    (chosen, *_) = [c for c in m.operatorCodes if code is None or max(c.builtinCode, c.deprecatedBuiltinCode) == code]
+    (chosen, *_) = [c for c in m.operatorCodes if code is None or tflite_graph.builtin_code(c) == code]
     chosen.version = version
     builder = flatbuffers.Builder(1 << 20)
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
@@ -333,13 +335,15 @@ def xnnpack_unpreparable(int8_model: Path, out: Path) -> Path:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
+    from quantune_edge.model import tflite_graph
+
     raw = int8_model.read_bytes()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     graph = model.subgraphs[0]
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
     def kind(op):
-        return names[max(model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)]
+        return names[tflite_graph.builtin_code(model.operatorCodes[op.opcodeIndex])]
 
     def readers(t):
         return [op for op in graph.operators if t in list(op.inputs)]

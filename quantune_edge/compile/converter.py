@@ -1,5 +1,5 @@
 """The TensorFlow side of compile, and the only module that imports TensorFlow, tf_keras or onnx2tf:
-ONNX -> SavedModel (onnx2tf), SavedModel -> float32 TFLite, calibration, and (re-)quantization.
+ONNX -> SavedModel (onnx2tf), SavedModel -> float32 TFLite, calibration, and quantization.
 
 Calibration and quantization are TF's own two halves of a full-integer ``convert()``; the calibrated
 model is kept beside the int8 model it was quantized into.

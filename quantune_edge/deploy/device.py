@@ -164,7 +164,7 @@ class Device:
                 raise DeviceError(f"target {self.target.name}: {wanted.requirement} installed but still not importable "
                                   f"({(info.get('runtime') or {}).get('import', 'not found')})")
         rt = info["runtime"]
-        if runtimes.kernels_missing({}, rt["package"], rt["version"]) is None:
+        if f"{rt['package']} {rt['version']}" not in runtimes.supported_op_versions():
             self.log(f"{self.target.name}: {rt['package']} {rt['version']} is not among the runtimes whose kernels are known "
                      "here; the device's own load checks each model")
         self.info = info
@@ -280,8 +280,9 @@ class Device:
         runtime = self.info.get("runtime") or {}
         missing = runtimes.kernels_missing(graph.op_versions, runtime.get("package", ""), runtime.get("version", ""))
         if missing:
-            better = [r.label for r in runtimes.RUNTIMES if r.misfit(*runtimes.board_of(self.info["device"])) is None
-                      and runtimes.kernels_missing(graph.op_versions, r.package, r.version) == []]
+            board = runtimes.board_of(self.info["device"])
+            better = [r.label for r in runtimes.RUNTIMES
+                      if r.misfit(*board) is None and runtimes.kernels_missing(graph.op_versions, r.package, r.version) == []]
             raise DeviceError(f"target {self.target.name}: its {runtime['package']} {runtime['version']} cannot run {label}: no "
                               f"kernel for {', '.join(missing)}; nothing was uploaded"
                               + (f" (install {better[0]} on the device)" if better else ""))

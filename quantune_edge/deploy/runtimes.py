@@ -153,14 +153,13 @@ def probe_op_versions(interpreter_module) -> dict[str, int]:
     from ai_edge_litert import schema_py_generated as schema
 
     from quantune_edge.common.console import captured_native_output
+    from quantune_edge.model.tflite_graph import operator_code
 
     def loads(code: int, version: int) -> bool:
-        opcode = schema.OperatorCodeT()
-        opcode.builtinCode, opcode.deprecatedBuiltinCode, opcode.version = code, min(code, 127), version
         subgraph = schema.SubGraphT()
         subgraph.tensors, subgraph.inputs, subgraph.outputs, subgraph.operators = [], [], [], []
         model = schema.ModelT()
-        model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [opcode], [subgraph], [schema.BufferT()]
+        model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [operator_code(code, version)], [subgraph], [schema.BufferT()]
         builder = flatbuffers.Builder(256)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
         try:

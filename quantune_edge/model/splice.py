@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from quantune_edge.errors import InputError
+from quantune_edge.model.tflite_graph import builtin_code, operator_code
 
 _QDQ = ("QUANTIZE", "DEQUANTIZE")
 # Versions the builtin op resolver accepts for float32 <-> int8 conversion ops a model did not have.
@@ -42,25 +43,19 @@ class _Model:
 
     def op_type(self, op) -> str:
         code = self.model.operatorCodes[op.opcodeIndex]
-        return self.names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
-
-    def is_constant(self, tensor: int) -> bool:
-        buf = self.model.buffers[self.graph.tensors[tensor].buffer]
-        return buf.data is not None and len(buf.data) > 0
+        return self.names.get(builtin_code(code), "CUSTOM")
 
     def code(self, builtin: int, version: int) -> int:
         """The index of an operator code (builtin, version), added when the model has none."""
         for k, c in enumerate(self.model.operatorCodes):
-            if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin and c.version == version:
+            if builtin_code(c) == builtin and c.version == version:
                 return k
-        c = self.schema.OperatorCodeT()
-        c.builtinCode, c.deprecatedBuiltinCode, c.version = builtin, min(builtin, 127), version
-        self.model.operatorCodes.append(c)
+        self.model.operatorCodes.append(operator_code(builtin, version))
         return len(self.model.operatorCodes) - 1
 
     def conversion_code(self, kind: str) -> int:
         builtin = getattr(self.schema.BuiltinOperator, kind)
-        versions = [c.version for c in self.model.operatorCodes if max(c.builtinCode, c.deprecatedBuiltinCode) == builtin]
+        versions = [c.version for c in self.model.operatorCodes if builtin_code(c) == builtin]
         return self.code(builtin, max(versions) if versions else _DEFAULT_VERSION[kind])
 
     def new_tensor(self, like, name: str, float32: bool = False) -> int:
@@ -150,7 +145,7 @@ def splice(float_model: bytes, int8_model: bytes, float_ops: Mapping[int, int]) 
             continue
         fop = copy.copy(fgraph.operators[float_ops[k]])
         fcode = fm.operatorCodes[fop.opcodeIndex]
-        fop.opcodeIndex = q.code(max(fcode.builtinCode, fcode.deprecatedBuiltinCode), fcode.version)
+        fop.opcodeIndex = q.code(builtin_code(fcode), fcode.version)
         if len(fop.inputs) != len(op.inputs) or len(fop.outputs) != len(op.outputs):
             raise InputError(f"int8 op {k} and float op {float_ops[k]} differ in their inputs or outputs: not a pair")
         inputs = []

@@ -81,6 +81,21 @@ def _enum_names(enum_cls) -> dict[int, str]:
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
 
 
+def builtin_code(opcode) -> int:
+    """An operator code's builtin op: codes above 127 live only in ``builtinCode``, and files from
+    older converters fill only ``deprecatedBuiltinCode``."""
+    return max(opcode.builtinCode, opcode.deprecatedBuiltinCode)
+
+
+def operator_code(builtin: int, version: int):
+    """A schema ``OperatorCodeT`` for (builtin, version), both code fields filled as the converter fills them."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+    return code
+
+
 def read(path: str | Path) -> TfliteGraph:
     """Parse the first subgraph of a .tflite file."""
     path = Path(path)
@@ -140,7 +155,7 @@ def _parse(raw: bytes, label: str) -> TfliteGraph:
     op_versions: dict[str, int] = {}
     code_names = []
     for code in model.operatorCodes or []:
-        name = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+        name = op_names.get(builtin_code(code), "CUSTOM")
         if name == "CUSTOM" and code.customCode:
             name = f"CUSTOM:{code.customCode.decode()}"
         code_names.append(name)

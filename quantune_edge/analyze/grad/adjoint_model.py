@@ -22,7 +22,7 @@ import numpy as np
 
 from quantune_edge.analyze.grad.backprop import Unsupported, activation_mask, has_mask, max_pool_routes, vjp, walk_backward
 from quantune_edge.analyze.grad.reference_ops import VALID, strides_dilations, window_padding
-from quantune_edge.model.tflite_graph import OpInfo, TfliteGraph
+from quantune_edge.model.tflite_graph import OpInfo, TfliteGraph, operator_code
 
 
 @dataclass
@@ -97,11 +97,7 @@ class _Writer:
         import flatbuffers
 
         schema = self.schema
-        codes = []
-        for code in sorted(self.codes, key=self.codes.get):
-            c = schema.OperatorCodeT()
-            c.builtinCode, c.deprecatedBuiltinCode, c.version = code, min(code, 127), 1
-            codes.append(c)
+        codes = [operator_code(code, 1) for code in sorted(self.codes, key=self.codes.get)]
         graph = schema.SubGraphT()
         graph.tensors, graph.operators = self.tensors, self.ops
         graph.inputs, graph.outputs = np.asarray(self.inputs, np.int32), np.asarray(outputs, np.int32)
