@@ -238,6 +238,34 @@ def requantized_tails(match: LayerMatch, int8_graph: TfliteGraph) -> list[Requan
     return tails
 
 
+@dataclass(frozen=True)
+class Requantization:
+    """An int8→int8 QUANTIZE of the int8 model, for pricing: the spliced model drops it when the layer
+    whose value it requantizes (``source``) is float, or when every reader is a float layer (``readers``;
+    None when something else reads it too: another requantize, a model output)."""
+
+    op: int
+    source: int | None
+    readers: frozenset[int] | None
+
+
+def requantizations(match: LayerMatch, int8_graph: TfliteGraph) -> list[Requantization]:
+    """Every QUANTIZE of the int8 model whose input is already integer."""
+    by_op = {layer.int8_op: layer.index for layer in match.layers}
+    by_output = {layer.int8_output: layer.index for layer in match.layers}
+    out = []
+    for op in int8_graph.ops:
+        if op.type != "QUANTIZE" or int8_graph.tensors[op.inputs[0]].dtype == "float32":
+            continue
+        source = op.inputs[0]
+        while source not in by_output and (producer := int8_graph.producer(source)) is not None and producer.type == "QUANTIZE":
+            source = producer.inputs[0]
+        users = [by_op.get(user.index) for user in int8_graph.consumers(op.outputs[0])]
+        readers = frozenset(i for i in users if i is not None) if users and None not in users and op.outputs[0] not in int8_graph.outputs else None
+        out.append(Requantization(op.index, by_output.get(source), readers))
+    return out
+
+
 def scale_tied_chains(match: LayerMatch, int8_graph: TfliteGraph) -> list[frozenset[int]]:
     """Connected groups (two or more) of scale-tied layers sharing one int8 scale: a float region that
     takes one of them takes them all, so it never ends inside a transpose/reshape/concat chain."""

@@ -253,3 +253,33 @@ def paired_latency_ms(path: str | Path, reference: str | Path, sample: np.ndarra
                 runner.invoke(x)
                 bucket.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def alone_latency_ms(models: dict[int, bytes], threads: int = 2, xnnpack: bool = True, runs: int = 30,
+                     warmup: int = 3) -> dict[int, float | None]:
+    """p50 latency (ms) of each small model (``model.op_models``' single ops) on zero inputs; None for
+    one the runtime cannot load or run alone. ``xnnpack``: the kernels the whole model runs on."""
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kwargs = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    out: dict[int, float | None] = {}
+    for key, content in models.items():
+        try:
+            interpreter = Interpreter(model_content=content, num_threads=threads, **kwargs)
+            interpreter.allocate_tensors()
+            for detail in interpreter.get_input_details():
+                interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+            for _ in range(warmup):
+                interpreter.invoke()
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                interpreter.invoke()
+                times.append(time.perf_counter() - start)
+        except (ValueError, RuntimeError):
+            out[key] = None
+            continue
+        out[key] = 1e3 * float(np.median(times))
+    return out

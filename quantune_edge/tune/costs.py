@@ -15,7 +15,6 @@ import os
 import platform
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,10 @@ from quantune_edge.compile.artifacts import HOST_LATENCY_JSON, CompiledModel, de
 from quantune_edge.deploy.device import Device, open_device
 from quantune_edge.deploy.targets import Target
 from quantune_edge.deploy.transport import resolve
-from quantune_edge.model.runtime import median_ratio, paired_latency_ms
-from quantune_edge.tune.selection import CostModel, LayerGraph, boundary_probe
+from quantune_edge.model.layers import requantizations
+from quantune_edge.model.op_models import single_op_models
+from quantune_edge.model.runtime import TfliteRunner, alone_latency_ms, median_ratio, paired_latency_ms
+from quantune_edge.tune.selection import AloneTimes, CostModel, LayerGraph, boundary_probe
 
 HOST_MEASUREMENTS = 3  # paired float32/int8 measurements; the one with the median ratio is kept
 
@@ -117,7 +118,7 @@ def device_cost_model(compiled: CompiledModel, lg: LayerGraph, names: dict[int, 
     try:
         saved = json.loads(cache.read_text())
         if saved["int8_sha256"] == int8_sha and saved["target"]["address"] == address:
-            return CostModel(**saved["cost_model"]), saved
+            return CostModel.from_record(saved["cost_model"]), saved
     except (OSError, ValueError, KeyError, TypeError):
         pass
     probe = boundary_probe(lg)
@@ -130,36 +131,66 @@ def device_cost_model(compiled: CompiledModel, lg: LayerGraph, names: dict[int, 
     record = {"kind": "quantune-edge/device-costs", "created": now_iso(), "int8_sha256": int8_sha,
               "target": {"name": target.name, "address": address, "emulated": target.emulated},
               "measured_p50_ms": {"int8": int8_ms, "float32": float_ms, "probe": probe_ms}, "probe_layers": sorted(probe),
-              "cost_model": asdict(cost), **facts}
+              "cost_model": cost.record(), **facts}
     write_json(cache, record)
     return cost, record
 
 
 def host_latencies(compiled: CompiledModel, sample: np.ndarray, threads: int, runs: int = 50, *, remeasure: bool = False,
                    quiet: bool = True) -> dict:
-    """p50 host latency (ms) of the compile's float32 and full-int8 models, measured once per models,
-    machine and thread count and kept in the folder.
+    """p50 host latency (ms) of the compile's float32 and full-int8 models, and every layer's op timed
+    alone (``alone_ms``, :func:`alone_times`), measured once per models, machine and thread count and
+    kept in the folder.
 
-    Their ratio prices every layer when tune grows float regions, so a new measurement can change the
-    choice: four tune calls on one MobileNetV2 compile here measured it at 1.47-1.94x and kept the stem
-    conv float in three of them. Kept, the same command makes the same choice; the one measurement is
-    the median-ratio one of three, each in alternating rounds.
+    They price every layer when tune grows float regions, so a new measurement can change the
+    choice: four tune calls on one MobileNetV2 compile here measured the float32/int8 ratio at
+    1.47-1.94x and kept the stem conv float in three of them. Kept, the same command makes the same
+    choice; the one measurement is the median-ratio one of three, each in alternating rounds.
     """
     cache = compiled.folder / HOST_LATENCY_JSON
     key = {"float32_sha256": sha256_file(compiled.float_model), "int8_sha256": sha256_file(compiled.int8_model),
            "threads": threads, "machine": {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count()}}
+    saved: dict | None = None
     if not remeasure:
         try:
             saved = json.loads(cache.read_text())
-            if {k: saved[k] for k in key} == key:
-                return {**saved, "reused": True}
+            if {k: saved[k] for k in key} != key:
+                saved = None
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            saved = None
+    if saved is not None and "alone_ms" in saved:
+        return {**saved, "reused": True}
+    if saved is None:
+        with captured_native_output(quiet):
+            pairs = [paired_latency_ms(compiled.float_model, compiled.int8_model, sample, threads, rounds=5, runs=max(1, runs // 5))
+                     for _ in range(HOST_MEASUREMENTS)]
+        float_ms, int8_ms = median_ratio(pairs)
+        saved = {"kind": "quantune-edge/host-latency", "created": now_iso(), **key, "float32_ms": float_ms, "int8_ms": int8_ms,
+                 "ratios": [round(f / i, 3) for f, i in pairs]}
+        reused = False
+    else:  # kept from before ops were timed alone: the two latencies stay, the ops are added
+        reused = True
     with captured_native_output(quiet):
-        pairs = [paired_latency_ms(compiled.float_model, compiled.int8_model, sample, threads, rounds=5, runs=max(1, runs // 5))
-                 for _ in range(HOST_MEASUREMENTS)]
-    float_ms, int8_ms = median_ratio(pairs)
-    record = {"kind": "quantune-edge/host-latency", "created": now_iso(), **key, "float32_ms": float_ms, "int8_ms": int8_ms,
-              "ratios": [round(f / i, 3) for f, i in pairs]}
+        record = {**saved, "alone_ms": alone_times(compiled, threads).to_dict()}
     write_json(cache, record)
-    return {**record, "reused": False}
+    return {**record, "reused": reused}
+
+
+def alone_times(compiled: CompiledModel, threads: int) -> AloneTimes:
+    """Every layer's int8 and float op, every requantize op and the int8 model's own input/output
+    conversions, each timed alone on this host (``model.op_models``), on the kernels each whole model
+    runs on. About 2 s for YOLOv5n's 263 layers."""
+    match, graph = compiled.layer_match, compiled.int8_graph
+    requantize_ops = [r.op for r in requantizations(match, graph)]
+    conversions = [op.index for op in graph.ops if op.type in ("QUANTIZE", "DEQUANTIZE") and op.index not in requantize_ops]
+    int8_ops = [layer.int8_op for layer in match.layers]
+    int8_models = single_op_models(compiled.int8_model.read_bytes(), [*int8_ops, *requantize_ops, *conversions])
+    float_models = single_op_models(compiled.float_model.read_bytes(), [layer.float_op for layer in match.layers])
+    int8_ms = alone_latency_ms(int8_models, threads, xnnpack=TfliteRunner(compiled.int8_model, threads).xnnpack_failure is None)
+    float_ms = alone_latency_ms(float_models, threads, xnnpack=TfliteRunner(compiled.float_model, threads).xnnpack_failure is None)
+    converted = [(int8_ms[k], int(np.prod(graph.tensors[graph.ops[k].outputs[0]].shape))) for k in conversions]
+    converted = [(ms, n) for ms, n in converted if ms is not None]
+    per_element = sum(ms for ms, _ in converted) / sum(n for _, n in converted) if converted else None
+    return AloneTimes({layer.index: int8_ms[layer.int8_op] for layer in match.layers},
+                      {layer.index: float_ms[layer.float_op] for layer in match.layers},
+                      {k: int8_ms[k] for k in requantize_ops}, per_element)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quantune_edge.model.layers import Layer
+from quantune_edge.model.layers import Layer, Requantization
 from quantune_edge.model.tflite_graph import TfliteGraph
 
 
@@ -36,12 +36,15 @@ class LayerGraph:
     graph_outputs: tuple[int, ...]
     float_io: bool
     units: dict[int, frozenset[int]] = field(default_factory=dict)  # layer -> the layers float with it
+    requantizations: tuple[Requantization, ...] = ()
 
     @classmethod
-    def build(cls, graph: TfliteGraph, layers: Sequence[Layer], units: Iterable[tuple[Iterable[int], Iterable[int]]] = ()) -> LayerGraph:
+    def build(cls, graph: TfliteGraph, layers: Sequence[Layer], units: Iterable[tuple[Iterable[int], Iterable[int]]] = (),
+              requantizations: Iterable[Requantization] = ()) -> LayerGraph:
         """Q/DQ ops of the int8 graph are looked through: a tensor produced by QUANTIZE counts as its input.
         ``units``: (layers, what each of them takes float with it): a requantized tail's entry and the tail,
-        a scale-tied chain and itself."""
+        a scale-tied chain and itself. ``requantizations``: the int8→int8 QUANTIZE ops, which cost time
+        until a float layer makes them go."""
         alias: dict[int, int] = {}
         for op in graph.ops:
             if op.type in ("QUANTIZE", "DEQUANTIZE"):
@@ -64,7 +67,7 @@ class LayerGraph:
             consumers={t: tuple(c) for t, c in consumers.items()}, outputs=outputs, elements=elements,
             macs={layer.index: layer.macs for layer in layers},
             graph_inputs=tuple(real(t) for t in graph.inputs), graph_outputs=tuple(real(t) for t in graph.outputs),
-            float_io=float_io, units=_units(units),
+            float_io=float_io, units=_units(units), requantizations=tuple(requantizations),
         )
 
     def closed(self, float_set: Iterable[int], never: Iterable[int] = ()) -> frozenset[int]:
@@ -78,6 +81,12 @@ class LayerGraph:
                     out.add(j)
                     todo.append(j)
         return frozenset(out)
+
+    def requantizations_kept(self, float_set: frozenset[int]) -> list[int]:
+        """The requantize ops a model with ``float_set`` float still holds (``model.splice``: one reading a
+        float layer's value quantizes it directly, one read only by float layers is dropped)."""
+        return [r.op for r in self.requantizations
+                if r.source not in float_set and not (r.readers and r.readers <= float_set)]
 
     def neighbours(self, index: int) -> set[int]:
         out = set(self.consumers.get(self.outputs[index], ()))
@@ -112,22 +121,80 @@ def boundaries(lg: LayerGraph, float_set: Iterable[int]) -> int:
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """Latency ≈ int8 MACs · a + float MACs · b + converted elements · c (ms).
+class AloneTimes:
+    """Ops timed alone (``model.op_models``), in ms: each layer's int8 and float op, each requantize op
+    (by int8 op index); a None is an op the runtime could not run alone. ``conversion_ms_per_element``:
+    the int8 model's own input QUANTIZE / output DEQUANTIZE per element (None: int8 I/O, there are none)."""
 
-    a and b come from the measured full-int8 and float32 latencies; c (per converted element) is an
-    estimate confirmed by measuring the chosen model.
+    int8: dict[int, float | None]
+    float32: dict[int, float | None]
+    requantize: dict[int, float | None]
+    conversion_ms_per_element: float | None
+
+    def to_dict(self) -> dict:
+        return {"int8": _keyed(self.int8), "float32": _keyed(self.float32), "requantize": _keyed(self.requantize),
+                "conversion_ms_per_element": self.conversion_ms_per_element}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AloneTimes:
+        return cls(_indexed(d["int8"]), _indexed(d["float32"]), _indexed(d["requantize"]), d["conversion_ms_per_element"])
+
+
+def _keyed(times: Mapping[int, float | None]) -> dict[str, float | None]:
+    return {str(k): v for k, v in sorted(times.items())}
+
+
+def _indexed(times: Mapping[str, float | None]) -> dict[int, float | None]:
+    return {int(k): v for k, v in times.items()}
+
+
+@dataclass(frozen=True)
+class OpCosts:
+    """Each layer's share of the model's latency in int8 and in float, and each requantize op's (ms):
+    the ops' times alone, scaled so they add up to the measured full-int8 and float32 models."""
+
+    int8_ms: dict[int, float]
+    float_ms: dict[int, float]
+    requantize_ms: dict[int, float]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency ≈ int8 MACs · a + float MACs · b + converted elements · c (ms), or, with ``ops``, the
+    sum of each layer's own int8 or float cost, the requantize ops still in the model, and c per
+    converted element.
+
+    a and b come from the measured full-int8 and float32 latencies. MACs alone miss what detectors
+    are made of: element-wise ops and requantizations cost time with no MAC, and some convs are
+    faster in float (YOLOv5n's 3-channel stem); the ops timed alone price each layer as it is.
     """
 
     int8_ms_per_mac: float
     float_ms_per_mac: float
     boundary_ms_per_element: float
+    ops: OpCosts | None = None
 
     @classmethod
-    def from_measurements(cls, lg: LayerGraph, int8_ms: float, float_ms: float) -> CostModel:
+    def from_measurements(cls, lg: LayerGraph, int8_ms: float, float_ms: float, alone: AloneTimes | None = None) -> CostModel:
+        """From the full-int8 and float32 latencies; with ``alone``, priced op by op (unless the parts
+        cannot add up to the whole: then by MACs)."""
         total = max(1, sum(lg.macs.values()))
         # Converting one element (load, scale, round, store) costs about as much as ~20 int8 MACs.
-        return cls(int8_ms / total, float_ms / total, 20.0 * int8_ms / total)
+        by_macs = cls(int8_ms / total, float_ms / total, 20.0 * int8_ms / total)
+        if alone is None:
+            return by_macs
+        c = alone.conversion_ms_per_element if alone.conversion_ms_per_element is not None else by_macs.boundary_ms_per_element
+        q = {i: alone.int8.get(i) or 0.0 for i in lg.layers}
+        f = {i: alone.float32.get(i) or 0.0 for i in lg.layers}
+        r = {op.op: alone.requantize.get(op.op) or 0.0 for op in lg.requantizations}
+        int8_parts, float_parts = sum(q.values()) + sum(r.values()), sum(f.values())
+        int8_rest = int8_ms - c * _converted(lg, frozenset())
+        float_rest = float_ms - c * _converted(lg, frozenset(lg.layers))
+        if int8_parts <= 0 or float_parts <= 0 or int8_rest <= 0 or float_rest <= 0:
+            return by_macs
+        sq, sf = int8_rest / int8_parts, float_rest / float_parts
+        ops = OpCosts({i: sq * v for i, v in q.items()}, {i: sf * v for i, v in f.items()}, {k: sq * v for k, v in r.items()})
+        return cls(by_macs.int8_ms_per_mac, by_macs.float_ms_per_mac, c, ops)
 
     @classmethod
     def fit(cls, lg: LayerGraph, int8_ms: float, float_ms: float, probe: Iterable[int], probe_ms: float) -> CostModel:
@@ -137,7 +204,7 @@ class CostModel:
         rows, times = [], []
         for fs, ms in ((frozenset(), int8_ms), (frozenset(lg.macs), float_ms), (frozenset(probe), probe_ms)):
             f_macs = sum(lg.macs[i] for i in fs)
-            rows.append([total - f_macs, f_macs, sum(lg.elements.get(t, 1) for t in _crossings(lg, fs))])
+            rows.append([total - f_macs, f_macs, _converted(lg, fs)])
             times.append(ms)
         a, b, c = np.linalg.lstsq(np.asarray(rows, np.float64), np.asarray(times, np.float64), rcond=None)[0]
         if c < 0 or a <= 0 or b <= 0:  # noise: fall back to MACs only, conversions free
@@ -146,10 +213,29 @@ class CostModel:
 
     def latency_ms(self, lg: LayerGraph, float_set: Iterable[int]) -> float:
         fs = frozenset(float_set)
+        converted = _converted(lg, fs) * self.boundary_ms_per_element
+        if self.ops is not None:
+            ops = self.ops
+            return (sum(ops.float_ms[i] if i in fs else ops.int8_ms[i] for i in lg.layers)
+                    + sum(ops.requantize_ms[k] for k in lg.requantizations_kept(fs)) + converted)
         f_macs = sum(lg.macs[i] for i in fs)
         i_macs = sum(lg.macs.values()) - f_macs
-        converted = sum(lg.elements.get(t, 1) for t in _crossings(lg, fs))
-        return i_macs * self.int8_ms_per_mac + f_macs * self.float_ms_per_mac + converted * self.boundary_ms_per_element
+        return i_macs * self.int8_ms_per_mac + f_macs * self.float_ms_per_mac + converted
+
+    @classmethod
+    def from_record(cls, d: dict) -> CostModel:
+        """A per-MAC model back from :meth:`record` (a device's costs, kept per target)."""
+        return cls(d["int8_ms_per_mac"], d["float_ms_per_mac"], d["boundary_ms_per_element"])
+
+    def record(self) -> dict:
+        """What tune.json keeps of it: the per-op tables stay in host_latency.json."""
+        return {"int8_ms_per_mac": self.int8_ms_per_mac, "float_ms_per_mac": self.float_ms_per_mac,
+                "boundary_ms_per_element": self.boundary_ms_per_element, "priced": "per MAC" if self.ops is None else "per op"}
+
+
+def _converted(lg: LayerGraph, float_set: frozenset[int]) -> int:
+    """Elements passing through a QUANTIZE or DEQUANTIZE the mixed model holds."""
+    return sum(lg.elements.get(t, 1) for t in _crossings(lg, float_set))
 
 
 def boundary_probe(lg: LayerGraph, size: int = 8) -> frozenset[int]:

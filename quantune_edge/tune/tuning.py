@@ -34,7 +34,7 @@ from quantune_edge.compile.artifacts import BEST_FOUND, MIXED_MODEL, PARETO_PNG,
 from quantune_edge.deploy.targets import Target
 from quantune_edge.errors import InputError, QuantuneError
 from quantune_edge.model import tflite_graph
-from quantune_edge.model.layers import float_units, tensor_key
+from quantune_edge.model.layers import float_units, requantizations, tensor_key
 from quantune_edge.model.runtime import TfliteRunner, median_ratio, paired_latency_ms
 from quantune_edge.tasks.base import FLOAT32_FOR_LABELS, Task, compare, reference_labels
 from quantune_edge.tune import selection
@@ -282,8 +282,9 @@ def tune(compile_dir: str | Path, eval_data: str | Path, options: TuneOptions | 
                       "--remeasure to measure again")
     float_acc = judge.metric(compiled.judged_outputs(float_values), labels) if labelled else 1.0
 
-    lg = selection.LayerGraph.build(qg, match.layers, float_units(match, qg))
-    cost, source = _cost_model(compiled, lg, names, float_ms, int8_ms, options, reporter)
+    lg = selection.LayerGraph.build(qg, match.layers, float_units(match, qg), requantizations(match, qg))
+    alone = selection.AloneTimes.from_dict(host["alone_ms"])
+    cost, source = _cost_model(compiled, lg, names, float_ms, int8_ms, alone, options, reporter)
     rerank = options.rerank if options.rerank is not None else DEFAULT_RERANK if analysis["metric"] == "output_share" else 0
     rounds = min(rerank, free if options.float_layers is None else max(options.float_layers - 1, 0))
     reranks = rounds > 0 or (rerank > 0 and bool(forced))  # with --keep-float, one analysis before the first pick
@@ -538,16 +539,17 @@ def _fixed_and_free(analysis: dict, options: TuneOptions) -> tuple[set[int], set
 
 
 def _cost_model(compiled: CompiledModel, lg: selection.LayerGraph, names: dict[int, str], float_ms: float, int8_ms: float,
-                options: TuneOptions, reporter: Reporter) -> tuple[selection.CostModel, dict]:
-    """What a float layer costs: from this host's float32/int8 latencies, or measured on --latency-source."""
-    cost = selection.CostModel.from_measurements(lg, int8_ms, float_ms)
+                alone: selection.AloneTimes, options: TuneOptions, reporter: Reporter) -> tuple[selection.CostModel, dict]:
+    """What a float layer costs: from this host's float32/int8 latencies and its ops timed alone, or
+    measured on --latency-source (three whole models there, priced by MACs)."""
+    cost = selection.CostModel.from_measurements(lg, int8_ms, float_ms, alone)
     if options.latency_source is None:
-        return cost, {"kind": "host", "cost_model": asdict(cost)}
+        return cost, {"kind": "host", "cost_model": cost.record()}
     from quantune_edge.tune.costs import device_cost_model
 
     with temp_folder("costs") as tmp:
         cost, record = device_cost_model(compiled, lg, names, options.latency_source, Path(tmp), quiet=not options.verbose, log=reporter.info)
-    return cost, {"kind": "device", "target": record["target"], "cost_model": asdict(cost), "measured_p50_ms": record["measured_p50_ms"]}
+    return cost, {"kind": "device", "target": record["target"], "cost_model": cost.record(), "measured_p50_ms": record["measured_p50_ms"]}
 
 
 def _save(report: TuneReport, folder: Path, files: TuneFiles) -> None:

@@ -14,7 +14,7 @@ from conftest import DEMO_IMAGES, run_cli, shared
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.errors import InputError
 from quantune_edge.model import tflite_graph
-from quantune_edge.model.layers import float_units, requantized_tails
+from quantune_edge.model.layers import float_units, requantizations, requantized_tails
 from quantune_edge.model.runtime import TfliteRunner
 from quantune_edge.model.splice import splice
 from quantune_edge.tune import selection
@@ -85,6 +85,21 @@ def test_yolov5n_layers_all_pair_up_and_its_head_requantizations_are_found(yolov
     region = lg.closed({head[0].entry})
     assert all(set(t.layers) <= region for t in head)  # the three levels share the output's scale-tied chain
     assert all(match.layers[i].op_type not in ("CONV_2D",) for i in region)
+    # The latency model's rule for which requantize ops a mixed model still holds, checked on the spliced
+    # models themselves: none, the head tails, their sources (the sigmoids), a backbone conv.
+    found = {r.op: r for r in requantizations(match, qg)}
+    assert all(found[t.quantize_op].readers == {t.entry} for t in head)
+    priced = selection.LayerGraph.build(qg, match.layers, float_units(match, qg), found.values())
+    names = {layer.index: layer.name for layer in match.layers}
+    source = found[head[0].quantize_op].source
+    assert source is not None
+    sigmoids = priced.closed({source})
+    conv = next(layer.index for layer in match.layers if layer.op_type == "CONV_2D")
+    for float_set in (frozenset(), region, sigmoids, frozenset({conv})):
+        mixed = tflite_graph.parse(compiled.mixed([names[i] for i in sorted(float_set)]))
+        held = [op for op in mixed.ops if op.type == "QUANTIZE" and mixed.tensors[op.inputs[0]].dtype != "float32"]
+        assert len(held) == len(priced.requantizations_kept(float_set)), sorted(float_set)[:5]
+    assert not {t.quantize_op for t in head} & set(priced.requantizations_kept(region))
     float_bytes, int8_bytes = compiled.float_model.read_bytes(), compiled.int8_model.read_bytes()
     quantize = next(op.index for op in qg.ops if op.type == "QUANTIZE")
     with pytest.raises(InputError, match="only computing ops can be kept float"):

@@ -1,6 +1,7 @@
 """Mixed-precision selection on the shipped EfficientNet-Lite0 (per-tensor, where int8 hurts) and pure region logic."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -213,6 +214,16 @@ def test_host_latencies_are_measured_once_and_reused(folder):
         assert (r.reference["float32_latency_ms"], r.reference["int8_latency_ms"]) == (saved["float32_ms"], saved["int8_ms"])
     assert again.chosen["float_layers"] == first.chosen["float_layers"]
     assert again.budget["latency_source"]["cost_model"] == first.budget["latency_source"]["cost_model"]
+    assert first.budget["latency_source"]["cost_model"]["priced"] == "per op"
+    layers = json.loads((folder / "analysis.json").read_text())["layers"]
+    alone = saved["alone_ms"]
+    assert set(alone["int8"]) == set(alone["float32"]) == {str(layer["index"]) for layer in layers}
+    assert all(ms > 0 for ms in (*alone["int8"].values(), *alone["float32"].values())) and alone["conversion_ms_per_element"] > 0
+    # a record kept from before ops were timed alone: its two latencies stay, the ops are added
+    cache.write_text(json.dumps({k: v for k, v in saved.items() if k != "alone_ms"}))
+    kept = once()
+    assert kept.reference["host_latency"]["reused"] and json.loads(cache.read_text())["alone_ms"]["int8"].keys() == alone["int8"].keys()
+    assert (kept.reference["float32_latency_ms"], kept.reference["int8_latency_ms"]) == (saved["float32_ms"], saved["int8_ms"])
     assert not once(remeasure=True).reference["host_latency"]["reused"]
     assert not once(threads=1).reference["host_latency"]["reused"]  # another thread count is another measurement
     assert json.loads(cache.read_text())["threads"] == 1
@@ -318,6 +329,44 @@ def test_boundaries_count_crossings_once_per_tensor_and_precision():
     grown = selection.grow_regions(lg, {1, 2}, selection.CostModel(1.0, 2.0, 1.0))
     assert 3 in grown  # the Add between two float layers joins them
     assert selection.boundaries(lg, grown) == 2  # input QUANTIZE, t2 DEQUANTIZE; the output is float already
+
+
+def test_per_op_costs_add_up_to_the_whole_models_and_price_what_macs_miss():
+    """Every toy layer has 10 MACs; layer 2's op alone is 4x slower in int8 than in float (a 3-channel
+    stem conv, an element-wise tail): priced by MACs keeping it float costs time, priced per op it saves."""
+    lg = _toy_graph()
+    alone = selection.AloneTimes(int8={0: 1.0, 1: 1.0, 2: 4.0, 3: 1.0}, float32={0: 2.0, 1: 2.0, 2: 1.0, 3: 1.0},
+                                 requantize={}, conversion_ms_per_element=0.01)
+    int8_ms, float_ms = 2 * 7.0 + 0.01 * 8, 2 * 6.0  # the whole models: twice their ops alone (+ 8 elements converted)
+    cost = selection.CostModel.from_measurements(lg, int8_ms, float_ms, alone)
+    by_macs = selection.CostModel.from_measurements(lg, int8_ms, float_ms)
+    assert cost.record()["priced"] == "per op" and by_macs.record()["priced"] == "per MAC"
+    assert cost.latency_ms(lg, ()) == pytest.approx(int8_ms) and cost.latency_ms(lg, lg.layers) == pytest.approx(float_ms)
+    assert cost.ops is not None and cost.ops.int8_ms[2] == pytest.approx(8.0) and cost.ops.float_ms[2] == pytest.approx(2.0)
+    # {2} float: 8 ms int8 -> 2 ms float, t2 dequantized into it and t5 quantized out of it (4 elements each)
+    assert cost.latency_ms(lg, {2}) == pytest.approx(int8_ms - 6.0 + 0.01 * 8)
+    assert by_macs.latency_ms(lg, {2}) > by_macs.latency_ms(lg, ())
+    assert selection.grow_regions(lg, {3}, cost) == {2, 3}  # layer 1 is slower in float: not taken
+    assert selection.grow_regions(lg, {3}, cost, predicted_gain={2: -0.1}) == {3}
+    # the parts cannot add up to a whole faster than its conversions: priced by MACs instead
+    assert selection.CostModel.from_measurements(lg, 0.05, float_ms, alone).ops is None
+
+
+def test_a_requantize_is_priced_until_a_float_layer_makes_it_go():
+    from quantune_edge.model.layers import Requantization
+
+    base = _toy_graph()
+    lg = dataclasses.replace(base, requantizations=(Requantization(9, source=0, readers=frozenset({2})),
+                                                    Requantization(8, source=1, readers=None)))
+    assert lg.requantizations_kept(frozenset()) == [9, 8]
+    assert lg.requantizations_kept(frozenset({2})) == [8]  # its only reader float: dropped
+    assert lg.requantizations_kept(frozenset({0})) == [8]  # its source float: a plain QUANTIZE of the float value
+    assert lg.requantizations_kept(frozenset({1, 2, 3})) == []  # 8's source float; something else also reads it
+    alone = selection.AloneTimes(int8={i: 1.0 for i in range(4)}, float32={i: 1.0 for i in range(4)},
+                                 requantize={9: 3.0, 8: 0.0}, conversion_ms_per_element=0.0)
+    cost = selection.CostModel.from_measurements(lg, 7.0, 4.0, alone)
+    assert cost.latency_ms(lg, ()) == pytest.approx(7.0)
+    assert cost.latency_ms(lg, {2}) == pytest.approx(7.0 - 3.0)  # layer 2: 1 ms either way, the requantize gone
 
 
 def test_growth_skips_layers_predicted_to_hurt_and_unmeasurable_savings():
@@ -534,7 +583,7 @@ def test_cli_tune(folder):
     ok = run_cli("tune", folder, "--eval", DEMO_IMAGES, "--float-layers", "3", "--num-eval", "8", "--pareto", "--rerank", "1")
     assert ok.returncode == 0, ok.stderr
     # The mixed row is whole and no header is cut.
-    assert re.search(r"^\s+mixed\s+3 \(5 %\)\s+[\d.]+ %\s+-?[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+\d+\s*$", ok.stderr, re.M), ok.stderr
+    assert re.search(r"^\s+mixed\s+\d+ \(\d+ %\)\s+[\d.]+ %\s+-?[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+\d+\s*$", ok.stderr, re.M), ok.stderr
     assert "accuracy" in ok.stderr and "…" not in ok.stderr
     assert re.search(r"evaluating candidates\s+\S+\s+(\d+)/\1\s", ok.stderr)  # the count includes the Pareto sweep
     assert "model evaluation" in ok.stderr and "re-ranked with 1 analysis round(s)" in ok.stderr
