@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from quantune_edge.model.tflite_graph import holds_data
+
 
 def single_op_models(raw: bytes, ops: Iterable[int]) -> dict[int, bytes]:
     """op index -> the .tflite bytes of a model holding only that op of ``raw``."""
@@ -20,11 +22,6 @@ def single_op_models(raw: bytes, ops: Iterable[int]) -> dict[int, bytes]:
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     graph = model.subgraphs[0]
-
-    def is_constant(t: int) -> bool:
-        data = model.buffers[graph.tensors[t].buffer].data
-        return data is not None and len(data) > 0
-
     out: dict[int, bytes] = {}
     for index in ops:
         op = graph.operators[index]
@@ -44,7 +41,7 @@ def single_op_models(raw: bytes, ops: Iterable[int]) -> dict[int, bytes]:
         alone.outputs = np.asarray([new_index[int(t)] for t in op.outputs], np.int32)
         subgraph = schema.SubGraphT()
         subgraph.tensors, subgraph.operators = tensors, [alone]
-        subgraph.inputs = np.asarray([new_index[int(t)] for t in op.inputs if t >= 0 and not is_constant(int(t))], np.int32)
+        subgraph.inputs = np.asarray([new_index[int(t)] for t in op.inputs if t >= 0 and not holds_data(model, graph.tensors[t])], np.int32)
         subgraph.outputs = np.asarray(alone.outputs, np.int32)
         single = schema.ModelT()
         single.version, single.description, single.operatorCodes = model.version, model.description, model.operatorCodes

@@ -31,6 +31,17 @@ def softmax_input(graph) -> int | None:
     return op.inputs[0] if op is not None and op.type == "SOFTMAX" else None
 
 
+def load_interpreter(*, xnnpack: bool = True, num_threads: int = 2, **source):
+    """A LiteRT interpreter with its tensors allocated, on XNNPACK (the runtime's default delegate) or on
+    the builtin kernels alone. ``source``: ``model_path=`` or ``model_content=``, and any other option."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kwargs = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    interpreter = Interpreter(num_threads=num_threads, **source, **kwargs)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
 class TfliteRunner:
     """One interpreter on one model; quantizes inputs and dequantizes outputs of int8-I/O models,
     so callers always pass and get float32.
@@ -41,8 +52,6 @@ class TfliteRunner:
     """
 
     def __init__(self, path: str | Path, num_threads: int = 2, preserve_all_tensors: bool = False, logits: bool = False) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         from quantune_edge.model import tflite_graph
 
         self.path = Path(path)
@@ -51,13 +60,13 @@ class TfliteRunner:
         preserve_all_tensors = preserve_all_tensors or self.logits_tensor is not None
         self.xnnpack_failure: str | None = None  # why XNNPACK could not take the model, when it could not
         try:
-            self.interpreter = self._load(Interpreter, num_threads, preserve_all_tensors, xnnpack=True)
+            self.interpreter = self._load(num_threads, preserve_all_tensors, xnnpack=True)
         except RuntimeError as exc:
             # XNNPACK refuses some graphs at prepare time (NanoDet-m's int8 model: "Node number 295
             # (TfLiteXNNPackDelegate) failed to prepare"); the builtin kernels still run them.
             self.xnnpack_failure = _first_line(exc)
             try:
-                self.interpreter = self._load(Interpreter, num_threads, preserve_all_tensors, xnnpack=False)
+                self.interpreter = self._load(num_threads, preserve_all_tensors, xnnpack=False)
             except (ValueError, RuntimeError) as again:
                 raise InputError(f"{self.path}: the TFLite runtime cannot load this model ({_first_line(again)})") from None
         except ValueError as exc:
@@ -68,14 +77,9 @@ class TfliteRunner:
         self.output = self.outputs[0]
         self.invocations = 0
 
-    def _load(self, interpreter_class, num_threads: int, preserve_all_tensors: bool, xnnpack: bool):
-        from ai_edge_litert.interpreter import OpResolverType
-
-        kwargs = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
-        interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads,
-                                        experimental_preserve_all_tensors=preserve_all_tensors, **kwargs)
-        interpreter.allocate_tensors()
-        return interpreter
+    def _load(self, num_threads: int, preserve_all_tensors: bool, xnnpack: bool):
+        return load_interpreter(xnnpack=xnnpack, num_threads=num_threads, model_path=str(self.path),
+                                experimental_preserve_all_tensors=preserve_all_tensors)
 
     @property
     def kernels(self) -> str:
@@ -261,14 +265,10 @@ def alone_latency_ms(models: dict[int, bytes], threads: int = 2, xnnpack: bool =
     one the runtime cannot load or run alone. ``xnnpack``: the kernels the whole model runs on."""
     import time
 
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    kwargs = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     out: dict[int, float | None] = {}
     for key, content in models.items():
         try:
-            interpreter = Interpreter(model_content=content, num_threads=threads, **kwargs)
-            interpreter.allocate_tensors()
+            interpreter = load_interpreter(xnnpack=xnnpack, num_threads=threads, model_content=content)
             for detail in interpreter.get_input_details():
                 interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
             for _ in range(warmup):

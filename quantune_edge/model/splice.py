@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from quantune_edge.errors import InputError
-from quantune_edge.model.tflite_graph import builtin_code, operator_code
+from quantune_edge.model.tflite_graph import builtin_code, holds_data, operator_code
 
 _QDQ = ("QUANTIZE", "DEQUANTIZE")
 # Versions the builtin op resolver accepts for float32 <-> int8 conversion ops a model did not have.
@@ -152,7 +152,7 @@ def splice(float_model: bytes, int8_model: bytes, float_ops: Mapping[int, int]) 
         for ft, qt in zip(fop.inputs, op.inputs):
             if ft < 0:
                 inputs.append(-1)
-            elif fm.buffers[fgraph.tensors[ft].buffer].data is not None and len(fm.buffers[fgraph.tensors[ft].buffer].data):
+            elif holds_data(fm, fgraph.tensors[ft]):
                 inputs.append(constant(int(ft)))
             else:
                 inputs.append(float_value(int(qt)))

@@ -96,6 +96,13 @@ def operator_code(builtin: int, version: int):
     return code
 
 
+def holds_data(model, tensor) -> bool:
+    """Whether a schema tensor of ``model`` (a ``ModelT``) has a buffer with data: a constant (weights,
+    biases, shapes), where activations point at an empty buffer."""
+    data = model.buffers[tensor.buffer].data
+    return data is not None and len(data) > 0
+
+
 def read(path: str | Path) -> TfliteGraph:
     """Parse the first subgraph of a .tflite file."""
     path = Path(path)

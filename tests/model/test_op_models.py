@@ -7,18 +7,13 @@ import pytest
 
 from quantune_edge.compile.artifacts import CompiledModel
 from quantune_edge.model.op_models import single_op_models
-from quantune_edge.model.runtime import alone_latency_ms
+from quantune_edge.model.runtime import alone_latency_ms, load_interpreter
 
 
 def _builtin(content: bytes | None = None, path=None, preserve: bool = False):
     """An interpreter on the builtin kernels: XNNPACK keeps a delegated graph's inner tensors to itself."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interpreter = Interpreter(model_content=content, model_path=None if path is None else str(path), num_threads=1,
-                              experimental_preserve_all_tensors=preserve,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
-    return interpreter
+    return load_interpreter(xnnpack=False, num_threads=1, model_content=content, model_path=None if path is None else str(path),
+                            experimental_preserve_all_tensors=preserve)
 
 
 @pytest.mark.parametrize("which", ["int8", "float32"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from quantune_edge.errors import InputError
+from quantune_edge.model.tflite_graph import holds_data
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,6 @@ def build(float_model: str | Path | bytes, jobs: dict[Hashable, int | Group]) ->
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     graph = model.subgraphs[0]
 
-    def is_constant(t: int) -> bool:
-        buf = model.buffers[graph.tensors[t].buffer]
-        return buf.data is not None and len(buf.data) > 0
-
     tensors: list = []
     constants: dict[int, int] = {}
 
@@ -82,7 +79,7 @@ def build(float_model: str | Path | bytes, jobs: dict[Hashable, int | Group]) ->
             for t in (int(t) for t in op.inputs):
                 if t < 0:
                     new_inputs.append(t)
-                elif is_constant(t):
+                elif holds_data(model, graph.tensors[t]):
                     new_inputs.append(shared(t))
                 elif t in local:
                     new_inputs.append(local[t])
